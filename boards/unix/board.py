@@ -1,0 +1,63 @@
+# The unix board: the simulator's hardware. Flash is a file-backed NOR model,
+# the serial port is a TCP connection to the simulator's pty bridge, Wi-Fi is
+# a UDP socket on a loopback address, and reset is an exit the simulator
+# turns into a restart with the same flash.
+import json
+import socket
+import sys
+import norflash
+
+EXIT_RESET = 3
+
+# Default flash map (bytes); boards/unix/layout.json is the shared copy the
+# host reads, and config.json may override it per device.
+DEFAULT_LAYOUT = {
+    "flash_size": 0x110000,
+    "meta": [0x0, 0x10000],
+    "slot_a": [0x10000, 0x80000],
+    "slot_b": [0x90000, 0x80000],
+}
+
+
+class Board:
+    name = "unix"
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        with open(state_dir + "/config.json") as f:
+            self.config = json.load(f)
+        lay = self.config.get("layout") or DEFAULT_LAYOUT
+        self.flash = norflash.NorFlash(state_dir + "/flash.bin", lay["flash_size"])
+        self.meta = norflash.Partition(self.flash, *lay["meta"])
+        self.slot_a = norflash.Partition(self.flash, *lay["slot_a"])
+        self.slot_b = norflash.Partition(self.flash, *lay["slot_b"])
+
+    def links(self, frame_max):
+        import link
+
+        out = []
+        ser = self.config.get("serial")
+        if ser:
+            host, port = ser.split(":")[1:]
+            s = socket.socket()
+            s.connect(socket.getaddrinfo(host, int(port))[0][-1])
+            s.setblocking(False)
+            out.append(link.StreamLink(s, frame_max))
+        udp = self.config.get("udp")
+        if udp:
+            host, port = udp.split(":")
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind(socket.getaddrinfo(host, int(port))[0][-1])
+            u.setblocking(False)
+            out.append(link.DatagramLink(u, frame_max))
+        return out
+
+    def ready(self, ctx):
+        print("meterota: ready", ctx.device_id, "recovery" if ctx.recovery else "")
+
+    def reset(self):
+        print("meterota: reset")
+        sys.exit(EXIT_RESET)
+
+    def stats(self):
+        return self.flash.stats()

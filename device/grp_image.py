@@ -1,0 +1,219 @@
+# SMP image management group (1): state read/write, upload, erase, with the
+# standard IMG_MGMT_ERR codes so smpmgr/smpclient understand every refusal.
+from micropython import const
+import smp
+import image
+import upload
+from smp import GroupError, MgmtError, arg
+from updater import Refused
+
+GROUP = const(1)
+CMD_STATE = const(0)
+CMD_UPLOAD = const(1)
+CMD_ERASE = const(5)
+
+UNKNOWN = const(1)
+NO_IMAGE = const(3)
+NO_TLVS = const(4)
+HASH_NOT_FOUND = const(8)
+NO_FREE_SLOT = const(9)
+FLASH_WRITE_FAILED = const(12)
+INVALID_SLOT = const(14)
+INVALID_LENGTH = const(21)
+INVALID_IMAGE_HEADER = const(22)
+INVALID_IMAGE_HEADER_MAGIC = const(23)
+INVALID_HASH = const(24)
+CURRENT_VERSION_IS_NEWER = const(27)
+IMAGE_ALREADY_PENDING = const(28)
+INVALID_IMAGE_TOO_LARGE = const(30)
+INVALID_IMAGE_DATA_OVERRUN = const(31)
+IMAGE_CONFIRMATION_DENIED = const(32)
+IMAGE_SETTING_TEST_TO_ACTIVE_DENIED = const(33)
+
+_REFUSED = {
+    "test-active": IMAGE_SETTING_TEST_TO_ACTIVE_DENIED,
+    "pending": IMAGE_ALREADY_PENDING,
+    "not-bootable": INVALID_IMAGE_HEADER,
+    "in-use": NO_FREE_SLOT,
+    "denied": IMAGE_CONFIRMATION_DENIED,
+}
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def v1_rc(rc):
+    """Zephyr's translation of image errors for SMP v1 clients."""
+    if rc in (NO_IMAGE, NO_TLVS):
+        return smp.ENOENT
+    if rc in (NO_FREE_SLOT, CURRENT_VERSION_IS_NEWER, IMAGE_ALREADY_PENDING):
+        return smp.EBADSTATE
+    if 19 <= rc <= 31 or rc == INVALID_SLOT:
+        return smp.EINVAL
+    return smp.EUNKNOWN
+
+
+class ImageGroup:
+    def __init__(self, up, policy=None):
+        self.up = up
+        # policy(hdr, info_or_None, stage) may raise Refused: signatures and
+        # anti-rollback plug in here without touching the protocol code.
+        self.policy = policy
+
+    def state_map(self):
+        return {"images": self.up.state_images(), "splitStatus": 0}
+
+    def state_read(self, req):
+        return self.state_map()
+
+    def state_write(self, req):
+        h = arg(req, "hash", _BYTES)
+        confirm = arg(req, "confirm", bool, False)
+        try:
+            if h is None:
+                if not confirm:
+                    raise GroupError(INVALID_HASH)
+                self.up.confirm()
+            else:
+                if len(h) != 32:
+                    raise GroupError(INVALID_HASH)
+                i = self.up.slots.find_hash(bytes(h))
+                if i < 0:
+                    raise GroupError(HASH_NOT_FOUND)
+                if self.policy and i != self.up.active:
+                    self.policy(self.up.slots.info(i), "test")
+                self.up.test(i, confirm)
+        except Refused as r:
+            raise GroupError(_REFUSED.get(r.why, UNKNOWN))
+        return self.state_map()
+
+    def erase(self, req):
+        logical = arg(req, "slot", int, 1)
+        if logical not in (0, 1):
+            raise GroupError(INVALID_SLOT)
+        i = self.up.active if logical == 0 else self.up.other
+        try:
+            self.up.erase(i)
+        except Refused as r:
+            raise GroupError(_REFUSED.get(r.why, UNKNOWN))
+        return {}
+
+    def upload(self, req):
+        off = arg(req, "off", int)
+        data = arg(req, "data", _BYTES)
+        if off is None or data is None or off < 0:
+            raise MgmtError(smp.EINVAL)
+        s = self.up.session
+        if off == 0:
+            r = self._first(req, data)
+            if r is not None:
+                return r
+        else:
+            if s.state != upload.RUNNING:
+                return {"off": 0}  # no session: the client must start over
+            if s.need_rehash:
+                s.rehash()
+            if off != s.off:
+                return {"off": s.off}  # not an error: the server's off drives the client
+        if off + len(data) > s.length:
+            raise GroupError(INVALID_IMAGE_DATA_OVERRUN)
+        try:
+            s.write(data)
+        except OSError:
+            s.mark_failed()
+            self.up.slots.busy = -1
+            raise GroupError(FLASH_WRITE_FAILED)
+        if s.off < s.length:
+            return {"off": s.off}
+        return self._finish()
+
+    def _first(self, req, data):
+        up = self.up
+        s = up.session
+        length = arg(req, "len", int)
+        sha = arg(req, "sha", _BYTES, b"")
+        if len(sha) > 32:
+            raise GroupError(INVALID_HASH)
+        slot_no = arg(req, "image", int, 0)
+        if slot_no < 0 or slot_no > 2:
+            raise GroupError(INVALID_SLOT)
+        target = up.other
+        if (length is not None and len(sha) and s.state != upload.IDLE and s.slot.index == target
+                and s.length == length and s.sha == bytes(sha)):
+            # Same image as the unfinished (or finished) session: resume.
+            if s.state == upload.DONE and up.slots.info(target) is not None:
+                return {"off": s.length, "match": True}
+            if s.state == upload.RUNNING:
+                if s.need_rehash:
+                    s.rehash()
+                return {"off": s.off}
+        if length is None:
+            raise GroupError(INVALID_LENGTH)
+        if len(data) < image.HEADER_SIZE:
+            raise GroupError(INVALID_IMAGE_HEADER)
+        try:
+            hdr = image.Header(data)
+        except ValueError:
+            raise GroupError(INVALID_IMAGE_HEADER_MAGIC)
+        slot = up.slots[target]
+        if length > slot.size:
+            raise GroupError(INVALID_IMAGE_TOO_LARGE)
+        if hdr.hdr_size < image.HEADER_SIZE or hdr.hashed_size > length or hdr.flags & (image.F_ENCRYPTED | image.F_RAM_LOAD):
+            raise GroupError(INVALID_IMAGE_HEADER)
+        if up.slot_in_use(target) or up.st.pending == target:
+            raise GroupError(NO_FREE_SLOT)
+        running = up.slots.info(up.active) if up.active != 0xFF else None
+        if arg(req, "upgrade", bool, False) and running is not None:
+            if image.version_key(hdr.version) <= image.version_key(running.version):
+                raise GroupError(CURRENT_VERSION_IS_NEWER)
+        if self.policy:
+            try:
+                self.policy(hdr, "upload")
+            except Refused as r:
+                raise GroupError(_REFUSED.get(r.why, CURRENT_VERSION_IS_NEWER))
+        if s.state == upload.RUNNING and s.slot.index != target:
+            s.cancel(False)
+        up.slots.busy = target
+        up.slots.invalidate(target)
+        try:
+            s.begin(slot, length, sha, hdr)
+        except OSError:
+            raise GroupError(FLASH_WRITE_FAILED)
+        return None
+
+    def _finish(self):
+        up = self.up
+        s = up.session
+        t = s.slot.index
+        digest, match = s.finish()
+        up.slots.busy = -1
+        up.slots.invalidate(t)
+        # Read back what reached flash and verify it like the boot stage does.
+        inf = up.slots.info(t)
+        if inf is None or inf.hash != digest:
+            s.cancel(True)
+            up.slots.invalidate(t)
+            raise GroupError(INVALID_HASH)
+        if match is False:
+            s.cancel(True)
+            up.slots.invalidate(t)
+            return {"off": s.off, "match": False}
+        if self.policy:
+            try:
+                self.policy(inf, "complete")
+            except Refused as r:
+                s.cancel(True)
+                up.slots.invalidate(t)
+                raise GroupError(_REFUSED.get(r.why, IMAGE_CONFIRMATION_DENIED))
+        s.mark_done()
+        if match is None:
+            return {"off": s.off}
+        return {"off": s.off, "match": True}
+
+
+def register(disp, up, policy=None):
+    g = ImageGroup(up, policy)
+    disp.register(GROUP, CMD_STATE, g.state_read, g.state_write)
+    disp.register(GROUP, CMD_UPLOAD, None, g.upload)
+    disp.register(GROUP, CMD_ERASE, None, g.erase)
+    disp.set_v1_translation(GROUP, v1_rc)
+    return g

@@ -1,0 +1,85 @@
+# Links carry SMP frames between a host and the receiver.
+#
+# StreamLink: a byte stream (UART, USB CDC, or the unix board's socket to the
+# simulator's pty) in the SMP console framing or our binary framing; its
+# stream must return what is available from readinto() (None or a short count)
+# rather than block until the buffer is full.
+# DatagramLink: SMP over UDP, one message per datagram (port 1337 by default).
+import select
+import framing
+
+
+def write_all(stream, buf):
+    mv = memoryview(buf)
+    i = 0
+    p = None
+    while i < len(mv):
+        n = stream.write(mv[i:])
+        if n is None or n == 0:
+            if p is None:
+                p = select.poll()
+                p.register(stream, select.POLLOUT)
+            p.poll(100)
+            continue
+        i += n
+
+
+class StreamLink:
+    def __init__(self, stream, frame_max, rx_size=512, name="serial"):
+        self.obj = stream
+        self.name = name
+        self.deframer = framing.Deframer(frame_max)
+        self.rx = bytearray(rx_size)
+        self.rmv = memoryview(self.rx)
+        self.handler = None
+
+    def service(self, handler):
+        n = self.obj.readinto(self.rx)
+        if n is None:
+            return
+        if n == 0:
+            # End of stream: only the simulator's socket ends (the simulator
+            # stopped); a UART never does. Leave like a powered-off board.
+            print("meterota: link closed, stopping")
+            raise SystemExit(0)
+        self.handler = handler
+        self.deframer.feed(self.rmv[:n], self._frame)
+
+    def _frame(self, frame, kind):
+        resp = self.handler(frame)
+        if resp is not None:
+            write_all(self.obj, framing.encode(resp, kind, bytearray()))
+
+    def idle(self):
+        self.deframer.reset()
+
+    def dropped(self):
+        return self.deframer.dropped
+
+
+class DatagramLink:
+    def __init__(self, sock, frame_max, name="udp"):
+        self.obj = sock
+        self.name = name
+        self.frame_max = frame_max
+        self._dropped = 0
+
+    def service(self, handler):
+        try:
+            data, peer = self.obj.recvfrom(self.frame_max + 8)
+        except OSError:
+            return
+        resp = handler(data)
+        if resp is None:
+            self._dropped += 1
+            return
+        try:
+            self.obj.sendto(resp, peer)
+        except OSError:
+            self._dropped += 1
+
+    def idle(self):
+        pass
+
+    def dropped(self):
+        return self._dropped

@@ -1,0 +1,101 @@
+# The boot stage: small, fixed, outside the slots. It reads the boot state,
+# picks the slot (test once, revert, fall back), mounts that slot's application
+# bundle (a littlefs image inside the MCUboot image) read-only at /app and runs
+# the receiver from it. If the trial image fails at import or while running, it
+# records why and resets into the previous image. With no bootable slot it runs
+# the recovery receiver from the device filesystem, so a device never bricks.
+import sys
+
+_KEEP = set(sys.modules)  # the board's modules stay; ours are reloaded from /app
+
+import vfs
+import updater
+import image
+
+APP_MOUNT = "/app"
+BUNDLE_BLOCK = 512  # littlefs block size of application bundles (host: meterota.image)
+
+
+class BundleDevice:
+    """Read-only block device over the payload of the image in a slot."""
+
+    def __init__(self, slot, start, size):
+        self.slot = slot
+        self.start = start
+        self.count = size // BUNDLE_BLOCK
+
+    def readblocks(self, n, buf, off=0):
+        self.slot.readinto(self.start + n * BUNDLE_BLOCK + off, buf)
+
+    def writeblocks(self, n, buf, off=0):
+        raise OSError(30)  # EROFS
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.count
+        if op == 5:
+            return BUNDLE_BLOCK
+        return 0
+
+
+def mount(up, i):
+    inf = up.slots.info(i)
+    dev = BundleDevice(up.slots[i], inf.hdr.hdr_size, inf.hdr.img_size)
+    try:
+        vfs.umount(APP_MOUNT)
+    except OSError:
+        pass
+    vfs.mount(vfs.VfsLfs2(dev, readsize=64, progsize=64, lookahead=32), APP_MOUNT, readonly=True)
+
+
+def _forget_modules():
+    for name in list(sys.modules):
+        if name not in _KEEP and name != "mtboot":
+            del sys.modules[name]
+
+
+def _short(e):
+    return ("%s: %s" % (type(e).__name__, e))[:40]
+
+
+def start(board):
+    up = updater.Updater(board)
+    i = up.select_boot()
+    if i < 0:
+        print("meterota: no bootable image, running the recovery receiver")
+        return recovery(board)
+    try:
+        mount(up, i)
+    except OSError as e:
+        # The slot verified but its bundle does not mount: a bad image.
+        if up.fail_trial("bundle does not mount: %s" % e):
+            board.reset()
+        print("meterota: bundle in slot", "AB"[i], "does not mount:", e)
+        return recovery(board)
+    trial = up.st.trial
+    print("meterota: booting slot", "AB"[i], image.version_full(up.slots.info(i).version),
+          "(trial)" if trial else "")
+    del up
+    _forget_modules()
+    sys.path.insert(0, APP_MOUNT)
+    try:
+        import receiver
+
+        receiver.main(board)
+    except Exception as e:  # noqa: the app may fail in any way; SystemExit passes
+        sys.print_exception(e)
+        sys.path.remove(APP_MOUNT)
+        _forget_modules()
+        up = updater.Updater(board)
+        if up.fail_trial("app: " + _short(e)):
+            board.reset()
+        # A confirmed image that crashes keeps the device reachable.
+        print("meterota: application failed, running the recovery receiver")
+        return recovery(board)
+
+
+def recovery(board):
+    sys.path = [p for p in sys.path if p != APP_MOUNT]
+    import receiver
+
+    receiver.main(board, recovery=True)

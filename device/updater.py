@@ -1,0 +1,186 @@
+# The device's update logic, shared by the boot stage and the SMP image group:
+# which slot boots, test / confirm / revert, and the outcome that becomes the
+# confirmation record. Direct A/B (MCUboot's direct-XIP-with-revert model): the
+# image runs from the slot it was written to; nothing is ever copied.
+import time
+import slots
+import bootstate
+import upload
+import image
+from bootstate import NONE, RES_OK, RES_KO
+
+META_STATE = 0  # sectors 0 and 1 of the meta partition
+META_SESSION = 2  # sector 2
+
+
+class Refused(Exception):
+    """An operation the current state does not allow; .why names it for SMP."""
+
+    def __init__(self, why):
+        self.why = why
+
+
+class Updater:
+    def __init__(self, board):
+        self.board = board
+        self.cfg = board.config
+        self.slots = slots.SlotTable(board.slot_a, board.slot_b)
+        self.st = bootstate.BootState(board.meta, META_STATE)
+        self.st.load()
+        self.session = upload.Session(board.meta, META_SESSION)
+        self.session.load(self.slots)
+        if self.session.state == upload.RUNNING:
+            self.slots.busy = self.session.slot.index
+
+    # -- helpers ------------------------------------------------------------
+    @property
+    def active(self):
+        return self.st.active
+
+    @property
+    def other(self):
+        return 1 - self.st.active if self.st.active != NONE else slots.A
+
+    def _ver(self, i):
+        inf = self.slots.info(i) if i != NONE else None
+        return image.pack_version(inf.version) if inf else bytes(8)
+
+    def _record(self, result, reason, slot, prev_slot):
+        inf = self.slots.info(slot) if slot != NONE else None
+        self.st.record(result, reason, inf.hash if inf else bytes(32), self._ver(slot),
+                       self._ver(prev_slot), int(time.time()))
+
+    def _bootable(self, i):
+        inf = self.slots.info(i)
+        return inf is not None and inf.bootable
+
+    # -- boot ---------------------------------------------------------------
+    def select_boot(self):
+        """Decide which slot boots now and persist that decision before it runs.
+
+        Returns the slot index, or -1 when no slot holds a bootable image."""
+        st = self.st
+        st.boots += 1
+        if not st.valid:
+            st.active = NONE
+            st.pending = NONE
+            st.flags = 0
+        failed = NONE  # a test image that just failed: never fall back onto it
+        if st.trial:
+            # The test image got a reset before anyone confirmed it.
+            failed = st.active
+            self.revert("not confirmed before reset")
+        elif st.pending != NONE:
+            p = st.pending
+            st.pending = NONE
+            if p != st.active and self._bootable(p):
+                prev = st.active
+                st.active = p
+                if st.permanent:
+                    self._record(RES_OK, "made permanent", p, prev)
+                else:
+                    st.trial = True
+            else:
+                self._record(RES_KO, "pending image invalid", p, st.active)
+            st.permanent = False
+        if st.active != NONE and not self._bootable(st.active):
+            if st.trial:
+                failed = st.active
+                self.revert("test image invalid")
+            else:
+                st.revert_reason = "active image invalid"
+                failed = st.active
+                st.active = NONE
+        if st.active == NONE or not self._bootable(st.active):
+            st.active = NONE
+            for i in (slots.A, slots.B):
+                if i != failed and self._bootable(i):
+                    st.active = i
+                    break
+        st.save()
+        return -1 if st.active == NONE else st.active
+
+    # -- test / confirm / revert ------------------------------------------
+    def revert(self, reason):
+        """Leave the test image for the fallback; records KO (caller saves)."""
+        st = self.st
+        t = st.active
+        o = 1 - t
+        self._record(RES_KO, reason, t, o)
+        st.active = o
+        st.trial = False
+
+    def fail_trial(self, reason):
+        """The test image failed while running (exception, self-test): revert now."""
+        if self.st.trial:
+            self.revert(reason)
+            self.st.save()
+            return True
+        return False
+
+    def confirm(self, reason="confirmed"):
+        st = self.st
+        if st.trial:
+            st.trial = False
+            self._record(RES_OK, reason, st.active, 1 - st.active)
+            st.save()
+
+    def test(self, slot, permanent):
+        st = self.st
+        if slot == st.active:
+            if permanent:
+                self.confirm()
+                return
+            raise Refused("test-active")
+        if st.trial:
+            raise Refused("pending")  # the other slot is the fallback
+        if not self._bootable(slot):
+            raise Refused("not-bootable")
+        st.pending = slot
+        st.permanent = permanent
+        st.save()
+
+    def slot_in_use(self, i):
+        """True when slot i must not be overwritten: it runs, or it is the fallback."""
+        return i == self.st.active or (self.st.trial and i == 1 - self.st.active)
+
+    def erase(self, i):
+        if self.slot_in_use(i):
+            raise Refused("in-use")
+        if self.session.state != upload.IDLE and self.session.slot.index == i:
+            self.session.cancel(False)
+        if self.st.pending == i:
+            self.st.pending = NONE
+            self.st.permanent = False
+            self.st.save()
+        self.slots[i].erase(0)
+        self.slots.busy = -1
+        self.slots.invalidate(i)
+
+    # -- reporting ----------------------------------------------------------
+    def state_images(self):
+        """The SMP state-read list: slot 0 is the running image, slot 1 the other."""
+        st = self.st
+        out = []
+        for logical, i in ((0, st.active), (1, self.other)):
+            if i == NONE:
+                continue
+            inf = self.slots.info(i)
+            if inf is None:
+                continue
+            e = {"slot": logical, "version": image.version_str(inf.version), "hash": inf.hash}
+            if inf.bootable:
+                e["bootable"] = True
+            if logical == 0:
+                e["active"] = True
+                if not st.trial:
+                    e["confirmed"] = True
+            else:
+                if st.pending == i:
+                    e["pending"] = True
+                    if st.permanent:
+                        e["permanent"] = True
+                if st.trial:
+                    e["confirmed"] = True
+            out.append(e)
+        return out

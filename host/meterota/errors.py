@@ -1,0 +1,45 @@
+"""Errors with the exit codes the CLI documents (README "Exit codes")."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # anything unexpected
+EXIT_USAGE = 2  # bad command line
+EXIT_UNREACHABLE = 3  # no such port, device silent, link lost
+EXIT_REFUSED = 4  # the device or a pre-check refused the image or the request
+EXIT_KO = 5  # the upgrade ran and the device reported KO (reverted)
+EXIT_CONFIRMATION = 6  # the confirmation record did not verify
+EXIT_PROTOCOL = 7  # the device answered something meaningless
+EXIT_IMAGE = 8  # the image file is missing or not an MCUboot image
+
+
+class MeterotaError(Exception):
+    exit_code = EXIT_FAILURE
+
+
+class ImageError(MeterotaError):
+    exit_code = EXIT_IMAGE
+
+
+class TransportError(MeterotaError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class DeviceTimeout(TransportError):
+    pass
+
+
+class ProtocolError(MeterotaError):
+    exit_code = EXIT_PROTOCOL
+
+
+class RefusedError(MeterotaError):
+    exit_code = EXIT_REFUSED
+
+
+class UpgradeKO(MeterotaError):
+    exit_code = EXIT_KO
+
+
+class ConfirmationError(MeterotaError):
+    exit_code = EXIT_CONFIRMATION

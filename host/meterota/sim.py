@@ -1,0 +1,1024 @@
+"""Host-side simulator supervisor.
+
+Runs the MicroPython device program (boards/unix/main.py) as child processes and gives each
+simulated device an address that standard tools can use:
+
+* ``serial:/dev/pts/N`` -- a pty whose master side is bridged to a TCP connection that the
+  device opens to the supervisor (the unix port has no UART, so TCP stands in for the wire);
+* ``udp:127.0.0.K:1337`` -- a loopback address the device binds itself (smpmgr only speaks to
+  port 1337, so each device needs its own loopback IP).
+
+A device that exits asking for a reset (3), that hits a simulated power failure (86) or that
+crashes (anything else: a watchdog reset on a real board) is restarted with the same state
+directory, hence the same flash.bin. The pty path and the UDP address survive restarts, so a
+client can keep its port open across a device reset, as with a real board.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import re
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tty
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Literal
+
+__all__ = [
+    "EXIT_CLEAN",
+    "EXIT_RESET",
+    "EXIT_POWERFAIL",
+    "MAX_CRASHES",
+    "LinkShaper",
+    "SimError",
+    "SimDevice",
+    "SimCluster",
+    "add_sim_arguments",
+    "run_sim_cli",
+    "main",
+]
+
+Transport = Literal["serial", "udp"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MAIN = REPO_ROOT / "boards" / "unix" / "main.py"
+DEFAULT_HEAP = "128wK"
+READY_LINE = b"meterota: ready"
+UDP_PORT = 1337
+
+EXIT_CLEAN = 0
+EXIT_RESET = 3
+EXIT_POWERFAIL = 86
+# A real board's watchdog would reset forever; we give up so a broken image fails fast.
+MAX_CRASHES = 5
+
+# Bytes buffered per bridge direction before we stop reading the source: back-pressure instead
+# of unbounded memory when one side is not reading.
+_HIGH_WATER = 64 * 1024
+# Pacing granularity: each "transmission" slice covers at most this much line time, so small
+# frames are not delayed behind a large one and the schedule stays smooth.
+_PACE_SLICE_S = 0.005
+# How much wake-up lateness a busy paced line may make up for (see _Direction.advance).
+_PACE_CATCHUP_S = 0.02
+_POWERFAIL_RE = re.compile(r"^\d+:(before|torn):-?\d+$")
+
+# Loopback addresses handed out by this process; the bind probe cannot see an address that
+# was assigned but whose device has not bound it yet.
+_udp_claims: set[str] = set()
+_udp_claims_lock = threading.Lock()
+
+
+class SimError(RuntimeError):
+    """A simulated device failed to start, died, or did not become ready in time."""
+
+
+class LinkShaper:
+    """Hook for link impairments on the serial bridge; the default passes bytes unchanged.
+
+    Subclass and override. Each method gets one chunk as read from its source and returns the
+    bytes to forward (possibly fewer, more or altered; b"" drops the chunk). Called from the
+    bridge thread only.
+    """
+
+    def to_device(self, data: bytes) -> bytes:
+        return data
+
+    def to_host(self, data: bytes) -> bytes:
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# Serial bridge
+
+
+class _Direction:
+    """One direction of the bridge: shaped bytes waiting, optionally paced like a UART line.
+
+    With pacing, bytes move inbox -> in-flight slice -> outbox; a slice becomes deliverable when
+    its line time has elapsed, measured against a monotonic schedule so that the average rate is
+    exact even when the bridge thread wakes late.
+    """
+
+    def __init__(self, bytes_per_second: float | None) -> None:
+        self.bps = bytes_per_second
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.flight = b""
+        self.flight_due = 0.0
+        self.line_free_at = 0.0
+
+    def push(self, data: bytes) -> None:
+        if self.bps is None:
+            self.outbox += data
+        else:
+            self.inbox += data
+
+    def advance(self, now: float) -> None:
+        if self.bps is None:
+            return
+        if self.flight and now >= self.flight_due:
+            self.outbox += self.flight
+            self.flight = b""
+            self.line_free_at = self.flight_due
+        if not self.flight and self.inbox:
+            n = min(len(self.inbox), max(1, int(self.bps * _PACE_SLICE_S)))
+            self.flight = bytes(self.inbox[:n])
+            del self.inbox[:n]
+            # A busy line continues where the last slice ended, not at "now": the bridge always
+            # wakes a little late, and starting at "now" would lose that time on every slice.
+            # After a real idle gap (longer than the catch-up bound) the line starts afresh, so
+            # it never bursts more than that bound's worth of bytes.
+            start = self.line_free_at
+            if now - start > _PACE_CATCHUP_S:
+                start = now
+            self.flight_due = start + n / self.bps
+
+    def deadline(self) -> float | None:
+        return self.flight_due if self.flight else None
+
+    def has_room(self) -> bool:
+        return len(self.inbox) + len(self.flight) + len(self.outbox) < _HIGH_WATER
+
+    def clear(self) -> None:
+        self.inbox.clear()
+        self.outbox.clear()
+        self.flight = b""
+        self.line_free_at = 0.0
+
+
+class _SerialLink:
+    """A pty for host tools, bridged to whichever TCP connection the device process last made."""
+
+    def __init__(
+        self,
+        name: str,
+        shaper: LinkShaper | None,
+        bytes_per_second: float | None,
+        on_connect: Callable[[], None],
+    ) -> None:
+        self._name = name
+        self._shaper = shaper
+        self._on_connect = on_connect
+        self.master, self.slave = os.openpty()
+        # Raw: no echo, no CR/LF translation, 0x03/0x04 pass through -- a binary UART.
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.path = os.ttyname(self.slave)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        self.port: int = self.listener.getsockname()[1]
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._conn: socket.socket | None = None
+        self._to_dev = _Direction(bytes_per_second)
+        self._to_host = _Direction(bytes_per_second)
+        self._stop = False
+        self._sel = selectors.DefaultSelector()
+        self._stats_lock = threading.Lock()
+        self.dropped_to_device = 0
+        self.connections = 0
+        self._thread = threading.Thread(target=self._run, name=f"sim-{name}-bridge", daemon=True)
+        self._thread.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.listener.close()
+        # The slave was held open only so the master never sees EIO when a client closes the
+        # port; it goes last.
+        for fd in (self.master, self.slave, self._wake_r, self._wake_w):
+            os.close(fd)
+
+    # -- bridge thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = self._sel
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                self._to_dev.advance(now)
+                self._to_host.advance(now)
+                self._flush_to_host()
+                self._flush_to_device()
+                self._update_interest(sel)
+                events = sel.select(self._timeout(time.monotonic()))
+                # Accept before reading the pty: once the device has connected, host bytes that
+                # arrive in the same wake-up belong to the new connection, not to the void.
+                events.sort(key=lambda ev: ev[0].data != "accept")
+                for key, mask in events:
+                    self._dispatch(key.data, mask)
+        finally:
+            sel.close()
+
+    def _timeout(self, now: float) -> float | None:
+        deadlines = [d for d in (self._to_dev.deadline(), self._to_host.deadline()) if d is not None]
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def _update_interest(self, sel: selectors.BaseSelector) -> None:
+        # Without a device, pty input is read and dropped (a UART with nobody listening).
+        m = 0
+        if self._conn is None or self._to_dev.has_room():
+            m |= selectors.EVENT_READ
+        if self._to_host.outbox:
+            m |= selectors.EVENT_WRITE
+        _set_interest(sel, self.master, m, "master")
+        if self._conn is not None:
+            c = selectors.EVENT_READ if self._to_host.has_room() else 0
+            if self._to_dev.outbox:
+                c |= selectors.EVENT_WRITE
+            _set_interest(sel, self._conn, c, "conn")
+
+    def _dispatch(self, what: str, mask: int) -> None:
+        if what == "wake":
+            try:
+                os.read(self._wake_r, 64)
+            except BlockingIOError:
+                pass
+        elif what == "accept":
+            self._accept()
+        elif what == "master" and mask & selectors.EVENT_READ:
+            self._read_master()
+        elif what == "conn" and mask & selectors.EVENT_READ:
+            self._read_conn()
+        # EVENT_WRITE needs no handler: the next loop iteration flushes the outboxes.
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A device that reset may reconnect before we noticed the old socket's EOF; the newest
+        # connection is the live device.
+        self._drop_conn()
+        self._conn = conn
+        with self._stats_lock:
+            self.connections += 1
+        self._on_connect()
+
+    def _drop_conn(self) -> None:
+        if self._conn is None:
+            return
+        # Unregister before closing: a new socket may reuse the fd number, and a stale key would
+        # make the selector modify an fd that epoll has already forgotten.
+        try:
+            self._sel.unregister(self._conn)
+        except KeyError:
+            pass
+        self._conn.close()
+        self._conn = None
+        # Bytes on their way into a device that reset are lost, as on a real UART.
+        self._to_dev.clear()
+
+    def _read_master(self) -> None:
+        try:
+            data = os.read(self.master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno == errno.EIO:  # cannot happen while we hold the slave; be safe anyway
+                return
+            raise
+        if self._shaper is not None:
+            data = self._shaper.to_device(data)
+        if self._conn is None:
+            with self._stats_lock:
+                self.dropped_to_device += len(data)
+            return
+        self._to_dev.push(data)
+
+    def _read_conn(self) -> None:
+        assert self._conn is not None
+        try:
+            data = self._conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_conn()
+            return
+        if self._shaper is not None:
+            data = self._shaper.to_host(data)
+        self._to_host.push(data)
+
+    def _flush_to_host(self) -> None:
+        out = self._to_host.outbox
+        if not out:
+            return
+        try:
+            n = os.write(self.master, out)
+        except (BlockingIOError, InterruptedError):
+            return
+        del out[:n]
+
+    def _flush_to_device(self) -> None:
+        out = self._to_dev.outbox
+        if not out or self._conn is None:
+            return
+        try:
+            n = self._conn.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # device died mid-write; its EOF will follow
+            self._drop_conn()
+            return
+        del out[:n]
+
+
+def _set_interest(sel: selectors.BaseSelector, fileobj: Any, mask: int, tag: str) -> None:
+    try:
+        key = sel.get_key(fileobj)
+    except KeyError:
+        if mask:
+            sel.register(fileobj, mask, tag)
+        return
+    if not mask:
+        sel.unregister(fileobj)
+    elif key.events != mask:
+        sel.modify(fileobj, mask, tag)
+
+
+# --------------------------------------------------------------------------------------------
+# UDP address assignment
+
+
+def _udp_free(host: str) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((host, UDP_PORT))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def _udp_candidates() -> Iterator[str]:
+    # 127.0.0.1 is left alone: developers often run other things on it.
+    for b in range(0, 256):
+        for c in range(2 if b == 0 else 1, 255):
+            yield f"127.0.{b}.{c}"
+
+
+def _claim_udp(preferred: str | None) -> str:
+    with _udp_claims_lock:
+        if preferred is not None and preferred not in _udp_claims and _udp_free(preferred):
+            _udp_claims.add(preferred)
+            return preferred
+        for host in _udp_candidates():
+            if host not in _udp_claims and _udp_free(host):
+                _udp_claims.add(host)
+                return host
+    raise SimError("no free loopback address for UDP port 1337")
+
+
+def _release_udp(host: str) -> None:
+    with _udp_claims_lock:
+        _udp_claims.discard(host)
+
+
+# --------------------------------------------------------------------------------------------
+# Device
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _describe_rc(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"{rc} ({signal.Signals(-rc).name})"
+        except ValueError:
+            return str(rc)
+    return {EXIT_CLEAN: "0 (clean)", EXIT_RESET: "3 (reset)", EXIT_POWERFAIL: "86 (power fail)"}.get(
+        rc, f"{rc} (crash)"
+    )
+
+
+class SimDevice:
+    """One simulated device: a supervised MicroPython process plus its serial/UDP address."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        device_id: str,
+        transport: Transport = "serial",
+        udp_host: str | None = None,
+        heap: str = DEFAULT_HEAP,
+        key: bytes | None = None,
+        extra: dict[str, Any] | None = None,
+        provision: Callable[[Path], None] | None = None,
+        shaper: LinkShaper | None = None,
+        bytes_per_second: float | None = None,
+        main_script: Path | None = None,
+        micropython: Path | None = None,
+    ) -> None:
+        if transport not in ("serial", "udp"):
+            raise ValueError(f"transport must be 'serial' or 'udp', not {transport!r}")
+        if transport == "udp" and (shaper is not None or bytes_per_second is not None):
+            raise ValueError("shaper/bytes_per_second apply to the serial bridge only")
+        if bytes_per_second is not None and bytes_per_second <= 0:
+            raise ValueError("bytes_per_second must be positive")
+        self.state_dir = Path(state_dir).resolve()
+        self.device_id = device_id
+        self.transport: Transport = transport
+        self.heap = heap
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.provision = provision
+        self.shaper = shaper
+        self.bytes_per_second = bytes_per_second
+        self.main_script = Path(main_script) if main_script is not None else DEFAULT_MAIN
+        self.micropython = (
+            Path(micropython) if micropython is not None else Path(sys.executable).parent / "micropython"
+        )
+        self.key: bytes = self._initial_key(key)
+        self._udp_preferred = udp_host
+
+        self._cond = threading.Condition(threading.RLock())
+        self._state = "stopped"
+        self._stopping = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._monitor: threading.Thread | None = None
+        self._link: _SerialLink | None = None
+        self._udp_host: str | None = None
+        self._log: IO[bytes] | None = None
+        self._starts = 0
+        self._restarts = 0
+        self._exit_codes: list[int] = []
+        self._crashes = 0
+        self._ready_gen = 0
+        # Per-run readiness: the ready line, and (serial) the bridge holding the new connection.
+        self._run_line_ready = False
+        self._run_connected = False
+        self.dead_reason: str | None = None
+
+    # -- public properties ----------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        if self.transport == "serial":
+            if self._link is None:
+                raise SimError(f"{self.device_id}: not started, no serial address yet")
+            return f"serial:{self._link.path}"
+        if self._udp_host is None:
+            raise SimError(f"{self.device_id}: not started, no UDP address yet")
+        return f"udp:{self._udp_host}:{UDP_PORT}"
+
+    @property
+    def state(self) -> str:
+        with self._cond:
+            return self._state
+
+    @property
+    def restarts(self) -> int:
+        with self._cond:
+            return self._restarts
+
+    @property
+    def exit_codes(self) -> list[int]:
+        with self._cond:
+            return list(self._exit_codes)
+
+    @property
+    def pid(self) -> int | None:
+        with self._cond:
+            return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def dropped_to_device(self) -> int:
+        """Bytes from the pty discarded because no device was connected (serial only)."""
+        link = self._link
+        if link is None:
+            return 0
+        with link._stats_lock:
+            return link.dropped_to_device
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "device.log"
+
+    def ready_generation(self) -> int:
+        """How many times the device has become ready since this object was created."""
+        with self._cond:
+            return self._ready_gen
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, powerfail: str | None = None, timeout: float = 20.0) -> None:
+        """Start the device and return once it is serving.
+
+        ``powerfail`` ("N:before|torn:SEED") is passed as MTR_POWERFAIL to this first process
+        only. Resets/power fails/crashes before ready are restarted as usual and start() keeps
+        waiting; it raises SimError (after cleaning up) on timeout, a clean exit, or a crash loop.
+        """
+        if powerfail is not None and not _POWERFAIL_RE.match(powerfail):
+            raise ValueError(f"powerfail must look like 'N:before|torn:SEED', not {powerfail!r}")
+        with self._cond:
+            if self._state == "running":
+                raise SimError(f"{self.device_id}: already running")
+        if self._monitor is not None:  # left over from a run that ended on its own
+            self._monitor.join()
+            self._monitor = None
+        try:
+            self._prepare()
+            with self._cond:
+                self._stopping = False
+                self._crashes = 0
+                self.dead_reason = None
+                self._state = "running"
+                gen = self._ready_gen
+                self._launch("start", powerfail)
+            self._monitor = threading.Thread(
+                target=self._monitor_loop, name=f"sim-{self.device_id}-monitor", daemon=True
+            )
+            self._monitor.start()
+            self.wait_ready(timeout, after=gen)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Stop the device (SIGTERM, then SIGKILL after ``grace`` s) and release pty/sockets."""
+        with self._cond:
+            # Under the lock: the monitor either already launched its replacement process (which
+            # we then see here) or will see _stopping and not launch one.
+            self._stopping = True
+            proc = self._proc
+        if proc is not None and proc.returncode is None:
+            _signal(proc, signal.SIGTERM)
+        if self._monitor is not None:
+            self._monitor.join(grace)
+            if self._monitor.is_alive() and proc is not None:
+                _signal(proc, signal.SIGKILL)
+            self._monitor.join()
+            self._monitor = None
+        self._release()
+        with self._cond:
+            if self._state == "running":
+                self._state = "stopped"
+            self._cond.notify_all()
+
+    def kill(self) -> None:
+        """SIGKILL the device process (pulling the plug); the supervisor restarts it like a crash."""
+        with self._cond:
+            proc = self._proc
+        if proc is None or proc.returncode is not None:
+            raise SimError(f"{self.device_id}: no running process to kill")
+        _signal(proc, signal.SIGKILL)
+
+    def wait_ready(self, timeout: float = 20.0, *, after: int | None = None) -> None:
+        """Wait until the device becomes ready after generation ``after``.
+
+        ``after=None`` means "the next ready from now". To wait for the ready that follows a reset
+        you trigger, take ``g = ready_generation()`` *before* triggering it, then
+        ``wait_ready(timeout, after=g)``.
+        """
+        with self._cond:
+            gen = self._ready_gen if after is None else after
+            done = self._cond.wait_for(
+                lambda: self._ready_gen > gen or self._state != "running", timeout
+            )
+            if self._ready_gen > gen:
+                return
+            if not done:
+                msg = f"{self.device_id}: not ready within {timeout:g}s"
+            else:
+                msg = f"{self.device_id}: device is {self._state} ({self.dead_reason or 'exited'})"
+        raise SimError(f"{msg}; exit codes {self.exit_codes}\n--- device.log tail ---\n{self.log_tail()}")
+
+    def wait_for(self, predicate: Callable[[SimDevice], bool], timeout: float = 20.0) -> None:
+        """Block until ``predicate(self)`` holds; re-checked on every exit, restart, ready and stop.
+
+        For tests and tools that need to observe supervisor state without polling.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self), timeout):
+                raise SimError(f"{self.device_id}: condition not met within {timeout:g}s")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
+
+    def __enter__(self) -> SimDevice:
+        if self.state != "running":
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        try:
+            addr = self.address
+        except SimError:
+            addr = "-"
+        return f"<SimDevice {self.device_id} {addr} {self.state}>"
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _initial_key(self, key: bytes | None) -> bytes:
+        if key is not None:
+            if len(key) != 32:
+                raise ValueError("key must be 32 bytes")
+            return bytes(key)
+        # Keep the key of an existing state dir: the provisioned flash may depend on it.
+        try:
+            old = json.loads((self.state_dir / "config.json").read_text())
+            k = bytes.fromhex(old["key"])
+            if len(k) == 32:
+                return k
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return secrets.token_bytes(32)
+
+    def _prepare(self) -> None:
+        if not self.micropython.exists():
+            raise SimError(f"MicroPython interpreter not found at {self.micropython}")
+        if not self.main_script.exists():
+            raise SimError(f"device program not found at {self.main_script}")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._open_transport()
+        self._write_config()
+        if self.provision is not None and not (self.state_dir / "flash.bin").exists():
+            self.provision(self.state_dir)
+        if self._log is None:
+            self._log = open(self.log_path, "ab", buffering=0)
+
+    def _open_transport(self) -> None:
+        if self.transport == "serial":
+            if self._link is None:
+                self._link = _SerialLink(
+                    self.device_id, self.shaper, self.bytes_per_second, self._on_connect
+                )
+                link_path = self.state_dir / "tty"
+                tmp = self.state_dir / ".tty.tmp"
+                tmp.unlink(missing_ok=True)
+                os.symlink(self._link.path, tmp)
+                os.replace(tmp, link_path)
+        elif self._udp_host is None:
+            self._udp_host = _claim_udp(self._udp_preferred)
+            # Prefer the same address if this device is started again later.
+            self._udp_preferred = self._udp_host
+
+    def _config(self) -> dict[str, Any]:
+        path = self.state_dir / "config.json"
+        try:
+            cfg: dict[str, Any] = json.loads(path.read_text())
+            if not isinstance(cfg, dict):
+                cfg = {}
+        except (OSError, ValueError):
+            cfg = {}
+        cfg.update({"id": self.device_id, "board": "unix", "role": "meter", "key": self.key.hex()})
+        cfg.update(self.extra)
+        # Transport keys always describe what the supervisor actually set up.
+        cfg["serial"] = f"tcp:127.0.0.1:{self._link.port}" if self._link is not None else None
+        cfg["udp"] = f"{self._udp_host}:{UDP_PORT}" if self._udp_host is not None else None
+        return cfg
+
+    def _write_config(self) -> None:
+        _write_json_atomic(self.state_dir / "config.json", self._config())
+
+    def _env(self, powerfail: str | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["MICROPYPATH"] = f"{REPO_ROOT / 'boards' / 'unix'}:{REPO_ROOT / 'device'}"
+        env.pop("MTR_POWERFAIL", None)
+        if powerfail is not None:
+            env["MTR_POWERFAIL"] = powerfail
+        return env
+
+    def _launch(self, reason: str, powerfail: str | None) -> None:
+        """Start one device process. Caller holds the lock."""
+        self._starts += 1
+        self._run_line_ready = False
+        self._run_connected = False
+        note = f"{reason}, MTR_POWERFAIL={powerfail}" if powerfail else reason
+        self._log_note(f"--- start {self._starts} ({note}) ---")
+        cmd = [
+            str(self.micropython),
+            "-X",
+            f"heapsize={self.heap}",
+            str(self.main_script),
+            str(self.state_dir),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._env(powerfail),
+            cwd=self.state_dir,
+            start_new_session=True,  # no stray Ctrl-C from our terminal; killable as a group
+        )
+        self._proc = proc
+        self._reader = threading.Thread(
+            target=self._read_output,
+            args=(proc,),
+            name=f"sim-{self.device_id}-out{self._starts}",
+            daemon=True,
+        )
+        self._reader.start()
+
+    def _log_note(self, line: str) -> None:
+        if self._log is not None:
+            self._log.write(line.encode() + b"\n")
+
+    def _read_output(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        log = self._log
+        try:
+            for line in iter(proc.stdout.readline, b""):
+                if log is not None:
+                    log.write(line)
+                if line.rstrip(b"\r\n") == READY_LINE:
+                    with self._cond:
+                        self._run_line_ready = True
+                        self._check_ready()
+        finally:
+            proc.stdout.close()
+
+    def _on_connect(self) -> None:
+        with self._cond:
+            self._run_connected = True
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        # Serial devices count as ready only once the bridge holds their connection, so bytes a
+        # client sends right after wait_ready() returns cannot be dropped as "no device".
+        if self._run_line_ready and (self.transport != "serial" or self._run_connected):
+            self._run_line_ready = False
+            self._crashes = 0
+            self._ready_gen += 1
+            self._cond.notify_all()
+
+    def _monitor_loop(self) -> None:
+        while True:
+            with self._cond:
+                proc, reader = self._proc, self._reader
+            assert proc is not None and reader is not None
+            rc = proc.wait()
+            # Drain the rest of its output into the log before the next start header. The device
+            # does not fork, so EOF follows exit; the bound only guards against a stray child.
+            reader.join(10.0)
+            with self._cond:
+                if not self._after_exit(rc):
+                    self._cond.notify_all()
+                    return
+                self._cond.notify_all()
+
+    def _after_exit(self, rc: int) -> bool:
+        """Record an exit and restart per the exit-code rules. Returns False when supervision ends."""
+        self._exit_codes.append(rc)
+        self._log_note(f"--- exit {_describe_rc(rc)} ---")
+        if self._stopping:
+            return False
+        if rc == EXIT_CLEAN:
+            self._state = "stopped"
+            return False
+        if rc == EXIT_RESET:
+            reason = "reset"
+        elif rc == EXIT_POWERFAIL:
+            reason = "power restored"
+        else:
+            self._crashes += 1
+            if self._crashes >= MAX_CRASHES:
+                self._state = "dead"
+                self.dead_reason = f"{MAX_CRASHES} consecutive crashes without reaching ready"
+                self._log_note(f"--- dead: {self.dead_reason} ---")
+                return False
+            reason = f"watchdog reset after exit {_describe_rc(rc)}"
+        self._restarts += 1
+        try:
+            self._launch(reason, None)
+        except OSError as e:
+            self._state = "dead"
+            self.dead_reason = f"restart failed: {e}"
+            self._log_note(f"--- dead: {self.dead_reason} ---")
+            return False
+        return True
+
+    def _release(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+            link_path = self.state_dir / "tty"
+            if link_path.is_symlink():
+                link_path.unlink()
+        if self._udp_host is not None:
+            _release_udp(self._udp_host)
+            self._udp_host = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        with self._cond:
+            self._proc = None
+            self._reader = None
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster
+
+
+class SimCluster:
+    """``count`` devices under ``base_dir/dev-0001`` ..., ids ``meter-0001`` ..., same options."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        count: int,
+        *,
+        transport: Transport = "serial",
+        id_prefix: str = "meter-",
+        heap: str = DEFAULT_HEAP,
+        extra: dict[str, Any] | None = None,
+        provision: Callable[[Path], None] | None = None,
+        shaper_factory: Callable[[], LinkShaper] | None = None,
+        bytes_per_second: float | None = None,
+        main_script: Path | None = None,
+        micropython: Path | None = None,
+    ) -> None:
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self.base_dir = Path(base_dir)
+        self.devices: list[SimDevice] = [
+            SimDevice(
+                self.base_dir / f"dev-{i:04d}",
+                device_id=f"{id_prefix}{i:04d}",
+                transport=transport,
+                heap=heap,
+                extra=extra,
+                provision=provision,
+                shaper=shaper_factory() if shaper_factory is not None else None,
+                bytes_per_second=bytes_per_second,
+                main_script=main_script,
+                micropython=micropython,
+            )
+            for i in range(1, count + 1)
+        ]
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start all devices in parallel; on any failure stop them all and re-raise."""
+        with ThreadPoolExecutor(max_workers=min(16, len(self.devices))) as pool:
+            futures = [pool.submit(d.start, None, timeout) for d in self.devices]
+            errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            self.stop()
+            raise first
+
+    def stop(self) -> None:
+        with ThreadPoolExecutor(max_workers=min(16, len(self.devices))) as pool:
+            list(pool.map(lambda d: d.stop(), self.devices))
+
+    def __enter__(self) -> SimCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[SimDevice]:
+        return iter(self.devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __getitem__(self, i: int) -> SimDevice:
+        return self.devices[i]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI (`meterota sim`)
+
+
+def add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    """Options read by run_sim_cli(); call this on the `sim` sub-parser."""
+    p.add_argument("--count", type=int, default=1, help="number of devices (default 1)")
+    p.add_argument("--transport", choices=["serial", "udp"], default="serial")
+    p.add_argument("--dir", type=Path, default=Path(".meterota/sim"), help="base state directory")
+    p.add_argument("--json", action="store_true", help="one JSON object per device per line")
+    p.add_argument("--heap", default=DEFAULT_HEAP, help="MicroPython heap, e.g. 128wK")
+    p.add_argument("--baud", type=int, default=None, help="pace serial links like a UART (bytes/s = baud/10)")
+    p.add_argument("--main", dest="main_script", type=Path, default=None, help="device program")
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config.json entry; VALUE is parsed as JSON, else kept as a string",
+    )
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each device")
+
+
+def _parse_extra(items: list[str]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            extra[k] = json.loads(v)
+        except ValueError:
+            extra[k] = v
+    return extra
+
+
+def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] | None = None) -> int:
+    """Start the devices, print their addresses, serve until SIGINT/SIGTERM, stop. Returns 0."""
+    baud = getattr(args, "baud", None)
+    transport = getattr(args, "transport", "serial")
+    try:
+        cluster = SimCluster(
+            Path(getattr(args, "dir", Path(".meterota/sim"))),
+            int(getattr(args, "count", 1)),
+            transport=transport,
+            heap=getattr(args, "heap", DEFAULT_HEAP),
+            extra=_parse_extra(list(getattr(args, "extra", None) or [])),
+            provision=provision,
+            bytes_per_second=baud / 10 if baud and transport == "serial" else None,
+            main_script=getattr(args, "main_script", None),
+        )
+    except ValueError as e:
+        print(f"meterota sim: {e}", file=sys.stderr)
+        return 2
+
+    stop_requested = threading.Event()
+    old_handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, lambda *_: stop_requested.set())
+    try:
+        try:
+            cluster.start(timeout=float(getattr(args, "timeout", 20.0)))
+        except SimError as e:
+            print(f"meterota sim: {e}", file=sys.stderr)
+            return 1
+        for d in cluster:
+            if getattr(args, "json", False):
+                line = json.dumps(
+                    {"id": d.device_id, "address": d.address, "state_dir": str(d.state_dir), "key": d.key.hex()}
+                )
+            else:
+                line = f"{d.device_id} {d.address} {d.state_dir}"
+            print(line, flush=True)
+        stop_requested.wait()
+        return 0
+    finally:
+        cluster.stop()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m meterota.sim ...`: the same as `meterota sim`, without provisioning."""
+    p = argparse.ArgumentParser(prog="python -m meterota.sim", description=__doc__.splitlines()[0])
+    add_sim_arguments(p)
+    return run_sim_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
