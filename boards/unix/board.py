@@ -9,15 +9,6 @@ import norflash
 
 EXIT_RESET = 3
 
-# Default flash map (bytes); boards/unix/layout.json is the shared copy the
-# host reads, and config.json may override it per device.
-DEFAULT_LAYOUT = {
-    "flash_size": 0x110000,
-    "meta": [0x0, 0x10000],
-    "slot_a": [0x10000, 0x80000],
-    "slot_b": [0x90000, 0x80000],
-}
-
 
 class Board:
     name = "unix"
@@ -26,7 +17,8 @@ class Board:
         self.state_dir = state_dir
         with open(state_dir + "/config.json") as f:
             self.config = json.load(f)
-        lay = self.config.get("layout") or DEFAULT_LAYOUT
+        # The flash map comes from boards/unix/layout.json via config.json.
+        lay = self.config["layout"]
         self.flash = norflash.NorFlash(state_dir + "/flash.bin", lay["flash_size"])
         self.meta = norflash.Partition(self.flash, *lay["meta"])
         self.slot_a = norflash.Partition(self.flash, *lay["slot_a"])
@@ -53,7 +45,7 @@ class Board:
         return out
 
     def ready(self, ctx):
-        print("meterota: ready", ctx.device_id, "recovery" if ctx.recovery else "")
+        print("meterota: ready", ctx.device_id, "(recovery)" if ctx.recovery else "")
 
     def reset(self):
         print("meterota: reset")

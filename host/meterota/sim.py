@@ -70,7 +70,8 @@ _HIGH_WATER = 64 * 1024
 _PACE_SLICE_S = 0.005
 # How much wake-up lateness a busy paced line may make up for (see _Direction.advance).
 _PACE_CATCHUP_S = 0.02
-_POWERFAIL_RE = re.compile(r"^\d+:(before|torn):-?\d+$")
+# Same grammar as boards/unix/norflash.py parses: N[:before|torn[:seed]].
+_POWERFAIL_RE = re.compile(r"^[1-9]\d*(:(before|torn)(:-?\d+)?)?$")
 
 # Loopback addresses handed out by this process; the bind probe cannot see an address that
 # was assigned but whose device has not bound it yet.
@@ -165,10 +166,12 @@ class _SerialLink:
         shaper: LinkShaper | None,
         bytes_per_second: float | None,
         on_connect: Callable[[], None],
+        on_drop: Callable[[], None],
     ) -> None:
         self._name = name
         self._shaper = shaper
         self._on_connect = on_connect
+        self._on_drop = on_drop
         self.master, self.slave = os.openpty()
         # Raw: no echo, no CR/LF translation, 0x03/0x04 pass through -- a binary UART.
         tty.setraw(self.slave)
@@ -309,6 +312,7 @@ class _SerialLink:
         if self._conn is None:
             with self._stats_lock:
                 self.dropped_to_device += len(data)
+            self._on_drop()
             return
         self._to_dev.push(data)
 
@@ -458,6 +462,14 @@ class SimDevice:
         self.shaper = shaper
         self.bytes_per_second = bytes_per_second
         self.main_script = Path(main_script) if main_script is not None else DEFAULT_MAIN
+        if self.main_script == DEFAULT_MAIN:
+            # The real device program needs its flash map and a factory image.
+            from . import boards
+
+            for k, v in boards.unix_config_extra().items():
+                self.extra.setdefault(k, v)
+            if self.provision is None:
+                self.provision = boards.provision_unix
         self.micropython = (
             Path(micropython) if micropython is not None else Path(sys.executable).parent / "micropython"
         )
@@ -618,7 +630,8 @@ class SimDevice:
         raise SimError(f"{msg}; exit codes {self.exit_codes}\n--- device.log tail ---\n{self.log_tail()}")
 
     def wait_for(self, predicate: Callable[[SimDevice], bool], timeout: float = 20.0) -> None:
-        """Block until ``predicate(self)`` holds; re-checked on every exit, restart, ready and stop.
+        """Block until ``predicate(self)`` holds; re-checked on every exit, restart, ready, stop
+        and serial drop.
 
         For tests and tools that need to observe supervisor state without polling.
         """
@@ -685,7 +698,7 @@ class SimDevice:
         if self.transport == "serial":
             if self._link is None:
                 self._link = _SerialLink(
-                    self.device_id, self.shaper, self.bytes_per_second, self._on_connect
+                    self.device_id, self.shaper, self.bytes_per_second, self._on_connect, self._notify
                 )
                 link_path = self.state_dir / "tty"
                 tmp = self.state_dir / ".tty.tmp"
@@ -766,7 +779,7 @@ class SimDevice:
             for line in iter(proc.stdout.readline, b""):
                 if log is not None:
                     log.write(line)
-                if line.rstrip(b"\r\n") == READY_LINE:
+                if _is_ready_line(line):
                     with self._cond:
                         self._run_line_ready = True
                         self._check_ready()
@@ -777,6 +790,10 @@ class SimDevice:
         with self._cond:
             self._run_connected = True
             self._check_ready()
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _check_ready(self) -> None:
         # Serial devices count as ready only once the bridge holds their connection, so bytes a
@@ -849,6 +866,16 @@ class SimDevice:
         with self._cond:
             self._proc = None
             self._reader = None
+
+
+def _is_ready_line(line: bytes) -> bool:
+    # The contract line is exactly "meterota: ready"; boards/unix/board.py appends the device id
+    # and "recovery" after a space, which must count too (but "meterota: ready-ish" must not).
+    line = line.rstrip(b"\r\n")
+    if not line.startswith(READY_LINE):
+        return False
+    rest = line[len(READY_LINE) :]
+    return not rest or rest[:1].isspace()
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -967,10 +994,11 @@ def _parse_extra(items: list[str]) -> dict[str, Any]:
     return extra
 
 
-def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] | None = None) -> int:
+def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] | None = None,
+                on_started: Callable[[SimCluster], None] | None = None) -> int:
     """Start the devices, print their addresses, serve until SIGINT/SIGTERM, stop. Returns 0."""
     baud = getattr(args, "baud", None)
-    transport = getattr(args, "transport", "serial")
+    transport: Transport = "udp" if getattr(args, "transport", "serial") == "udp" else "serial"
     try:
         cluster = SimCluster(
             Path(getattr(args, "dir", Path(".meterota/sim"))),
@@ -997,6 +1025,8 @@ def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] |
         except SimError as e:
             print(f"meterota sim: {e}", file=sys.stderr)
             return 1
+        if on_started is not None:
+            on_started(cluster)
         for d in cluster:
             if getattr(args, "json", False):
                 line = json.dumps(
@@ -1009,8 +1039,8 @@ def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] |
         return 0
     finally:
         cluster.stop()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import serial
 
-from meterota.sim import LinkShaper, SimCluster, SimDevice, SimError
+from meterota.sim import DEFAULT_MAIN, LinkShaper, SimCluster, SimDevice, SimError, _is_ready_line
 
 FIXTURE = Path(__file__).parent / "sim_fixtures" / "echo_main.py"
 PY = Path(sys.executable)
+SMPMGR = PY.parent / "smpmgr"
 
 
 def _children(pid: int) -> list[int]:
@@ -68,7 +69,7 @@ def _open(dev: SimDevice) -> serial.Serial:
 
 def _roundtrip(port: serial.Serial, data: bytes) -> bytes:
     port.write(data)
-    return port.read(len(data))
+    return bytes(port.read(len(data)))
 
 
 def test_serial_echo_config_and_tty_link(make_dev: Callable[..., SimDevice]) -> None:
@@ -119,6 +120,7 @@ def test_bytes_sent_during_restart_are_dropped(make_dev: Callable[..., SimDevice
         dev.wait_for(lambda d: len(d.exit_codes) == 1, 10)
         port.write(b"LOST\n")
         dev.wait_for(lambda d: d.dropped_to_device >= 5, 10)
+        assert dev.ready_generation() == g  # dropped in the gap, not after the device came back
         dev.wait_ready(10, after=g)
         port.write(b"PING\n")
         # Had LOST been queued instead of dropped it would come back first.
@@ -239,12 +241,12 @@ def test_stop_leaves_nothing_behind(tmp_path: Path) -> None:
     threads_before = threading.active_count()
     cluster = SimCluster(tmp_path, 2, main_script=FIXTURE)
     cluster.start()
-    pids = [d.pid for d in cluster]
-    assert all(pids) and sorted(_children(os.getpid())) == sorted(pids)
+    pids = [p for p in (d.pid for d in cluster) if p is not None]
+    assert len(pids) == 2 and sorted(_children(os.getpid())) == sorted(pids)
     masters = [d._link.master for d in cluster if d._link is not None]
     cluster.stop()
     assert all(d.state == "stopped" for d in cluster)
-    assert all(_gone(p) for p in pids if p is not None)
+    assert all(_gone(p) for p in pids)
     assert _children(os.getpid()) == []
     assert threading.active_count() == threads_before
     for fd in masters:
@@ -292,3 +294,35 @@ def test_cli_json_serves_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("line", "ready"),
+    [
+        (b"meterota: ready\n", True),
+        (b"meterota: ready meter-0001 \n", True),  # what boards/unix/board.py prints
+        (b"meterota: ready meter-0001 recovery\r\n", True),
+        (b"meterota: readyish\n", False),
+        (b"meterota: reset\n", False),
+    ],
+)
+def test_ready_line(line: bytes, ready: bool) -> None:
+    assert _is_ready_line(line) is ready
+
+
+@pytest.mark.skipif(not DEFAULT_MAIN.exists(), reason="device program not written yet")
+def test_real_device_answers_smpmgr_over_the_pty(tmp_path: Path) -> None:
+    # Integration check of the contract with the lead's device (unprovisioned: recovery mode).
+    dev = SimDevice(tmp_path / "real", device_id="meter-real")
+    try:
+        dev.start()
+        r = subprocess.run(
+            [str(SMPMGR), "--port", dev.address.split(":", 1)[1], "--timeout", "5", "os", "echo", "hi"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr + dev.log_tail()
+        assert "r='hi'" in r.stdout
+    finally:
+        dev.stop()

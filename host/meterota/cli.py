@@ -1,0 +1,466 @@
+"""`meterota`: a thin command line over the library. Exit codes: see errors.py
+and README "Exit codes". A user error prints one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__, errors
+from . import image as img
+from .client import SMPClient
+from .errors import MeterotaError
+from .store import Store
+from .transport import from_address
+
+DEVICE_HELP = "serial device or pyserial URL (socket://host:port, rfc2217://...)"
+
+
+# -- output -----------------------------------------------------------------------------------
+class Out:
+    """Rich on a terminal, plain lines otherwise, one JSON document with --json."""
+
+    def __init__(self, as_json: bool, quiet: bool = False):
+        self.json = as_json
+        self.quiet = quiet or as_json
+        self.tty = sys.stderr.isatty() and not self.quiet
+
+    def step(self, text: str) -> None:
+        if not self.quiet:
+            print(f"  {text}", file=sys.stderr, flush=True)
+
+    def result(self, doc: dict[str, Any], human: Callable[[], None]) -> None:
+        if self.json:
+            print(json.dumps(doc, default=_jsonable, sort_keys=True))
+        else:
+            human()
+
+    def progress(self, total_label: str) -> "ProgressSink":
+        return ProgressSink(self, total_label)
+
+
+class ProgressSink:
+    def __init__(self, out: Out, label: str):
+        self.out = out
+        self.label = label
+        self._rich: Any = None
+        self._task: Any = None
+        self._last_decile = -1
+
+    def __enter__(self) -> "ProgressSink":
+        if self.out.tty:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self._rich = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+            self._rich.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._rich is not None:
+            if self._task is None:
+                self._task = self._rich.add_task(self.label, total=total)
+            self._rich.update(self._task, completed=done)
+        elif not self.out.quiet:
+            decile = done * 10 // max(1, total)
+            if decile != self._last_decile:
+                self._last_decile = decile
+                print(f"  {self.label}: {done}/{total} bytes ({decile * 10}%)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(type(v).__name__)
+
+
+# -- device plumbing --------------------------------------------------------------------------
+def _client(args: argparse.Namespace) -> SMPClient:
+    if not (args.port or args.udp):
+        raise errors.MeterotaError("no device given: use --port PORT or --udp HOST[:PORT]")
+    t = from_address(args.port, args.udp, args.baud)
+    t.open()
+    return SMPClient(t, timeout=args.timeout, retries=args.retries)
+
+
+def _connected(args: argparse.Namespace) -> Iterator[SMPClient]:
+    c = _client(args)
+    try:
+        c.connect(negotiate=not args.console)
+        yield c
+    finally:
+        c.t.close()
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(args.db)
+
+
+def _read_image(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise errors.ImageError(f"cannot read image {path}: {e.strerror}") from None
+
+
+def _hexkey(s: str) -> bytes:
+    try:
+        k = bytes.fromhex(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("key must be hex") from None
+    if len(k) != 32:
+        raise argparse.ArgumentTypeError("key must be 32 bytes (64 hex digits)")
+    return k
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .boards import provision_unix
+    from .sim import run_sim_cli
+
+    def register(cluster: Any) -> None:
+        with _store(args) as st:
+            for d in cluster:
+                st.set_key(d.device_id, d.key, "unix", d.address)
+
+    return run_sim_cli(args, provision=provision_unix, on_started=register)
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    from .boards import layout
+
+    slot_size = args.slot_size or int(layout(args.board)["slot_a"][1])
+    data = img.build_image(args.app_dir, args.version, slot_size=slot_size, key=args.key,
+                           runtime=not args.no_runtime, mpy=not args.no_mpy)
+    args.output.write_bytes(data)
+    info = img.parse(data)
+    doc = {"file": str(args.output), "size": len(data), "version": info.version_str, "hash": info.hash.hex(),
+           "signature": info.signature_type}
+    out.result(doc, lambda: print(f"{args.output}: {len(data)} bytes, version {info.version_str}, "
+                                  f"hash {info.hash.hex()}, {info.signature_type or 'unsigned'}"))
+    return 0
+
+
+def cmd_image_info(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    data = _read_image(args.file)
+    info = img.parse(data)
+    sig_ok = img.verify_signature(data, args.key) if args.key else None
+    doc = {"file": str(args.file), "size": info.size, "version": info.version_str, "header_size": info.hdr_size,
+           "payload_size": info.img_size, "protected_tlv_size": info.protect_tlv_size, "flags": info.flags,
+           "hash": info.hash.hex(), "hash_ok": info.hash_ok, "file_sha256": info.file_sha256.hex(),
+           "signature": info.signature_type, "security_counter": info.security_counter,
+           "signature_ok": sig_ok,
+           "tlvs": [{"type": f"{t:#x}", "name": img.TLV_NAMES.get(t, "?"), "len": len(v)} for t, v in info.tlvs]}
+
+    def human() -> None:
+        print(f"{args.file}")
+        print(f"  version      {info.version_str}")
+        print(f"  size         {info.size} bytes (header {info.hdr_size}, payload {info.img_size}, "
+              f"protected TLVs {info.protect_tlv_size})")
+        print(f"  hash         {info.hash.hex()} ({'ok' if info.hash_ok else 'MISMATCH'})")
+        print(f"  file sha256  {info.file_sha256.hex()}")
+        print(f"  signature    {info.signature_type or 'none'}"
+              + ("" if sig_ok is None else (" (verified)" if sig_ok else " (DOES NOT VERIFY with that key)")))
+        if info.security_counter is not None:
+            print(f"  sec counter  {info.security_counter}")
+        print("  TLVs         " + ", ".join(f"{img.TLV_NAMES.get(t, hex(t))}({len(v)})" for t, v in info.tlvs))
+
+    out.result(doc, human)
+    if not info.hash_ok or sig_ok is False:
+        return errors.EXIT_IMAGE
+    return 0
+
+
+def cmd_image_keygen(args: argparse.Namespace) -> int:
+    img.keygen(args.output)
+    print(f"{args.output}: Ed25519 key; device public key {img.public_key_raw(args.output).hex()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    for c in _connected(args):
+        info = c.device_info or {}
+        doc = {"address": c.t.name, "params": vars(c.params), "os": c.os_info("a"), **info}
+
+        def human() -> None:
+            print(f"{info.get('id', '?')} at {c.t.name}: board {info.get('board', '?')}, role {info.get('role', '?')}")
+            print(f"  os       {doc['os']}")
+            print(f"  buffers  {c.params.buf_count} x {c.params.buf_size} B, framings "
+                  f"{', '.join(info.get('framings', ['console']))}")
+            print(f"  boots    {info.get('boots')}  trial: {info.get('trial')}  "
+                  f"self-confirm: {info.get('self_confirm')}  signed only: {info.get('signed_only')}")
+            if info.get("revert_reason"):
+                print(f"  last revert: {info['revert_reason']}")
+            _print_slots(info)
+
+        out.result(doc, human)
+    return 0
+
+
+def _print_slots(info: dict[str, Any]) -> None:
+    for s in info.get("slots", []):
+        flags = [f for f in ("active", "pending", "bootable") if s.get(f)]
+        h = s.get("hash")
+        print(f"  slot {s['slot']}  {s.get('version', 'empty'):<12} "
+              f"{(h.hex()[:16] + '…') if h else '':<18} {s['size'] // 1024} KiB  {' '.join(flags)}")
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    for c in _connected(args):
+        images = c.image_state()
+        info = c.device_info
+
+        def human() -> None:
+            for e in images:
+                flags = [f for f in ("active", "confirmed", "pending", "permanent", "bootable") if e.get(f)]
+                print(f"slot {e['slot']}: {e['version']:<10} {bytes(e['hash']).hex()}  {' '.join(flags)}")
+            if info and info.get("revert_reason"):
+                print(f"last revert: {info['revert_reason']}")
+
+        out.result({"images": images, "revert_reason": info.get("revert_reason") if info else None}, human)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    data = _read_image(args.image)
+    img.parse(data)
+    for c in _connected(args):
+        with out.progress("upload") as prog:
+            st = c.upload(data, image=args.slot, upgrade=args.upgrade, progress=prog)
+        doc = vars(st)
+        out.result(doc, lambda: print(f"uploaded {st.bytes} bytes in {st.seconds:.2f} s "
+                                      f"({st.bytes / max(st.seconds, 1e-9) / 1000:.1f} kB/s)"
+                                      + (f", resumed at {st.resumed_from}" if st.resumed_from else "")
+                                      + (", match" if st.match else "")))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    h = bytes.fromhex(args.hash) if args.hash else img.parse(_read_image(args.image)).hash
+    for c in _connected(args):
+        images = c.image_test(h, permanent=args.permanent)
+        out.result({"images": images}, lambda: print(f"marked {h.hex()[:16]}… for "
+                                                     f"{'permanent' if args.permanent else 'test'}; reset to boot it"))
+    return 0
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    for c in _connected(args):
+        images = c.image_confirm()
+        out.result({"images": images}, lambda: print("running image confirmed"))
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    for c in _connected(args):
+        c.reset()
+        if not args.json:
+            print("reset requested")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    for c in _connected(args):
+        c.image_erase(args.slot)
+        if not args.json:
+            print(f"slot {args.slot} erased")
+    return 0
+
+
+def cmd_confirmation(args: argparse.Namespace) -> int:
+    from .confirm import verify
+
+    out = Out(args.json)
+    for c in _connected(args):
+        r = c.confirmation()
+        dev = str((c.device_info or {}).get("id", ""))
+        with _store(args) as st:
+            key = args.key or st.key(dev)
+        if key is None:
+            raise errors.ConfirmationError(f"no HMAC key known for device {dev}: pass --key")
+        conf = verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=dev)
+        out.result(conf.as_dict(), lambda: print(f"{conf.device_id} record #{conf.seq}: {conf.result} "
+                                                  f"{conf.version} (from {conf.previous_version}): {conf.reason} "
+                                                  "[MAC verified]"))
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .upgrade import Upgrader
+
+    out = Out(args.json)
+    data = _read_image(args.image)
+    c = _client(args)
+    try:
+        with _store(args) as st, out.progress("upload") as prog:
+            up = Upgrader(c, st, key=args.key, allow_downgrade=args.allow_downgrade,
+                          reset_timeout=args.reset_timeout, progress=prog, step=out.step,
+                          campaign=getattr(args, "campaign", None), negotiate=not args.console)
+            res = up.run(data)
+    finally:
+        c.t.close()
+    conf = res.confirmation or {}
+    out.result(res.as_dict(), lambda: print(
+        f"{res.device}: {res.result} {res.from_version} -> {res.to_version} in {res.seconds:.1f} s"
+        + (f", upload {res.upload.get('bytes', 0) / max(res.upload.get('seconds') or 1e-9, 1e-9) / 1000:.1f} kB/s"
+           if res.upload.get("bytes") else "")
+        + (f"\n  confirmation #{conf['seq']}: {conf['result']} ({conf['reason']}), MAC verified" if conf else "")))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        st.set_key(args.device, args.hexkey)
+    print(f"key for {args.device} stored in {st.path}")
+    return 0
+
+
+def cmd_records(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        rows = list(st.outcomes(args.device, args.limit))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            t = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
+            print(f"{t} {r['device']:<14} {r['from_version'] or '-':>10} -> {r['to_version']:<10} "
+                  f"{r['result']:<11} {'verified' if r['verified'] else '        '} {r['reason'] or ''}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+def _device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--port", help=DEVICE_HELP)
+    g.add_argument("--udp", metavar="HOST[:PORT]", help="SMP over UDP (port 1337 by default)")
+    g.add_argument("--baud", type=int, default=115200, help="serial baud rate (default 115200)")
+    g.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)")
+    g.add_argument("--retries", type=int, default=3, help="retries of a silent request (default 3)")
+    g.add_argument("--console", action="store_true", help="stay on the standard SMP console framing")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meterota", description="Firmware upgrades for MicroPython meter NICs over SMP")
+    p.add_argument("--version", action="version", version=f"meterota {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v steps, -vv protocol traces")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--db", type=Path, default=None, help="SQLite records file (default $METEROTA_DB or "
+                   "~/.local/share/meterota/meterota.db)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .sim import add_sim_arguments
+
+    s = sub.add_parser("sim", help="run simulated devices under MicroPython")
+    add_sim_arguments(s)
+    s.set_defaults(fn=cmd_sim)
+
+    im = sub.add_parser("image", help="build and inspect MCUboot images").add_subparsers(dest="image_cmd",
+                                                                                          required=True)
+    b = im.add_parser("build", help="application bundle -> littlefs -> signed MCUboot image")
+    b.add_argument("app_dir", type=Path, nargs="?", help="application directory (default: the runtime only)")
+    b.add_argument("--version", required=True, help="X.Y.Z[+BUILD]")
+    b.add_argument("--key", type=Path, help="signing key (Ed25519 PEM, see `image keygen`)")
+    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--board", default="unix", help="board whose slot size bounds the image (default unix)")
+    b.add_argument("--slot-size", type=lambda s: int(s, 0), help="override the slot size")
+    b.add_argument("--no-runtime", action="store_true", help="do not include the meterota device runtime")
+    b.add_argument("--no-mpy", action="store_true", help="ship .py sources instead of .mpy")
+    b.set_defaults(fn=cmd_image_build)
+    i = im.add_parser("info", help="version, sizes, hashes and signature of an image")
+    i.add_argument("file", type=Path)
+    i.add_argument("--key", type=Path, help="verify the signature with this key")
+    i.set_defaults(fn=cmd_image_info)
+    k = im.add_parser("keygen", help="make an Ed25519 signing key")
+    k.add_argument("-o", "--output", type=Path, required=True)
+    k.set_defaults(fn=cmd_image_keygen)
+
+    for name, fn, hlp in (("info", cmd_info, "identity, board, role, slots and last revert reason"),
+                          ("images", cmd_images, "the SMP image state (slots, versions, hashes, flags)"),
+                          ("confirm", cmd_confirm, "confirm the running image"),
+                          ("reset", cmd_reset, "reset the device"),
+                          ("confirmation", cmd_confirmation, "fetch and verify the latest confirmation record")):
+        sp = sub.add_parser(name, help=hlp)
+        _device_args(sp)
+        if name == "confirmation":
+            sp.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
+        sp.set_defaults(fn=fn)
+
+    u = sub.add_parser("upgrade", help="the whole upgrade: upload, test, reset, confirm, verify, record")
+    _device_args(u)
+    u.add_argument("image", type=Path)
+    u.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
+    u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
+    u.add_argument("--reset-timeout", type=float, default=30.0, help="seconds to wait for the device after reset")
+    u.add_argument("--campaign", help="record the outcome under this campaign id")
+    u.set_defaults(fn=cmd_upgrade)
+
+    up = sub.add_parser("upload", help="upload an image into the free slot (resumes)")
+    _device_args(up)
+    up.add_argument("image", type=Path)
+    up.add_argument("--slot", type=int, default=1, help="SMP image number (default 1)")
+    up.add_argument("--upgrade", action="store_true", help="device refuses versions not newer than the running one")
+    up.set_defaults(fn=cmd_upload)
+
+    t = sub.add_parser("test", help="mark an uploaded image to boot once on the next reset")
+    _device_args(t)
+    t.add_argument("image", type=Path, nargs="?", help="the image file (its hash TLV is used)")
+    t.add_argument("--hash", help="the image hash in hex instead of a file")
+    t.add_argument("--permanent", action="store_true", help="switch for good without a trial (dangerous)")
+    t.set_defaults(fn=cmd_test)
+
+    e = sub.add_parser("erase", help="erase the free slot")
+    _device_args(e)
+    e.add_argument("--slot", type=int, default=1)
+    e.set_defaults(fn=cmd_erase)
+
+    ky = sub.add_parser("keys", help="register a device's HMAC key")
+    ky.add_argument("device")
+    ky.add_argument("hexkey", type=_hexkey)
+    ky.set_defaults(fn=cmd_keys)
+
+    r = sub.add_parser("records", help="list recorded upgrade outcomes")
+    r.add_argument("--device")
+    r.add_argument("--limit", type=int, default=50)
+    r.set_defaults(fn=cmd_records)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "command", None) == "test" and not (args.image or args.hash):
+        parser.error("test needs an IMAGE or --hash")
+    try:
+        return int(args.fn(args))
+    except MeterotaError as e:
+        print(f"meterota: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("meterota: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The host's records: a SQLite file (the embedded default) holding every
+upgrade outcome with its raw confirmation record, and the device key registry."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    key BLOB NOT NULL,
+    board TEXT,
+    address TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    updated REAL
+);
+CREATE TABLE IF NOT EXISTS upgrades (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    address TEXT,
+    from_version TEXT,
+    to_version TEXT,
+    image_hash TEXT,
+    result TEXT NOT NULL,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    started REAL NOT NULL,
+    finished REAL,
+    record BLOB,
+    mac BLOB,
+    verified INTEGER NOT NULL DEFAULT 0,
+    campaign TEXT
+);
+CREATE INDEX IF NOT EXISTS upgrades_device ON upgrades(device);
+"""
+
+
+def default_path() -> Path:
+    env = os.environ.get("METEROTA_DB")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "share" / "meterota" / "meterota.db"
+
+
+@dataclass
+class Outcome:
+    device: str
+    address: str
+    from_version: str | None
+    to_version: str
+    image_hash: str
+    result: str  # OK, KO, UNREACHABLE, ERROR
+    reason: str
+    attempts: int
+    started: float
+    finished: float
+    record: bytes | None = None
+    mac: bytes | None = None
+    verified: bool = False
+    campaign: str | None = None
+
+
+class Store:
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=10)
+        self.db.row_factory = sqlite3.Row
+        with self.db:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- key registry ------------------------------------------------------
+    def set_key(self, device: str, key: bytes, board: str | None = None, address: str | None = None) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO devices(id, key, board, address, updated) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET key=excluded.key, board=COALESCE(excluded.board, board), "
+                "address=COALESCE(excluded.address, address), updated=excluded.updated",
+                (device, key, board, address, time.time()))
+
+    def key(self, device: str) -> bytes | None:
+        row = self.db.execute("SELECT key FROM devices WHERE id=?", (device,)).fetchone()
+        return bytes(row["key"]) if row else None
+
+    def last_seq(self, device: str) -> int:
+        row = self.db.execute("SELECT last_seq FROM devices WHERE id=?", (device,)).fetchone()
+        return int(row["last_seq"]) if row else 0
+
+    def note_seq(self, device: str, seq: int) -> None:
+        with self.db:
+            self.db.execute("UPDATE devices SET last_seq=MAX(last_seq, ?) WHERE id=?", (seq, device))
+
+    # -- outcomes ------------------------------------------------------------
+    def add(self, o: Outcome) -> int:
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO upgrades(device, address, from_version, to_version, image_hash, result, reason, "
+                "attempts, started, finished, record, mac, verified, campaign) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (o.device, o.address, o.from_version, o.to_version, o.image_hash, o.result, o.reason, o.attempts,
+                 o.started, o.finished, o.record, o.mac, int(o.verified), o.campaign))
+            return int(cur.lastrowid or 0)
+
+    def outcomes(self, device: str | None = None, limit: int = 100) -> Iterator[dict[str, Any]]:
+        q = "SELECT * FROM upgrades" + (" WHERE device=?" if device else "") + " ORDER BY id DESC LIMIT ?"
+        args: tuple[Any, ...] = (device, limit) if device else (limit,)
+        for row in self.db.execute(q, args):
+            d = dict(row)
+            for k in ("record", "mac"):
+                if d[k] is not None:
+                    d[k] = bytes(d[k]).hex()
+            yield d

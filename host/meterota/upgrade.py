@@ -1,0 +1,241 @@
+"""The single-device upgrade, end to end, as a library call.
+
+check fit -> upload (resuming) -> check match and slot hash -> mark for test ->
+reset -> wait for the device -> check the new image runs -> confirm (or wait
+for the device's self-test) -> fetch and verify the confirmation record ->
+record the outcome. Only a verified OK record is success.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from . import image as img
+from .client import SMPClient, UploadStats
+from .protocol import Group, Op
+from .confirm import Confirmation, verify
+from .errors import (ConfirmationError, DeviceTimeout, MeterotaError, ProtocolError, RefusedError,
+                     TransportError, UpgradeKO)
+from .store import Outcome, Store
+
+log = logging.getLogger("meterota.upgrade")
+
+Step = Callable[[str], None]
+
+
+@dataclass
+class UpgradeResult:
+    device: str
+    address: str
+    result: str
+    reason: str
+    from_version: str | None
+    to_version: str
+    image_hash: str
+    seconds: float
+    upload: dict[str, Any] = field(default_factory=dict)
+    confirmation: dict[str, Any] | None = None
+    record_id: int | None = None
+    skipped_upload: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def version_tuple(v: str) -> tuple[int, int, int, int]:
+    main, _, build = v.partition("+")
+    parts = [int(x) for x in main.split(".")] + [0, 0, 0]
+    return parts[0], parts[1], parts[2], int(build) if build else (parts[3] if len(main.split(".")) > 3 else 0)
+
+
+def _other(info: dict[str, Any]) -> dict[str, Any]:
+    for s in info["slots"]:
+        if not s.get("active"):
+            return dict(s)
+    raise ProtocolError("device reports no inactive slot")
+
+
+def _active(info: dict[str, Any]) -> dict[str, Any] | None:
+    for s in info["slots"]:
+        if s.get("active"):
+            return dict(s)
+    return None
+
+
+def wait_back(client: SMPClient, timeout: float, boots_before: int) -> dict[str, Any]:
+    """After a reset: poll until the device answers from a new boot (its boot
+    counter moved past `boots_before`); returns its info."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = client.request(Op.READ, Group.METEROTA, 0, timeout=0.5, retries=0, what="read device info")
+            if int(info.get("boots", 0)) > boots_before:
+                return info
+        except DeviceTimeout:
+            pass
+        except TransportError:
+            _reopen(client)  # a USB CDC port vanishes while the board resets
+        if time.monotonic() > deadline:
+            raise DeviceTimeout(f"device did not come back within {timeout:g} s after reset")
+
+
+def _reopen(client: SMPClient) -> None:
+    client.t.close()
+    try:
+        client.t.open()
+    except TransportError:
+        time.sleep(0.2)  # the port is not back yet; retry at 5 Hz
+
+
+class Upgrader:
+    def __init__(self, client: SMPClient, store: Store | None, *, key: bytes | None = None,
+                 allow_downgrade: bool = False, reset_timeout: float = 30.0, confirm_timeout: float = 30.0,
+                 progress: Callable[[int, int], None] | None = None, step: Step | None = None,
+                 campaign: str | None = None, negotiate: bool = True):
+        self.c = client
+        self.store = store
+        self.key = key
+        self.allow_downgrade = allow_downgrade
+        self.reset_timeout = reset_timeout
+        self.confirm_timeout = confirm_timeout
+        self.progress = progress
+        self.step: Step = step or (lambda s: log.info(s))
+        self.campaign = campaign
+        self.negotiate = negotiate
+
+    def run(self, data: bytes) -> UpgradeResult:
+        t0 = time.monotonic()
+        started = time.time()
+        info = img.parse(data)
+        if not info.hash_ok:
+            raise RefusedError("image hash TLV does not match its contents: the file is corrupt")
+        self.c.connect(negotiate=self.negotiate)
+        dev = self.c.device_info
+        if dev is None:
+            raise RefusedError(f"{self.c.t.name} is an SMP device without meterota's confirmation records; "
+                               "use smpmgr, or deploy meterota on it")
+        device_id = str(dev["id"])
+        key = self.key or (self.store.key(device_id) if self.store else None)
+        if key is None:
+            raise ConfirmationError(f"no HMAC key known for device {device_id}: pass --key or register it "
+                                    "(meterota keys add)")
+        active = _active(dev)
+        from_version = active.get("version") if active else None
+        res = UpgradeResult(device_id, self.c.t.name, "KO", "", from_version, info.version_str,
+                            info.hash.hex(), 0.0)
+        try:
+            self._check_fit(dev, info, data)
+            if active and active.get("hash") == info.hash and not dev.get("trial"):
+                res.result, res.reason, res.skipped_upload = "OK", "already running this image", True
+                self.step(f"{device_id} already runs {info.version_str}")
+                return self._finish(res, t0, started, None)
+            before = self._record_seq()
+            res.upload = asdict(self._upload(dev, info, data))
+            self.step("marking the image for test")
+            self.c.image_test(info.hash)
+            self.step("resetting into the new image")
+            boots = int(self.c.info().get("boots", 0))
+            self.c.reset()
+            back = wait_back(self.c, self.reset_timeout, boots)
+            now = _active(back)
+            if not now or now.get("hash") != info.hash:
+                conf = self._confirmation(key, device_id, info, before, expect_ok=False)
+                res.reason = conf.reason if conf else "device did not boot the new image"
+                res.confirmation = conf.as_dict() if conf else None
+                self._finish(res, t0, started, conf)
+                raise UpgradeKO(f"{device_id}: KO, the device reverted to {now.get('version') if now else '?'}: "
+                                f"{res.reason}")
+            if back.get("trial"):
+                if back.get("self_confirm"):
+                    self.step("waiting for the device's self-test")
+                    self._wait_confirmed()
+                else:
+                    self.step("confirming the new image")
+                    self.c.image_confirm()
+            conf = self._confirmation(key, device_id, info, before, expect_ok=True)
+            assert conf is not None
+            res.confirmation = conf.as_dict()
+            res.result = conf.result
+            res.reason = conf.reason
+            if conf.result != "OK":
+                self._finish(res, t0, started, conf)
+                raise UpgradeKO(f"{device_id}: KO: {conf.reason}")
+            return self._finish(res, t0, started, conf)
+        except UpgradeKO:
+            raise
+        except MeterotaError as e:
+            res.result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
+            res.reason = str(e)
+            self._finish(res, t0, started, None)
+            raise
+
+    # -- steps ----------------------------------------------------------------
+    def _check_fit(self, dev: dict[str, Any], info: img.ImageInfo, data: bytes) -> None:
+        other = _other(dev)
+        if len(data) > int(other["size"]):
+            raise RefusedError(f"image of {len(data)} bytes is too large for the device's {other['size']}-byte slot")
+        active = _active(dev)
+        if dev.get("trial"):
+            raise RefusedError("the device is running an unconfirmed test image: confirm it or reset it first")
+        if active and active.get("version") and not self.allow_downgrade:
+            if version_tuple(info.version_str) < version_tuple(str(active["version"])):
+                raise RefusedError(f"image {info.version_str} is older than the running {active['version']} "
+                                   "(use --allow-downgrade)")
+
+    def _upload(self, dev: dict[str, Any], info: img.ImageInfo, data: bytes) -> UploadStats:
+        other = _other(dev)
+        if other.get("pending") and other.get("hash") != info.hash:
+            self.step("erasing a different image pending in the free slot")
+            self.c.image_erase(1)
+        if other.get("hash") == info.hash:
+            self.step("the free slot already holds this image; not uploading it again")
+            return UploadStats(match=True)
+        self.step(f"uploading {len(data)} bytes")
+        st = self.c.upload(data, progress=self.progress)
+        images = self.c.image_state()
+        if not any(e.get("slot") == 1 and e.get("hash") == info.hash for e in images):
+            raise ProtocolError("after the upload the free slot does not report the image's hash")
+        return st
+
+    def _record_seq(self) -> int:
+        try:
+            r = self.c.confirmation()
+        except RefusedError:
+            return 0
+        import cbor2
+
+        return int(cbor2.loads(r["rec"]).get("seq", 0))
+
+    def _confirmation(self, key: bytes, device_id: str, info: img.ImageInfo, before: int,
+                      expect_ok: bool) -> Confirmation | None:
+        try:
+            r = self.c.confirmation()
+        except RefusedError:
+            if expect_ok:
+                raise ConfirmationError("the device has no confirmation record after the upgrade") from None
+            return None
+        conf = verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id, image_hash=info.hash,
+                      version=info.version_str, after_seq=before)
+        if self.store:
+            self.store.note_seq(device_id, conf.seq)
+        return conf
+
+    def _wait_confirmed(self) -> None:
+        deadline = time.monotonic() + self.confirm_timeout
+        while time.monotonic() < deadline:
+            if not self.c.info().get("trial"):
+                return
+            time.sleep(0.1)  # polling a device's state at 10 Hz; not synchronisation
+        raise DeviceTimeout("the device did not confirm itself in time")
+
+    def _finish(self, res: UpgradeResult, t0: float, started: float, conf: Confirmation | None) -> UpgradeResult:
+        res.seconds = time.monotonic() - t0
+        if self.store:
+            res.record_id = self.store.add(Outcome(
+                res.device, res.address, res.from_version, res.to_version, res.image_hash, res.result, res.reason,
+                1, started, time.time(), conf.raw if conf else None, conf.mac if conf else None, conf is not None,
+                self.campaign))
+        return res
