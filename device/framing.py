@@ -20,7 +20,7 @@ _SOF_BINARY = const(0x0B)
 _CONT0 = const(0x04)
 _CONT1 = const(0x14)
 _NL = const(0x0A)
-_LINE_RAW = const(93)  # raw bytes per line: 124 base64 chars, 127 B with marker and \n
+_LINE_RAW = const(90)  # raw bytes per line: 120 base64 chars, 123-byte lines as smp cuts them
 
 _IDLE = const(0)
 _PKT = const(1)  # console packet started, waiting for the next line

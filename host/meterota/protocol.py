@@ -16,7 +16,7 @@ from typing import Any, Callable
 import cbor2
 
 HEADER = struct.Struct(">BBHHBB")
-CONSOLE_LINE_RAW = 93  # 124 base64 characters: 127-byte lines with marker and \n
+CONSOLE_LINE_RAW = 90  # 120 base64 characters: 123-byte lines, as smp cuts them (see the vectors)
 
 
 class Op(enum.IntEnum):
