@@ -8,7 +8,8 @@ import struct
 import binascii
 
 _MAGIC = b"MTBS"
-_FMT = "<4sIBBBBIIB3x32s8s8sII40s40s"
+REASON_MAX = const(64)  # bytes of UTF-8 kept per reason
+_FMT = "<4sIBBBBIIB3x32s8s8sII64s64s"
 _BODY = struct.calcsize(_FMT)
 _SIZE = _BODY + 4  # + CRC-32
 _SECTOR = const(4096)
@@ -29,6 +30,12 @@ def _text(b):
 
 def _field(s, n):
     b = s.encode()[:n]
+    while b:  # never cut a UTF-8 sequence in half
+        try:
+            str(b, "utf-8")
+            break
+        except UnicodeError:
+            b = b[:-1]
     return b + bytes(n - len(b))
 
 
@@ -101,8 +108,8 @@ class BootState:
         rec = bytearray(_SIZE)
         struct.pack_into(_FMT, rec, 0, _MAGIC, self.seq, self.active, self.pending,
                          self.flags, self.result, self.boots, self.rseq, 0, self.rhash, self.rver,
-                         self.rprev, self.rtime, self.rboots, _field(self.reason, 40),
-                         _field(self.revert_reason, 40))
+                         self.rprev, self.rtime, self.rboots, _field(self.reason, REASON_MAX),
+                         _field(self.revert_reason, REASON_MAX))
         struct.pack_into("<I", rec, _BODY, binascii.crc32(memoryview(rec)[:_BODY]))
         sector = self.first + (self.seq & 1)
         self.bdev.ioctl(6, sector)

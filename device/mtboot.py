@@ -55,7 +55,7 @@ def _forget_modules():
 
 
 def _short(e):
-    return ("%s: %s" % (type(e).__name__, e))[:40]
+    return "%s: %s" % (type(e).__name__, e)
 
 
 def start(board):

@@ -68,7 +68,7 @@ def self_test(ctx, app):
     if ok:
         up.confirm("self-test passed")
     else:
-        up.fail_trial(why[:40])
+        up.fail_trial(why)
         ctx.board.reset()
 
 

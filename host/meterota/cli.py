@@ -334,6 +334,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        for row in st.db.execute("SELECT id, board, address FROM devices ORDER BY id"):
+            print(f"{row['id']:<16} {row['board'] or '-':<8} {row['address'] or ''}")
+    return 0
+
+
 def cmd_records(args: argparse.Namespace) -> int:
     with _store(args) as st:
         rows = list(st.outcomes(args.device, args.limit))
@@ -433,10 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--slot", type=int, default=1)
     e.set_defaults(fn=cmd_erase)
 
-    ky = sub.add_parser("keys", help="register a device's HMAC key")
+    ks = sub.add_parser("keys", help="the device HMAC key registry").add_subparsers(dest="keys_cmd", required=True)
+    ky = ks.add_parser("add", help="register (or replace) a device's HMAC key")
     ky.add_argument("device")
     ky.add_argument("hexkey", type=_hexkey)
     ky.set_defaults(fn=cmd_keys)
+    kl = ks.add_parser("list", help="devices with a registered key")
+    kl.set_defaults(fn=cmd_keys_list)
 
     r = sub.add_parser("records", help="list recorded upgrade outcomes")
     r.add_argument("--device")

@@ -40,6 +40,7 @@ class UpgradeResult:
     confirmation: dict[str, Any] | None = None
     record_id: int | None = None
     skipped_upload: bool = False
+    recorded: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,14 +133,21 @@ class Upgrader:
                 res.result, res.reason, res.skipped_upload = "OK", "already running this image", True
                 self.step(f"{device_id} already runs {info.version_str}")
                 return self._finish(res, t0, started, None)
-            before = self._record_seq()
+            before = self._record_seq(key, device_id)
             res.upload = asdict(self._upload(dev, info, data))
             self.step("marking the image for test")
             self.c.image_test(info.hash)
             self.step("resetting into the new image")
             boots = int(self.c.info().get("boots", 0))
             self.c.reset()
-            back = wait_back(self.c, self.reset_timeout, boots)
+            try:
+                back = wait_back(self.c, self.reset_timeout, boots)
+            except DeviceTimeout as e:
+                # The device took the test image and went silent: from here
+                # only a field visit tells, so this is a KO, not "unreachable".
+                res.reason = f"no answer after reset into the test image ({e})"
+                self._finish(res, t0, started, None)
+                raise DeviceTimeout(f"{device_id}: KO, {res.reason}") from None
             now = _active(back)
             if not now or now.get("hash") != info.hash:
                 conf = self._confirmation(key, device_id, info, before, expect_ok=False)
@@ -164,12 +172,11 @@ class Upgrader:
                 self._finish(res, t0, started, conf)
                 raise UpgradeKO(f"{device_id}: KO: {conf.reason}")
             return self._finish(res, t0, started, conf)
-        except UpgradeKO:
-            raise
         except MeterotaError as e:
-            res.result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
-            res.reason = str(e)
-            self._finish(res, t0, started, None)
+            if not res.recorded:
+                res.result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
+                res.reason = str(e)
+                self._finish(res, t0, started, None)
             raise
 
     # -- steps ----------------------------------------------------------------
@@ -200,14 +207,14 @@ class Upgrader:
             raise ProtocolError("after the upload the free slot does not report the image's hash")
         return st
 
-    def _record_seq(self) -> int:
+    def _record_seq(self, key: bytes, device_id: str) -> int:
+        """The sequence number of the device's latest record, checked with our
+        key first: a wrong key is found before anything is written."""
         try:
             r = self.c.confirmation()
         except RefusedError:
             return 0
-        import cbor2
-
-        return int(cbor2.loads(r["rec"]).get("seq", 0))
+        return verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id).seq
 
     def _confirmation(self, key: bytes, device_id: str, info: img.ImageInfo, before: int,
                       expect_ok: bool) -> Confirmation | None:
@@ -233,6 +240,7 @@ class Upgrader:
 
     def _finish(self, res: UpgradeResult, t0: float, started: float, conf: Confirmation | None) -> UpgradeResult:
         res.seconds = time.monotonic() - t0
+        res.recorded = True
         if self.store:
             res.record_id = self.store.add(Outcome(
                 res.device, res.address, res.from_version, res.to_version, res.image_hash, res.result, res.reason,

@@ -1,0 +1,287 @@
+# The ESP32 board (ESP32, -S2, -S3, -C3, -C6 ... with stock MicroPython).
+#
+# Flash: with the meterota partition table (partitions-meterota-4MiB.csv) the
+# slots and the meta area are the data partitions mtr_a, mtr_b and mtr_meta,
+# used directly as esp32.Partition objects. Without it ("stock" layout) they
+# are carved from the END of the `vfs` partition through Sub windows, and the
+# device filesystem is a FAT volume over the front of `vfs` only (see
+# layout.json "stock" and README.md: the frozen _boot.py autodetects FAT and
+# FatFs never looks past the size in its boot sector, whereas littlefs refuses
+# to mount when its superblock and the partition disagree on the size).
+#
+# Links: config "serial" = "stdin" (the REPL console: native USB CDC, or UART0
+# behind the USB-UART bridge) or "uart:ID:TX:RX[:BAUD]"; config "wifi" +
+# "udp_port" add SMP over UDP. Reset is machine.reset(); a trial boot arms a
+# machine.WDT (config "wdt_ms") fed from the receiver loop.
+import io
+import json
+import sys
+import time
+
+try:
+    import esp32
+except ImportError:  # CPython (tests import this module for stock_layout)
+    esp32 = None  # type: ignore
+
+SECTOR = 4096
+CONFIG_PATH = "/config.json"
+
+# Mirrors layout.json "stock" (the host reads the JSON, the device this).
+STOCK = {"meta_size": 16384, "slot_size": 524288, "slot_min": 262144, "fs_min": 131072}
+
+
+def stock_layout(vfs_size, lay=None):
+    """The stock layout inside a `vfs` partition of vfs_size bytes, as
+    vfs-relative (offset, size) pairs: FAT at the front, then meta, A, B up to
+    the partition's end. Slots shrink (not below slot_min) so the FS keeps at
+    least fs_min; returns None when the partition is too small."""
+    lay = lay or STOCK
+    meta = lay["meta_size"]
+    room = (vfs_size - meta - lay["fs_min"]) // 2 // SECTOR * SECTOR
+    slot = min(lay["slot_size"], room)
+    if slot < lay["slot_min"]:
+        return None
+    b = vfs_size - slot
+    a = b - slot
+    m = a - meta
+    return {"fs": (0, m), "meta": (m, meta), "slot_a": (a, slot), "slot_b": (b, slot)}
+
+
+class Sub:
+    """A block window [first, first+count) blocks of a 4 KiB block device
+    (an esp32.Partition), with the same rules: 3-argument writeblocks erases
+    then programs, 4-argument programs only, ioctl(6, n) erases block n."""
+
+    def __init__(self, dev, offset, size):
+        if offset % SECTOR or size % SECTOR or size <= 0:
+            raise ValueError("window not sector aligned")
+        self.dev = dev
+        self.first = offset // SECTOR
+        self.count = size // SECTOR
+
+    def _chk(self, n, off, ln):
+        if n < 0 or off < 0 or n * SECTOR + off + ln > self.count * SECTOR:
+            raise OSError(22)  # EINVAL
+
+    def readblocks(self, n, buf, off=0):
+        self._chk(n, off, len(buf))
+        self.dev.readblocks(self.first + n, buf, off)
+
+    def writeblocks(self, n, buf, off=None):
+        if off is None:
+            self._chk(n, 0, len(buf))
+            self.dev.writeblocks(self.first + n, buf)
+        else:
+            self._chk(n, off, len(buf))
+            self.dev.writeblocks(self.first + n, buf, off)
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.count
+        if op == 5:
+            return SECTOR
+        if op == 6:
+            self._chk(arg, 0, SECTOR)
+            return self.dev.ioctl(6, self.first + arg)
+        return 0
+
+
+def _find(label):
+    P = esp32.Partition
+    found = P.find(P.TYPE_DATA, label=label)
+    return found[0] if found else None
+
+
+class StdinStream(io.IOBase):
+    """The REPL console (native USB CDC or UART0) as a non-blocking stream.
+
+    sys.stdin.buffer.readinto() blocks until the buffer is full, so readinto
+    here moves bytes one at a time while poll says one is ready, and returns
+    None (never 0: 0 means end of stream to link.StreamLink) when there are
+    none. An io.IOBase subclass is a real stream to select.poll, which calls
+    ioctl(3, ...) on it."""
+
+    def __init__(self):
+        import select
+
+        self.inp = sys.stdin.buffer
+        self.out = sys.stdout.buffer
+        self.p = select.poll()
+        self.p.register(sys.stdin, select.POLLIN)
+        self.one = memoryview(bytearray(1))
+        self.POLLIN = select.POLLIN
+        self.POLLOUT = select.POLLOUT
+
+    def _ready(self):
+        for _o, ev in self.p.ipoll(0):
+            if ev & self.POLLIN:
+                return True
+        return False
+
+    def readinto(self, buf, n=-1):
+        n = len(buf) if n < 0 else min(n, len(buf))
+        mv = memoryview(buf)
+        i = 0
+        one = self.one
+        while i < n and self._ready():
+            if not self.inp.readinto(one):
+                break
+            mv[i] = one[0]
+            i += 1
+        return i if i else None
+
+    def write(self, buf):
+        return self.out.write(buf)
+
+    def ioctl(self, op, arg):
+        if op == 3:  # MP_STREAM_POLL
+            r = 0
+            if arg & self.POLLIN and self._ready():
+                r |= self.POLLIN
+            if arg & self.POLLOUT:
+                r |= self.POLLOUT
+            return r
+        return 0
+
+
+class Board:
+    name = "esp32"
+
+    def __init__(self, config_path=CONFIG_PATH):
+        with open(config_path) as f:
+            self.config = json.load(f)
+        self._wdt = None
+        self.layout = "?"
+        self._setup_flash()
+
+    # -- flash -------------------------------------------------------------
+    def _setup_flash(self):
+        lay = self.config.get("layout") or {}
+        meta = _find("mtr_meta")
+        a = _find("mtr_a")
+        b = _find("mtr_b")
+        if meta and a and b:
+            self.layout = "partitions"
+            self.meta, self.slot_a, self.slot_b = meta, a, b
+            return
+        vfs = _find("vfs")
+        if vfs is None:
+            raise OSError(2, "no mtr_* partitions and no vfs partition")
+        size = vfs.info()[3]
+        st = lay.get("stock") if isinstance(lay.get("stock"), dict) else None
+        carve = stock_layout(size, st)
+        if carve is None:
+            raise OSError(28, "vfs partition too small for the stock layout")
+        self.layout = "stock"
+        self.vfs = vfs
+        self.fs_window = carve["fs"]
+        self.meta = Sub(vfs, *carve["meta"])
+        self.slot_a = Sub(vfs, *carve["slot_a"])
+        self.slot_b = Sub(vfs, *carve["slot_b"])
+
+    # -- links -------------------------------------------------------------
+    def links(self, frame_max):
+        import link
+
+        feed = self.feed
+
+        class Stream(link.StreamLink):
+            def service(self, handler):
+                feed()
+                link.StreamLink.service(self, handler)
+
+            def idle(self):
+                feed()
+                link.StreamLink.idle(self)
+
+        class Datagram(link.DatagramLink):
+            def service(self, handler):
+                feed()
+                link.DatagramLink.service(self, handler)
+
+            def idle(self):
+                feed()
+                link.DatagramLink.idle(self)
+
+        cfg = self.config
+        rx = int(cfg.get("buf_size", 2048)) * int(cfg.get("buf_count", 4))
+        out = []
+        ser = cfg.get("serial", "stdin")
+        if ser:
+            out.append(Stream(self._serial(ser, rx), frame_max, name="serial"))
+        sock = self._udp()
+        if sock is not None:
+            out.append(Datagram(sock, frame_max))
+        return out
+
+    def _serial(self, spec, rx):
+        if spec == "stdin":
+            import micropython
+            import os
+
+            try:
+                os.dupterm(None)  # detach a WebREPL/UART mirror from the console
+            except (AttributeError, OSError):
+                pass
+            micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
+            return StdinStream()
+        # "uart:ID:TX:RX[:BAUD]"
+        import machine
+
+        p = spec.split(":")
+        if p[0] != "uart" or len(p) < 4:
+            raise ValueError("serial: 'stdin' or 'uart:ID:TX:RX[:BAUD]'")
+        baud = int(p[4]) if len(p) > 4 else 115200
+        return machine.UART(int(p[1]), baudrate=baud, tx=int(p[2]), rx=int(p[3]),
+                            rxbuf=max(256, rx), txbuf=1024, timeout=0, timeout_char=0)
+
+    def _udp(self):
+        cfg = self.config
+        w = cfg.get("wifi")
+        if not w or not w.get("ssid"):
+            return None
+        import network
+        import socket
+
+        wlan = network.WLAN(network.WLAN.IF_STA)
+        wlan.active(True)
+        if not wlan.isconnected():
+            wlan.connect(w["ssid"], w.get("key", ""))
+            t0 = time.ticks_ms()
+            while not wlan.isconnected():
+                if time.ticks_diff(time.ticks_ms(), t0) > int(w.get("timeout_ms", 20000)):
+                    print("meterota: wifi", w["ssid"], "not connected, status", wlan.status())
+                    return None
+                time.sleep_ms(100)
+        if w.get("pm_none"):
+            wlan.config(pm=wlan.PM_NONE)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(socket.getaddrinfo("0.0.0.0", int(cfg.get("udp_port", 1337)))[0][-1])
+        s.setblocking(False)
+        print("meterota: udp", wlan.ifconfig()[0], cfg.get("udp_port", 1337))
+        return s
+
+    # -- lifecycle -----------------------------------------------------------
+    def ready(self, ctx):
+        # A trial boot must keep the receiver loop alive: arm the watchdog.
+        # (It cannot be stopped again on ESP32; feeding continues after confirm.)
+        if not ctx.recovery and ctx.up.st.trial and self._wdt is None:
+            import machine
+
+            self._wdt = machine.WDT(timeout=int(self.config.get("wdt_ms", 30000)))
+        print("meterota: ready", ctx.device_id, self.layout, "recovery" if ctx.recovery else "")
+
+    def feed(self):
+        if self._wdt is not None:
+            self._wdt.feed()
+
+    def reset(self):
+        import machine
+
+        time.sleep_ms(50)  # let the last response leave
+        machine.reset()
+
+    def stats(self):
+        import gc
+
+        return {"layout": self.layout, "mem_free": gc.mem_free()}

@@ -1,0 +1,335 @@
+# The RP2 board (Raspberry Pi Pico, Pico W, Pico 2, Pico 2 W on stock MicroPython).
+#
+# Flash: everything lives in the user filesystem region (rp2.Flash() cannot
+# reach the firmware). Two layouts (layout.json, per board, chosen by the FS
+# region size or config "variant"):
+#  - "raw": meta, slot A, slot B are rp2.Flash(start=, len=) windows at the end
+#    of the region and littlefs covers only the front. The STOCK frozen
+#    _boot.py mounts littlefs over the whole region and, when that fails,
+#    FORMATS THE WHOLE REGION; littlefs fails on a superblock smaller than the
+#    device, so "raw" needs a firmware whose _boot.py mounts
+#    rp2.Flash(start=0, len=FS) (a custom build). The board uses it only when
+#    the mounted root FS really ends before the carve.
+#  - "files" (stock firmware): the same meta/slot sizes, as block devices
+#    backed by one littlefs file per 4 KiB sector under /mtr. An absent file
+#    reads as erased (0xFF); erase removes it; a program rewrites it (littlefs
+#    makes each rewrite atomic, so a power cut leaves the old or the new sector).
+#
+# Links: config "serial" = "stdin" (USB CDC, flow-controlled by USB) or
+# "uart:ID:TX:RX[:BAUD]"; on W boards config "wifi" + "udp_port" add UDP.
+import io
+import json
+import os
+import sys
+import time
+
+try:
+    import rp2
+except ImportError:  # CPython (tests import this module)
+    rp2 = None  # type: ignore
+
+SECTOR = 4096
+CONFIG_PATH = "/config.json"
+FILES_DIR = "/mtr"
+
+# Mirrors layout.json (offsets relative to the FS region start).
+K = 1024
+LAYOUTS = {
+    "pico": {"fs_size": 1408 * K, "fs": [0, 368 * K], "meta": [368 * K, 16 * K],
+             "slot_a": [384 * K, 512 * K], "slot_b": [896 * K, 512 * K]},
+    "pico_w": {"fs_size": 848 * K, "fs": [0, 192 * K], "meta": [192 * K, 16 * K],
+               "slot_a": [208 * K, 320 * K], "slot_b": [528 * K, 320 * K]},
+    "pico2": {"fs_size": 3072 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
+              "slot_a": [1024 * K, 1024 * K], "slot_b": [2048 * K, 1024 * K]},
+    "pico2_w": {"fs_size": 2560 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
+                "slot_a": [1024 * K, 768 * K], "slot_b": [1792 * K, 768 * K]},
+}
+
+
+def variant_for(fs_size):
+    for name, lay in LAYOUTS.items():
+        if lay["fs_size"] == fs_size:
+            return name
+    return None
+
+
+class FileSectors:
+    """A block device of `count` 4 KiB sectors stored as files DIR/NNN, with
+    NOR rules: erased reads 0xFF, a program only clears bits, 3-argument
+    writeblocks erases first, ioctl(6, n) erases sector n."""
+
+    def __init__(self, path, count):
+        self.path = path
+        self.count = count
+        self.sec = bytearray(SECTOR)
+        self.cached = -1  # sector number held in self.sec
+        self.blank = True  # that sector has no file (all 0xFF)
+        try:
+            os.mkdir(path)
+        except OSError:
+            pass
+
+    def _name(self, n):
+        return "%s/%03d" % (self.path, n)
+
+    def _load(self, n):
+        if self.cached == n:
+            return
+        self.cached = -1
+        try:
+            with open(self._name(n), "rb") as f:
+                k = f.readinto(self.sec)
+        except OSError:
+            k = 0
+        for i in range(k, SECTOR):
+            self.sec[i] = 0xFF
+        self.blank = k == 0
+        self.cached = n
+
+    def _chk(self, n, off, ln):
+        if n < 0 or off < 0 or n * SECTOR + off + ln > self.count * SECTOR:
+            raise OSError(22)
+
+    def readblocks(self, n, buf, off=0):
+        self._chk(n, off, len(buf))
+        mv = memoryview(buf)
+        pos = 0
+        while pos < len(mv):
+            n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
+            k = min(len(mv) - pos, SECTOR - o2)
+            self._load(n2)
+            mv[pos:pos + k] = memoryview(self.sec)[o2:o2 + k]
+            pos += k
+
+    def writeblocks(self, n, buf, off=None):
+        if off is None:
+            for s in range(len(buf) // SECTOR):
+                self.ioctl(6, n + s)
+            off = 0
+        self._chk(n, off, len(buf))
+        mv = memoryview(buf)
+        pos = 0
+        while pos < len(mv):
+            n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
+            k = min(len(mv) - pos, SECTOR - o2)
+            self._load(n2)
+            sec = self.sec
+            if self.blank:  # 0xFF & x == x
+                sec[o2:o2 + k] = mv[pos:pos + k]
+            else:
+                for i in range(k):
+                    sec[o2 + i] &= mv[pos + i]
+            self.cached = -1
+            with open(self._name(n2), "wb") as f:
+                f.write(sec)
+            self.blank = False
+            self.cached = n2
+            pos += k
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.count
+        if op == 5:
+            return SECTOR
+        if op == 6:
+            self._chk(arg, 0, SECTOR)
+            if self.cached == arg:
+                self.cached = -1
+            try:
+                os.remove(self._name(arg))
+            except OSError:
+                pass
+            return 0
+        return 0
+
+
+class StdinStream(io.IOBase):
+    """USB CDC stdin as a non-blocking stream: readinto moves bytes one at a
+    time while poll says one is ready (stdin's own readinto blocks until the
+    buffer is full) and returns None, never 0, when none is there."""
+
+    def __init__(self):
+        import select
+
+        self.inp = sys.stdin.buffer
+        self.out = sys.stdout.buffer
+        self.p = select.poll()
+        self.p.register(sys.stdin, select.POLLIN)
+        self.one = memoryview(bytearray(1))
+        self.POLLIN = select.POLLIN
+        self.POLLOUT = select.POLLOUT
+
+    def _ready(self):
+        for _o, ev in self.p.ipoll(0):
+            if ev & self.POLLIN:
+                return True
+        return False
+
+    def readinto(self, buf, n=-1):
+        n = len(buf) if n < 0 else min(n, len(buf))
+        mv = memoryview(buf)
+        i = 0
+        one = self.one
+        while i < n and self._ready():
+            if not self.inp.readinto(one):
+                break
+            mv[i] = one[0]
+            i += 1
+        return i if i else None
+
+    def write(self, buf):
+        return self.out.write(buf)
+
+    def ioctl(self, op, arg):
+        if op == 3:  # MP_STREAM_POLL
+            r = 0
+            if arg & self.POLLIN and self._ready():
+                r |= self.POLLIN
+            if arg & self.POLLOUT:
+                r |= self.POLLOUT
+            return r
+        return 0
+
+
+class Board:
+    name = "rp2"
+
+    def __init__(self, config_path=CONFIG_PATH):
+        with open(config_path) as f:
+            self.config = json.load(f)
+        self._wdt = None
+        self._setup_flash()
+
+    def _setup_flash(self):
+        cfg = self.config
+        region = rp2.Flash()
+        fs_size = region.ioctl(4, 0) * SECTOR
+        self.variant = cfg.get("variant") or variant_for(fs_size)
+        lay = cfg.get("layout") or LAYOUTS.get(self.variant or "")
+        if not lay:
+            raise OSError(22, "no layout for an FS region of %d bytes" % fs_size)
+        mode = cfg.get("flash_mode", "auto")
+        if mode in ("auto", "raw"):
+            st = os.statvfs("/")
+            root = st[0] * st[2]  # block size * blocks of the mounted FS
+            if root <= lay["meta"][0]:
+                mode = "raw"
+            elif mode == "raw":
+                raise OSError(22, "raw layout, but the root FS covers the slots")
+            else:
+                mode = "files"
+        self.mode = mode
+        if mode == "raw":
+            self.meta = rp2.Flash(start=lay["meta"][0], len=lay["meta"][1])
+            self.slot_a = rp2.Flash(start=lay["slot_a"][0], len=lay["slot_a"][1])
+            self.slot_b = rp2.Flash(start=lay["slot_b"][0], len=lay["slot_b"][1])
+        else:
+            self.meta = FileSectors(FILES_DIR + "m", lay["meta"][1] // SECTOR)
+            self.slot_a = FileSectors(FILES_DIR + "a", lay["slot_a"][1] // SECTOR)
+            self.slot_b = FileSectors(FILES_DIR + "b", lay["slot_b"][1] // SECTOR)
+
+    def links(self, frame_max):
+        import link
+
+        feed = self.feed
+
+        class Stream(link.StreamLink):
+            def service(self, handler):
+                feed()
+                link.StreamLink.service(self, handler)
+
+            def idle(self):
+                feed()
+                link.StreamLink.idle(self)
+
+        class Datagram(link.DatagramLink):
+            def service(self, handler):
+                feed()
+                link.DatagramLink.service(self, handler)
+
+            def idle(self):
+                feed()
+                link.DatagramLink.idle(self)
+
+        cfg = self.config
+        rx = int(cfg.get("buf_size", 2048)) * int(cfg.get("buf_count", 4))
+        out = []
+        ser = cfg.get("serial", "stdin")
+        if ser:
+            out.append(Stream(self._serial(ser, rx), frame_max, name="serial"))
+        sock = self._udp()
+        if sock is not None:
+            out.append(Datagram(sock, frame_max))
+        return out
+
+    def _serial(self, spec, rx):
+        if spec == "stdin":
+            import micropython
+
+            micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
+            return StdinStream()
+        import machine
+
+        p = spec.split(":")
+        if p[0] != "uart" or len(p) < 4:
+            raise ValueError("serial: 'stdin' or 'uart:ID:TX:RX[:BAUD]'")
+        baud = int(p[4]) if len(p) > 4 else 115200
+        # Flash erase/program stalls IRQs for tens of ms; the ring buffer must
+        # absorb what arrives meanwhile only if the host paces its frames.
+        return machine.UART(int(p[1]), baudrate=baud, tx=machine.Pin(int(p[2])),
+                            rx=machine.Pin(int(p[3])), rxbuf=min(32766, max(256, rx)),
+                            txbuf=1024, timeout=0, timeout_char=0)
+
+    def _udp(self):
+        cfg = self.config
+        w = cfg.get("wifi")
+        if not w or not w.get("ssid"):
+            return None
+        try:
+            import network
+        except ImportError:
+            print("meterota: no network module (not a W board), UDP off")
+            return None
+        import socket
+
+        wlan = network.WLAN(network.WLAN.IF_STA)
+        wlan.active(True)
+        if not wlan.isconnected():
+            wlan.connect(w["ssid"], w.get("key", ""))
+            t0 = time.ticks_ms()
+            while not wlan.isconnected():
+                if time.ticks_diff(time.ticks_ms(), t0) > int(w.get("timeout_ms", 20000)):
+                    print("meterota: wifi", w["ssid"], "not connected, status", wlan.status())
+                    return None
+                time.sleep_ms(100)
+        if w.get("pm_none"):
+            wlan.config(pm=wlan.PM_NONE)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(socket.getaddrinfo("0.0.0.0", int(cfg.get("udp_port", 1337)))[0][-1])
+        s.setblocking(False)
+        print("meterota: udp", wlan.ifconfig()[0], cfg.get("udp_port", 1337))
+        return s
+
+    def ready(self, ctx):
+        if not ctx.recovery and ctx.up.st.trial and self._wdt is None:
+            import machine
+
+            # RP2040's watchdog tops out at about 8.3 s (RP2350: 16.7 s).
+            self._wdt = machine.WDT(timeout=min(8300, int(self.config.get("wdt_ms", 8000))))
+        print("meterota: ready", ctx.device_id, self.variant, self.mode,
+              "recovery" if ctx.recovery else "")
+
+    def feed(self):
+        if self._wdt is not None:
+            self._wdt.feed()
+
+    def reset(self):
+        import machine
+
+        time.sleep_ms(50)
+        machine.reset()
+
+    def stats(self):
+        import gc
+
+        return {"variant": self.variant, "mode": self.mode, "mem_free": gc.mem_free()}
