@@ -27,6 +27,28 @@ def unix_slot_size() -> int:
     return int(layout("unix")["slot_a"][1])
 
 
+def slot_size(board: str) -> int:
+    """The smallest application slot any layout of `board` gives: the bound an
+    image built for that board must respect to fit every variant."""
+    sizes: list[int] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("slot_a", "slot_b") and isinstance(v, list) and len(v) == 2:
+                    sizes.append(int(v[1]))
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(layout(board))
+    if not sizes:
+        raise ValueError(f"layout of board {board!r} names no slots")
+    return min(sizes)
+
+
 @functools.lru_cache(maxsize=4)
 def factory_image(version: str = FACTORY_VERSION) -> bytes:
     """The current device runtime as a signed-by-hash MCUboot image (cached per process)."""

@@ -140,11 +140,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     out = Out(args.json)
-    from .boards import layout
+    from .boards import slot_size as board_slot_size
 
-    slot_size = args.slot_size or int(layout(args.board)["slot_a"][1])
+    try:
+        slot_size = args.slot_size or board_slot_size(args.board)
+    except (FileNotFoundError, ValueError) as e:
+        raise errors.ImageError(str(e)) from None
     data = img.build_image(args.app_dir, args.version, slot_size=slot_size, key=args.key,
-                           runtime=not args.no_runtime, mpy=not args.no_mpy)
+                           runtime=not args.no_runtime, mpy=not args.no_mpy, board=args.board,
+                           security_counter=args.security_counter)
     args.output.write_bytes(data)
     info = img.parse(data)
     doc = {"file": str(args.output), "size": len(data), "version": info.version_str, "hash": info.hash.hex(),
@@ -162,7 +166,7 @@ def cmd_image_info(args: argparse.Namespace) -> int:
     doc = {"file": str(args.file), "size": info.size, "version": info.version_str, "header_size": info.hdr_size,
            "payload_size": info.img_size, "protected_tlv_size": info.protect_tlv_size, "flags": info.flags,
            "hash": info.hash.hex(), "hash_ok": info.hash_ok, "file_sha256": info.file_sha256.hex(),
-           "signature": info.signature_type, "security_counter": info.security_counter,
+           "signature": info.signature_type, "security_counter": info.security_counter, "board": info.board,
            "signature_ok": sig_ok,
            "tlvs": [{"type": f"{t:#x}", "name": img.TLV_NAMES.get(t, "?"), "len": len(v)} for t, v in info.tlvs]}
 
@@ -177,6 +181,8 @@ def cmd_image_info(args: argparse.Namespace) -> int:
               + ("" if sig_ok is None else (" (verified)" if sig_ok else " (DOES NOT VERIFY with that key)")))
         if info.security_counter is not None:
             print(f"  sec counter  {info.security_counter}")
+        if info.board:
+            print(f"  board        {info.board}")
         print("  TLVs         " + ", ".join(f"{img.TLV_NAMES.get(t, hex(t))}({len(v)})" for t, v in info.tlvs))
 
     out.result(doc, human)
@@ -388,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--version", required=True, help="X.Y.Z[+BUILD]")
     b.add_argument("--key", type=Path, help="signing key (Ed25519 PEM, see `image keygen`)")
     b.add_argument("-o", "--output", type=Path, required=True)
-    b.add_argument("--board", default="unix", help="board whose slot size bounds the image (default unix)")
+    b.add_argument("--board", default="unix", help="board the image is for: its slot size bounds the image and "
+                   "devices of other boards refuse it (default unix)")
+    b.add_argument("--security-counter", help="MCUboot security counter (a number, or 'auto')")
     b.add_argument("--slot-size", type=lambda s: int(s, 0), help="override the slot size")
     b.add_argument("--no-runtime", action="store_true", help="do not include the meterota device runtime")
     b.add_argument("--no-mpy", action="store_true", help="ship .py sources instead of .mpy")

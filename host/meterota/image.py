@@ -33,6 +33,8 @@ TLV_NAMES = {
     0x25: "SIG_PURE", 0x40: "DEPENDENCY", 0x50: "SEC_CNT", 0x60: "BOOT_RECORD",
 }
 SIGNATURE_TLVS = (0x20, 0x22, 0x23, 0x24)
+TLV_BOARD = 0xA1  # vendor range: the board the image was built for (protected, so hashed)
+TLV_NAMES[TLV_BOARD] = "BOARD"
 # Files of device/ that are not part of the upgradable runtime: the boot stage
 # stays on the device filesystem and is installed by deploy.
 RUNTIME_EXCLUDE = {"mtboot.py"}
@@ -110,7 +112,7 @@ def build_bundle(files: dict[str, bytes]) -> bytes:
 
 
 def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None,
-         security_counter: str | None = None) -> bytes:
+         security_counter: str | None = None, board: str | None = None) -> bytes:
     """Wrap a payload into an MCUboot image with imgtool (the real CLI, in-process)."""
     from imgtool.main import imgtool
 
@@ -124,6 +126,8 @@ def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None
             args += ["--key", str(key)]
         if security_counter is not None:
             args += ["--security-counter", security_counter]
+        if board is not None:
+            args += ["--custom-tlv", hex(TLV_BOARD), board]
         args += [str(raw), str(out)]
         try:
             imgtool.main(args=args, standalone_mode=False)
@@ -136,8 +140,10 @@ def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None
 
 
 def build_image(app_dir: Path | None, version: str, *, slot_size: int, key: Path | None = None,
-                runtime: bool = True, mpy: bool = True) -> bytes:
-    return sign(build_bundle(collect_files(app_dir, runtime, mpy)), version, slot_size=slot_size, key=key)
+                runtime: bool = True, mpy: bool = True, board: str | None = None,
+                security_counter: str | None = None) -> bytes:
+    return sign(build_bundle(collect_files(app_dir, runtime, mpy)), version, slot_size=slot_size, key=key,
+                board=board, security_counter=security_counter)
 
 
 @dataclass
@@ -184,6 +190,11 @@ class ImageInfo:
             if t in SIGNATURE_TLVS:
                 return TLV_NAMES[t]
         return None
+
+    @property
+    def board(self) -> str | None:
+        v = self.tlv(TLV_BOARD)
+        return v.decode(errors="replace") if v else None
 
     @property
     def security_counter(self) -> int | None:

@@ -182,6 +182,8 @@ class Upgrader:
     # -- steps ----------------------------------------------------------------
     def _check_fit(self, dev: dict[str, Any], info: img.ImageInfo, data: bytes) -> None:
         other = _other(dev)
+        if info.board and info.board != dev.get("board"):
+            raise RefusedError(f"image is built for board {info.board}, the device is a {dev.get('board')} board")
         if len(data) > int(other["size"]):
             raise RefusedError(f"image of {len(data)} bytes is too large for the device's {other['size']}-byte slot")
         active = _active(dev)

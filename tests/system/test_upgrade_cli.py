@@ -194,7 +194,13 @@ def test_user_errors_are_one_line_with_documented_exit_codes(make_device: Callab
     meterota(db, "image", "build", str(big_dir), "--version", "9.0.0", "--slot-size", "0x100000", "-o", str(big),
              check=True)
     one_line(meterota(db, "upgrade", *port_of(dev), str(big)), 4, "too large")
-    meterota(db, "upgrade", *port_of(dev), str(images.app("1.6.0")), check=True)
+    esp = tmp_path / "esp.bin"
+    meterota(db, "image", "build", "--version", "5.0.0", "--board", "esp32", "-o", str(esp), check=True)
+    one_line(meterota(db, "upgrade", *port_of(dev), str(esp)), 4, "built for board esp32")
+    # An image for this board carries the board in a protected TLV, which the device parses.
+    mine = tmp_path / "unix.bin"
+    meterota(db, "image", "build", "--version", "1.6.0", "--board", "unix", "-o", str(mine), check=True)
+    meterota(db, "upgrade", *port_of(dev), str(mine), check=True)
     one_line(meterota(db, "upgrade", *port_of(dev), str(app)), 4, "older than the running")
     one_line(meterota(db, "upgrade", *port_of(dev), str(images.app("1.7.0")), "--key", "00" * 32), 6,
              "MAC does not verify")
