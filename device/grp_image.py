@@ -4,8 +4,9 @@ from micropython import const
 import smp
 import image
 import upload
+import time
 from smp import GroupError, MgmtError, arg
-from updater import Refused
+from policy import Refused
 
 GROUP = const(1)
 CMD_STATE = const(0)
@@ -35,8 +36,12 @@ _REFUSED = {
     "pending": IMAGE_ALREADY_PENDING,
     "not-bootable": INVALID_IMAGE_HEADER,
     "in-use": NO_FREE_SLOT,
-    "denied": IMAGE_CONFIRMATION_DENIED,
+    "downgrade": CURRENT_VERSION_IS_NEWER,
+    "unsigned": IMAGE_CONFIRMATION_DENIED,
+    "wrong-key": IMAGE_CONFIRMATION_DENIED,
+    "bad-signature": IMAGE_CONFIRMATION_DENIED,
 }
+BUSY_MS = const(10000)  # an upload idle this long may be taken over by another client
 
 _BYTES = (bytes, bytearray, memoryview)
 
@@ -52,12 +57,16 @@ def v1_rc(rc):
     return smp.EUNKNOWN
 
 
+def _refused(r):
+    return GroupError(_REFUSED.get(r.why, UNKNOWN))
+
+
 class ImageGroup:
-    def __init__(self, up, policy=None):
+    def __init__(self, up, disp):
         self.up = up
-        # policy(hdr, info_or_None, stage) may raise Refused: signatures and
-        # anti-rollback plug in here without touching the protocol code.
-        self.policy = policy
+        self.disp = disp  # for the origin of the request: one uploader at a time
+        self.owner = None
+        self.last = 0
 
     def state_map(self):
         return {"images": self.up.state_images(), "splitStatus": 0}
@@ -79,11 +88,9 @@ class ImageGroup:
                 i = self.up.slots.find_hash(bytes(h))
                 if i < 0:
                     raise GroupError(HASH_NOT_FOUND)
-                if self.policy and i != self.up.active:
-                    self.policy(self.up.slots.info(i), "test")
                 self.up.test(i, confirm)
         except Refused as r:
-            raise GroupError(_REFUSED.get(r.why, UNKNOWN))
+            raise _refused(r)
         return self.state_map()
 
     def erase(self, req):
@@ -91,11 +98,24 @@ class ImageGroup:
         if logical not in (0, 1):
             raise GroupError(INVALID_SLOT)
         i = self.up.active if logical == 0 else self.up.other
+        self._claim(False)
         try:
             self.up.erase(i)
         except Refused as r:
-            raise GroupError(_REFUSED.get(r.why, UNKNOWN))
+            raise _refused(r)
         return {}
+
+    def _claim(self, same_image):
+        """Refuse with EBUSY a second client while an upload is alive; a client
+        presenting the same image (sha and len) may take the session over."""
+        s = self.up.session
+        now = time.ticks_ms()
+        origin = self.disp.origin
+        if (s.state == upload.RUNNING and self.owner is not None and origin != self.owner
+                and not same_image and time.ticks_diff(now, self.last) < BUSY_MS):
+            raise MgmtError(smp.EBUSY)
+        self.owner = origin
+        self.last = now
 
     def upload(self, req):
         off = arg(req, "off", int)
@@ -108,6 +128,7 @@ class ImageGroup:
             if r is not None:
                 return r
         else:
+            self._claim(False)
             if s.state != upload.RUNNING:
                 return {"off": 0}  # no session: the client must start over
             if s.need_rehash:
@@ -137,8 +158,10 @@ class ImageGroup:
         if slot_no < 0 or slot_no > 2:
             raise GroupError(INVALID_SLOT)
         target = up.other
-        if (length is not None and len(sha) and s.state != upload.IDLE and s.slot.index == target
-                and s.length == length and s.sha == bytes(sha)):
+        same = (length is not None and len(sha) and s.state != upload.IDLE and s.slot.index == target
+                and s.length == length and s.sha == bytes(sha))
+        self._claim(same)
+        if same:
             # Same image as the unfinished (or finished) session: resume.
             if s.state == upload.DONE and up.slots.info(target) is not None:
                 return {"off": s.length, "match": True}
@@ -161,15 +184,14 @@ class ImageGroup:
             raise GroupError(INVALID_IMAGE_HEADER)
         if up.slot_in_use(target) or up.st.pending == target:
             raise GroupError(NO_FREE_SLOT)
-        running = up.slots.info(up.active) if up.active != 0xFF else None
+        running = up.running()
         if arg(req, "upgrade", bool, False) and running is not None:
             if image.version_key(hdr.version) <= image.version_key(running.version):
                 raise GroupError(CURRENT_VERSION_IS_NEWER)
-        if self.policy:
-            try:
-                self.policy(hdr, "upload")
-            except Refused as r:
-                raise GroupError(_REFUSED.get(r.why, CURRENT_VERSION_IS_NEWER))
+        try:
+            up.policy.check_version(hdr, running)
+        except Refused as r:
+            raise _refused(r)
         if s.state == upload.RUNNING and s.slot.index != target:
             s.cancel(False)
         up.slots.busy = target
@@ -197,21 +219,21 @@ class ImageGroup:
             s.cancel(True)
             up.slots.invalidate(t)
             return {"off": s.off, "match": False}
-        if self.policy:
-            try:
-                self.policy(inf, "complete")
-            except Refused as r:
-                s.cancel(True)
-                up.slots.invalidate(t)
-                raise GroupError(_REFUSED.get(r.why, IMAGE_CONFIRMATION_DENIED))
+        try:
+            up.policy.check_image(inf, up.running())
+        except Refused as r:
+            # Refused images never stay bootable: the header sector goes.
+            s.cancel(True)
+            up.slots.invalidate(t)
+            raise _refused(r)
         s.mark_done()
         if match is None:
             return {"off": s.off}
         return {"off": s.off, "match": True}
 
 
-def register(disp, up, policy=None):
-    g = ImageGroup(up, policy)
+def register(disp, up):
+    g = ImageGroup(up, disp)
     disp.register(GROUP, CMD_STATE, g.state_read, g.state_write)
     disp.register(GROUP, CMD_UPLOAD, None, g.upload)
     disp.register(GROUP, CMD_ERASE, None, g.erase)

@@ -46,7 +46,7 @@ class StreamLink:
         self.deframer.feed(self.rmv[:n], self._frame)
 
     def _frame(self, frame, kind):
-        resp = self.handler(frame)
+        resp = self.handler(frame, self.name)
         if resp is not None:
             write_all(self.obj, framing.encode(resp, kind, bytearray()))
 
@@ -69,7 +69,7 @@ class DatagramLink:
             data, peer = self.obj.recvfrom(self.frame_max + 8)
         except OSError:
             return
-        resp = handler(data)
+        resp = handler(data, peer)
         if resp is None:
             self._dropped += 1
             return

@@ -27,7 +27,7 @@ class Context:
         self.key = bytes.fromhex(cfg.get("key", "00" * 32))
         self.pubkey = cfg.get("pubkey")
         self.self_confirm = bool(cfg.get("self_confirm", False))
-        self.allow_downgrade = bool(cfg.get("allow_downgrade", True))
+        self.allow_downgrade = bool(cfg.get("allow_downgrade", False))
         self.buf_size = int(cfg.get("buf_size", 2048))
         self.buf_count = int(cfg.get("buf_count", 4))
         self.reset_requested = False

@@ -50,6 +50,7 @@ class Dispatcher:
     def __init__(self):
         self._handlers = {}
         self._v1 = {}
+        self.origin = None  # who sent the request being handled (link, peer)
 
     def register(self, group, cmd, read=None, write=None):
         self._handlers[(group << 8) | cmd] = (read, write)
@@ -58,8 +59,9 @@ class Dispatcher:
         """fn(group_rc) -> MGMT_ERR for requests that speak SMP v1."""
         self._v1[group] = fn
 
-    def handle(self, frame):
+    def handle(self, frame, origin=None):
         """Answer one request frame; returns the response frame, or None to stay silent."""
+        self.origin = origin
         if len(frame) < HDR_SIZE:
             return None
         b0, _flags, length, group, seq, cmd = struct.unpack_from(">BBHHBB", frame)

@@ -7,23 +7,19 @@ import slots
 import bootstate
 import upload
 import image
+import policy
 from bootstate import NONE, RES_OK, RES_KO
+from policy import Refused
 
 META_STATE = 0  # sectors 0 and 1 of the meta partition
 META_SESSION = 2  # sector 2
-
-
-class Refused(Exception):
-    """An operation the current state does not allow; .why names it for SMP."""
-
-    def __init__(self, why):
-        self.why = why
 
 
 class Updater:
     def __init__(self, board):
         self.board = board
         self.cfg = board.config
+        self.policy = policy.Policy(board.config)
         self.slots = slots.SlotTable(board.slot_a, board.slot_b)
         self.st = bootstate.BootState(board.meta, META_STATE)
         self.st.load()
@@ -54,6 +50,16 @@ class Updater:
         inf = self.slots.info(i)
         return inf is not None and inf.bootable
 
+    def running(self):
+        """Info of the confirmed running image (None during a trial or with none)."""
+        if self.st.active == NONE or self.st.trial:
+            return None
+        return self.slots.info(self.st.active)
+
+    def trust(self, i):
+        """Raise Refused unless slot i may boot under the policy."""
+        self.policy.check_image(self.slots.info(i), self.running())
+
     # -- boot ---------------------------------------------------------------
     def select_boot(self):
         """Decide which slot boots now and persist that decision before it runs.
@@ -73,7 +79,14 @@ class Updater:
         elif st.pending != NONE:
             p = st.pending
             st.pending = NONE
+            why = "pending image invalid"
             if p != st.active and self._bootable(p):
+                try:
+                    self.trust(p)  # the boot stage checks like MCUboot would
+                except Refused as r:
+                    why = "pending image refused: " + r.why
+                    p = NONE
+            if p != NONE and p != st.active and self._bootable(p):
                 prev = st.active
                 st.active = p
                 if st.permanent:
@@ -81,7 +94,7 @@ class Updater:
                 else:
                     st.trial = True
             else:
-                self._record(RES_KO, "pending image invalid", p, st.active)
+                self._record(RES_KO, why, st.pending if p == NONE else p, st.active)
             st.permanent = False
         if st.active != NONE and not self._bootable(st.active):
             if st.trial:
@@ -136,6 +149,7 @@ class Updater:
             raise Refused("pending")  # the other slot is the fallback
         if not self._bootable(slot):
             raise Refused("not-bootable")
+        self.trust(slot)
         st.pending = slot
         st.permanent = permanent
         st.save()

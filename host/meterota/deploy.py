@@ -210,7 +210,7 @@ vfs.mount(vfs.VfsFat(_fw), '/')
 def _has_custom_table(t: Any) -> bool:
     out = t.exec("import esp32\nP=esp32.Partition\n"
                  "print(all(P.find(P.TYPE_DATA, label=n) for n in ('mtr_a','mtr_b','mtr_meta')))")
-    return out.strip().endswith(b"True")
+    return bool(out.strip().endswith(b"True"))
 
 
 def prepare_esp32_stock(t: Any, progress: Callable[[str], None]) -> None:
@@ -251,7 +251,7 @@ def write_slot_a(t: Any, image: bytes, progress: Callable[[str], None] = print) 
 
 
 def connect(port: str, soft_reset: bool = True, baudrate: int = 115200) -> Any:
-    from mpremote.transport_serial import SerialTransport
+    from mpremote.transport_serial import SerialTransport  # type: ignore[import-untyped]
 
     t = SerialTransport(port, baudrate=baudrate)
     t.enter_raw_repl(soft_reset=soft_reset)
@@ -265,7 +265,7 @@ def run_main(t: Any) -> None:
     t.serial.write(b"\r\x04")
 
 
-def deploy(port: str, board: str, config: dict, *, image: bytes | None, variant: str | None = None,
+def deploy(port: str, board: str, config: dict[str, Any], *, image: bytes | None, variant: str | None = None,
            progress: Callable[[str], None] = print) -> None:
     check_board(board)
     cfg = validate_config(board, config, variant)

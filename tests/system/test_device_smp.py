@@ -186,6 +186,7 @@ def test_bad_images_are_refused_with_image_group_codes(make_device: Callable[...
     with pytest.raises(SMPError) as ei:
         c.request(P.Op.WRITE, P.Group.IMAGE, 1, {"off": off, "data": good[off:] + b"\xff" * 64})
     assert (ei.value.group, ei.value.rc) == (1, 31)
+    c.image_erase(1)  # the uploader itself abandons its session
     c.t.close()
     # hash mismatch: the tampered vector has a valid header and TLVs but one flipped bit
     tampered = VECTORS / "images" / "app-1.2.3-tampered.bin"
@@ -229,3 +230,31 @@ def test_device_restart_keeps_flash_and_address(make_device: Callable[..., SimDe
     dev.wait_ready(after=gen)
     assert dev.address == addr
     assert state(dev)[1]["version"] == "1.1.0"
+
+
+def test_second_uploader_gets_ebusy_and_cannot_corrupt_the_first(make_device: Callable[..., SimDevice],
+                                                                 images: Images) -> None:
+    dev = make_device("udp")
+    a_img = images.app("1.1.0").read_bytes()
+    b_img = images.app("1.2.0").read_bytes()
+    a, b = client(dev), client(dev)  # two UDP sockets: two clients
+    r = a.request(P.Op.WRITE, P.Group.IMAGE, 1, {"off": 0, "len": len(a_img), "sha": hashlib.sha256(a_img).digest(),
+                                                 "data": a_img[:1024], "image": 1})
+    assert r["off"] == 1024
+    with pytest.raises(SMPError) as e:
+        b.upload(b_img)
+    assert (e.value.group, e.value.rc) == (-1, 10)
+    with pytest.raises(SMPError) as e:
+        b.request(P.Op.WRITE, P.Group.IMAGE, 1, {"off": 1024, "data": b_img[1024:2048]})
+    assert e.value.rc == 10
+    with pytest.raises(SMPError) as e:
+        b.image_erase(1)
+    assert e.value.rc == 10
+    st = a.upload(a_img)  # resumes at 1024 and completes, untouched by b
+    assert st.resumed_from == 1024 and st.match is True
+    assert state(dev)[1]["hash"] == parse(a_img).hash
+    # The session is finished: now b may upload (it replaces the free slot).
+    assert b.upload(b_img).match is True
+    assert state(dev)[1]["hash"] == parse(b_img).hash
+    a.t.close()
+    b.t.close()

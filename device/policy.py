@@ -1,0 +1,61 @@
+# What the device accepts: images signed with its provisioned key (Ed25519 as
+# `imgtool sign` makes it: over the 32-byte image hash), never older than the
+# confirmed image (version, and the MCUboot security counter) unless the
+# configuration allows downgrades.
+import hashlib
+import struct
+import image
+
+# DER SubjectPublicKeyInfo prefix of an Ed25519 key: KEYHASH = SHA-256(prefix + key).
+_ED25519_SPKI = b"\x30\x2a\x30\x05\x06\x03\x2b\x65\x70\x03\x21\x00"
+
+
+class Refused(Exception):
+    """An operation the state or the policy does not allow; .why names it for SMP."""
+
+    def __init__(self, why):
+        self.why = why
+
+
+class Policy:
+    def __init__(self, cfg):
+        pk = cfg.get("pubkey")
+        self.pubkey = bytes.fromhex(pk) if pk else None
+        self.keyhash = hashlib.sha256(_ED25519_SPKI + self.pubkey).digest() if self.pubkey else None
+        self.allow_downgrade = bool(cfg.get("allow_downgrade", False))
+        self._trusted = []  # image hashes whose signature verified in this run
+
+    def check_version(self, hdr, running):
+        """At the first chunk: refuse an image older than the running (confirmed) one."""
+        if running is None or self.allow_downgrade:
+            return
+        if image.version_key(hdr.version) < image.version_key(running.version):
+            raise Refused("downgrade")
+
+    def check_image(self, info, running):
+        """Once the whole image is in flash (and again before it may boot)."""
+        if running is not None and not self.allow_downgrade:
+            new = _counter(info)
+            old = _counter(running)
+            if old is not None and (new is None or new < old):
+                raise Refused("downgrade")
+        if self.pubkey is None or info.hash in self._trusted:
+            return
+        sig = info.tlvs.get(image.TLV_ED25519)
+        if sig is None or len(sig) != 64:
+            raise Refused("unsigned")
+        kh = info.tlvs.get(image.TLV_KEYHASH)
+        if kh is not None and bytes(kh) != self.keyhash:
+            raise Refused("wrong-key")
+        import ed25519
+
+        if not ed25519.verify(self.pubkey, info.hash, bytes(sig)):
+            raise Refused("bad-signature")
+        self._trusted.append(bytes(info.hash))
+
+
+def _counter(info):
+    v = info.tlvs.get(image.TLV_SEC_CNT)
+    if v is None or len(v) != 4:
+        return None
+    return struct.unpack("<I", v)[0]
