@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+STUBS  := $(VENV)/mpstubs/.done
 
 .PHONY: all venv test demo bench powercut fuzz hil clean
 
@@ -14,13 +15,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+# The official MicroPython stubs of each port, for the type check of device/ and boards/.
+$(STUBS): $(STAMP) tools/install_stubs.sh
+	sh tools/install_stubs.sh $(BIN)/python
+	touch $(STUBS)
 
-test: $(STAMP)
+venv: $(STAMP) $(STUBS)
+
+test: venv
 	$(BIN)/pytest -q
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
+# Every flash operation of every upgrade step cut before and inside it, 256 KiB image.
+powercut: $(STAMP)
+	$(BIN)/python tools/powercut.py
+
+fuzz: $(STAMP)
+	$(BIN)/python tools/fuzz.py
+
+# End-to-end tests against a real board: make hil PORT=/dev/ttyACM0 BOARD=rp2
+hil: venv
+	$(BIN)/pytest -q tests/system --port $(PORT) --board $(BOARD)
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info host/*.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info host/*.egg-info .meterota

@@ -165,10 +165,13 @@ class ImageGroup:
             # Same image as the unfinished (or finished) session: resume.
             if s.state == upload.DONE and up.slots.info(target) is not None:
                 return {"off": s.length, "match": True}
-            if s.state == upload.RUNNING:
+            if s.state == upload.RUNNING and s.off > 0:
                 if s.need_rehash:
                     s.rehash()
+                if s.off == s.length:
+                    return self._finish()  # all data was in flash; only the end was lost
                 return {"off": s.off}
+            # Nothing kept yet: start the session again with this first chunk.
         if length is None:
             raise GroupError(INVALID_LENGTH)
         if len(data) < image.HEADER_SIZE:

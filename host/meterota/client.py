@@ -175,8 +175,11 @@ class SMPClient:
 
     # -- upload --------------------------------------------------------------
     def upload(self, data: bytes, *, image: int = 1, upgrade: bool = False, window: int | None = None,
-               chunk: int | None = None, progress: Progress | None = None, max_stalls: int = 5) -> UploadStats:
+               chunk: int | None = None, progress: Progress | None = None, max_stalls: int = 5,
+               _restarts: int = 0) -> UploadStats:
         """Upload `data` to the device's free slot; resumes where the device says."""
+        if _restarts > 3:
+            raise ProtocolError("upload: the device keeps losing the upload session")
         total = len(data)
         sha = hashlib.sha256(data).digest()
         window = max(1, window if window is not None else self.params.buf_count)
@@ -202,6 +205,9 @@ class SMPClient:
             progress(acked, total)
         while acked < total:
             while len(inflight) < window and pos < total:
+                if pos == 0:
+                    # The device lost the session: off=0 must carry the first-packet fields again.
+                    return self._restart_upload(data, image, upgrade, window, chunk, progress, stats, t0, _restarts)
                 n = min(later, total - pos)
                 seq = self.send(P.Op.WRITE, P.Group.IMAGE, 1, {"off": pos, "data": data[pos:pos + n]})
                 inflight[seq] = pos + n
@@ -232,7 +238,7 @@ class SMPClient:
                 # restarted): its `off` is the truth, rewind to it.
                 stats.rewinds += 1
                 if off == 0 and acked > 0:
-                    return self._restart_upload(data, image, upgrade, window, chunk, progress, stats, t0)
+                    return self._restart_upload(data, image, upgrade, window, chunk, progress, stats, t0, _restarts)
                 acked = off
                 pos = off
                 inflight.clear()
@@ -248,9 +254,10 @@ class SMPClient:
         return stats
 
     def _restart_upload(self, data: bytes, image: int, upgrade: bool, window: int, chunk: int | None,
-                        progress: Progress | None, stats: UploadStats, t0: float) -> UploadStats:
+                        progress: Progress | None, stats: UploadStats, t0: float, restarts: int) -> UploadStats:
         log.info("device lost the upload session; starting again")
-        again = self.upload(data, image=image, upgrade=upgrade, window=window, chunk=chunk, progress=progress)
+        again = self.upload(data, image=image, upgrade=upgrade, window=window, chunk=chunk, progress=progress,
+                            _restarts=restarts + 1)
         again.rewinds += stats.rewinds + 1
         again.timeouts += stats.timeouts
         again.seconds = time.monotonic() - t0
