@@ -57,6 +57,12 @@ def v1_rc(rc):
     return smp.EUNKNOWN
 
 
+GROUP_METEROTA = const(64)
+CMD_UPLOAD_DEFLATED = const(3)  # meterota's compressed upload (user group 64)
+DEFLATE_WBITS = const(9)  # 512-byte window: what a small device can afford
+DEFLATE_BLOCK = const(4096)  # raw bytes per request at most
+
+
 def _refused(r):
     return GroupError(_REFUSED.get(r.why, UNKNOWN))
 
@@ -67,6 +73,7 @@ class ImageGroup:
         self.disp = disp  # for the origin of the request: one uploader at a time
         self.owner = None
         self.last = 0
+        self.zbuf = None  # inflate buffer, allocated on the first compressed upload
 
     def state_map(self):
         return {"images": self.up.state_images(), "splitStatus": 0}
@@ -104,6 +111,32 @@ class ImageGroup:
         except Refused as r:
             raise _refused(r)
         return {}
+
+    def upload_deflated(self, req):
+        """Like upload, but `data` is one raw-deflate block (window 2^9) that
+        inflates to `rlen` bytes at `off`; the same session, checks and replies."""
+        import deflate
+        import io
+
+        rlen = arg(req, "rlen", int)
+        data = arg(req, "data", _BYTES)
+        if rlen is None or data is None or rlen < 0 or rlen > DEFLATE_BLOCK:
+            raise MgmtError(smp.EINVAL)
+        if self.zbuf is None:
+            self.zbuf = bytearray(DEFLATE_BLOCK)
+        out = memoryview(self.zbuf)[:rlen]
+        try:
+            n = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS).readinto(out)
+        except OSError:
+            n = -1
+        if n != rlen:
+            raise MgmtError(smp.EINVAL)  # corrupt or mis-sized block: nothing is written
+        req["data"] = out
+        try:
+            return self.upload(req)
+        except GroupError as e:
+            e.group = GROUP
+            raise
 
     def _claim(self, same_image):
         """Refuse with EBUSY a second client while an upload is alive; a client
@@ -240,5 +273,6 @@ def register(disp, up):
     disp.register(GROUP, CMD_STATE, g.state_read, g.state_write)
     disp.register(GROUP, CMD_UPLOAD, None, g.upload)
     disp.register(GROUP, CMD_ERASE, None, g.erase)
+    disp.register(GROUP_METEROTA, CMD_UPLOAD_DEFLATED, None, g.upload_deflated)
     disp.set_v1_translation(GROUP, v1_rc)
     return g

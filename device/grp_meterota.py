@@ -16,6 +16,7 @@ CMD_STATS = const(2)
 RC_NO_RECORD = const(2)
 
 FRAMINGS = ("console", "binary")
+FEATURES = ("deflate",)  # group 64 cmd 3: compressed upload
 
 
 class MeterotaGroup:
@@ -46,6 +47,7 @@ class MeterotaGroup:
             "revert_reason": st.revert_reason,
             "slots": slots,
             "framings": FRAMINGS,
+            "features": FEATURES,
             "buf_size": c.buf_size,
             "buf_count": c.buf_count,
             "recovery": c.recovery,

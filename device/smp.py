@@ -41,9 +41,9 @@ class MgmtError(Exception):
 class GroupError(Exception):
     """A group-specific error: v2 {err: {group, rc}}, v1 translated {rc}."""
 
-    def __init__(self, rc, rsn=None):
+    def __init__(self, rc, group=None):
         self.rc = rc
-        self.rsn = rsn
+        self.group = group  # when the codes are another group's (default: the request's)
 
 
 class Dispatcher:
@@ -89,11 +89,12 @@ class Dispatcher:
                 req = {}
             body = fn(req)
         except GroupError as e:
+            g = group if e.group is None else e.group
             if ver == 0:
-                tr = self._v1.get(group)
+                tr = self._v1.get(g)
                 body = {"rc": tr(e.rc) if tr else EUNKNOWN}
             else:
-                body = {"err": {"group": group, "rc": e.rc}}
+                body = {"err": {"group": g, "rc": e.rc}}
         except MgmtError as e:
             body = {"rc": e.rc}
         except MemoryError:

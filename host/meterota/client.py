@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ class UploadStats:
     resumed_from: int = 0
     seconds: float = 0.0
     match: bool | None = None
+    wire_bytes: int = 0  # image data bytes put on the link (smaller when compressed)
 
 
 Progress = Callable[[int, int], None]
@@ -174,31 +176,50 @@ class SMPClient:
         return str(self.request(P.Op.READ, P.Group.OS, 7, {"format": fmt}, what="read OS info")["output"])
 
     # -- upload --------------------------------------------------------------
+    @property
+    def can_deflate(self) -> bool:
+        return bool(self.device_info and "deflate" in self.device_info.get("features", ()))
+
     def upload(self, data: bytes, *, image: int = 1, upgrade: bool = False, window: int | None = None,
                chunk: int | None = None, progress: Progress | None = None, max_stalls: int = 5,
-               _restarts: int = 0) -> UploadStats:
-        """Upload `data` to the device's free slot; resumes where the device says."""
-        if _restarts > 3:
-            raise ProtocolError("upload: the device keeps losing the upload session")
-        total = len(data)
-        sha = hashlib.sha256(data).digest()
-        window = max(1, window if window is not None else self.params.buf_count)
+               compress: bool | None = None) -> UploadStats:
+        """Upload `data` to the device's free slot; resumes where the device says.
+
+        compress: None = when the device offers it (meterota's group 64 upload of
+        raw-deflate blocks with a 512-byte window), True = require it, False = never."""
+        if compress is None:
+            compress = self.can_deflate
+        elif compress and not self.can_deflate:
+            raise RefusedError("upload: the device does not take compressed uploads")
+        plan = _Plan(data, self.max_message, image, upgrade, chunk, compress)
         stats = UploadStats()
         t0 = time.monotonic()
-        msg = self.max_message
-        first = {"off": 0, "len": total, "sha": sha, "data": b"", "image": image, "upgrade": upgrade}
-        first_chunk = min(total, msg - _overhead(first))
-        later = chunk or (msg - _overhead({"off": total, "data": b""}))
-        if first_chunk <= 0 or later <= 0:
-            raise ProtocolError(f"device message size {self.params.buf_size} is too small to upload")
-        first["data"] = data[:first_chunk]
-        r = self.request(P.Op.WRITE, P.Group.IMAGE, 1, first, timeout=max(self.timeout, 10.0), what="upload")
+        for _ in range(4):
+            if self._upload_session(plan, max(1, window or self.params.buf_count), progress, max_stalls, stats):
+                break
+            log.info("device lost the upload session; starting again")
+            stats.rewinds += 1
+        else:
+            raise ProtocolError("upload: the device keeps losing the upload session")
+        stats.bytes = len(data) - stats.resumed_from
+        stats.wire_bytes = plan.wire
+        stats.seconds = time.monotonic() - t0
+        if stats.match is False:
+            raise RefusedError("upload: the device's SHA-256 of the image does not match (match=false)")
+        return stats
+
+    def _upload_session(self, plan: "_Plan", window: int, progress: Progress | None, max_stalls: int,
+                        stats: UploadStats) -> bool:
+        """One session from off=0; False when the device dropped it (start again)."""
+        total = plan.total
+        group, cmd, body, first_end = plan.request(0)
+        r = self.request(P.Op.WRITE, group, cmd, body, timeout=max(self.timeout, 10.0), what="upload")
         acked = _off(r, total)
-        stats.resumed_from = acked if acked != first_chunk else 0
-        stats.requests = 1
+        stats.resumed_from = acked if acked != first_end else 0
+        stats.requests += 1
         if acked == total:
             stats.match = r.get("match")
-        inflight: dict[int, int] = {}  # seq -> end offset the device should report
+        inflight: dict[int, tuple[int, int, int]] = {}  # seq -> (end offset, group, cmd)
         pos = acked
         stalls = 0
         if progress:
@@ -206,12 +227,11 @@ class SMPClient:
         while acked < total:
             while len(inflight) < window and pos < total:
                 if pos == 0:
-                    # The device lost the session: off=0 must carry the first-packet fields again.
-                    return self._restart_upload(data, image, upgrade, window, chunk, progress, stats, t0, _restarts)
-                n = min(later, total - pos)
-                seq = self.send(P.Op.WRITE, P.Group.IMAGE, 1, {"off": pos, "data": data[pos:pos + n]})
-                inflight[seq] = pos + n
-                pos += n
+                    return False  # off=0 must carry the first-packet fields again
+                group, cmd, body, end = plan.request(pos)
+                seq = self.send(P.Op.WRITE, group, cmd, body)
+                inflight[seq] = (end, group, cmd)
+                pos = end
                 stats.requests += 1
             got = self.receive(self.timeout)
             if got is None:
@@ -222,46 +242,81 @@ class SMPClient:
                 inflight.clear()
                 pos = acked  # resend from what the device confirmed
                 continue
-            h, body = got
-            if h.seq not in inflight or h.group != P.Group.IMAGE or h.cmd != 1:
+            h, rbody = got
+            sent = inflight.get(h.seq)
+            if sent is None or h.group != sent[1] or h.cmd != sent[2]:
                 continue  # stale: a reply to a request we already gave up on
             stalls = 0
-            want = inflight.pop(h.seq)
-            err = P.error_of(P.Group.IMAGE, body)
+            del inflight[h.seq]
+            err = P.error_of(P.Group.IMAGE, rbody)
             if err:
                 raise SMPError(err[0], err[1], err[2], "upload")
-            off = _off(body, total)
-            if off == want:
+            off = _off(rbody, total)
+            if off == sent[0]:
                 acked = max(acked, off)
             else:
                 # The device expects another offset (a frame was lost or it
                 # restarted): its `off` is the truth, rewind to it.
                 stats.rewinds += 1
                 if off == 0 and acked > 0:
-                    return self._restart_upload(data, image, upgrade, window, chunk, progress, stats, t0, _restarts)
+                    return False
                 acked = off
                 pos = off
                 inflight.clear()
             if progress:
                 progress(acked, total)
             if acked == total:
-                stats.match = body.get("match")
+                stats.match = rbody.get("match")
         # Replies still in flight are stale now; they are dropped by seq later.
-        stats.bytes = total - stats.resumed_from
-        stats.seconds = time.monotonic() - t0
-        if stats.match is False:
-            raise RefusedError("upload: the device's SHA-256 of the image does not match (match=false)")
-        return stats
+        return True
 
-    def _restart_upload(self, data: bytes, image: int, upgrade: bool, window: int, chunk: int | None,
-                        progress: Progress | None, stats: UploadStats, t0: float, restarts: int) -> UploadStats:
-        log.info("device lost the upload session; starting again")
-        again = self.upload(data, image=image, upgrade=upgrade, window=window, chunk=chunk, progress=progress,
-                            _restarts=restarts + 1)
-        again.rewinds += stats.rewinds + 1
-        again.timeouts += stats.timeouts
-        again.seconds = time.monotonic() - t0
-        return again
+
+class _Plan:
+    """The upload request for any offset: plain chunks in the image group, or
+    raw-deflate blocks in meterota's group when compressing (a block that does
+    not shrink enough goes plain)."""
+
+    DEFLATE_BLOCK = 4096  # device/grp_image.py DEFLATE_BLOCK
+    DEFLATE_WBITS = 9
+
+    def __init__(self, data: bytes, msg: int, image: int, upgrade: bool, chunk: int | None, compress: bool):
+        self.data = data
+        self.total = len(data)
+        self.msg = msg
+        self.compress = compress
+        self.first = {"off": 0, "len": self.total, "sha": hashlib.sha256(data).digest(), "image": image,
+                      "upgrade": upgrade}
+        self.plain_first = min(self.total, msg - _overhead({**self.first, "data": b""}))
+        self.plain = chunk or (msg - _overhead({"off": self.total, "data": b""}))
+        if self.plain_first <= 0 or self.plain <= 0:
+            raise ProtocolError(f"device message size {msg} is too small to upload")
+        self.wire = 0
+        self._cache: dict[int, tuple[int, int, dict[str, Any], int]] = {}
+
+    def request(self, pos: int) -> tuple[int, int, dict[str, Any], int]:
+        r = self._cache.get(pos)
+        if r is None:
+            r = self._deflated(pos) if self.compress else None
+            if r is None:
+                n = min(self.plain_first if pos == 0 else self.plain, self.total - pos)
+                body = {**self.first, "data": self.data[:n]} if pos == 0 else {"off": pos, "data": self.data[pos:pos + n]}
+                r = (P.Group.IMAGE, 1, body, pos + n)
+            self._cache = {pos: r}  # offsets only move forward between rewinds
+        self.wire += len(r[2]["data"])
+        return r
+
+    def _deflated(self, pos: int) -> tuple[int, int, dict[str, Any], int] | None:
+        base = {**self.first} if pos == 0 else {"off": pos}
+        n = min(self.DEFLATE_BLOCK, self.total - pos)
+        while n >= 256:
+            c = zlib.compressobj(9, zlib.DEFLATED, -self.DEFLATE_WBITS)
+            z = c.compress(self.data[pos:pos + n]) + c.flush()
+            body = {**base, "rlen": n, "data": z}
+            if 8 + len(cbor2.dumps(body, canonical=True)) <= self.msg:
+                # Worth it only when it beats a plain chunk of the same message.
+                return (P.Group.METEROTA, 3, body, pos + n) if len(z) < n * 0.9 else None
+            n //= 2
+        return None
 
 
 def _overhead(body: dict[str, Any]) -> int:

@@ -19,7 +19,7 @@
 #   F none | F <reply hex>
 #   S [<kind>:<reply hex> ...]
 #   I
-#   M <mem_alloc> <mem_free>
+#   MR <mem_alloc> <mem_free>     (for an M record; "M ..." for the harness' own checkpoints)
 #   ESCAPED <type> <message>      an exception got out of disp.handle / feed
 # with " reset" appended when the request asked for a reset (the device is then
 # rebooted the way the board would: select_boot and a new receiver). Every K
@@ -107,13 +107,13 @@ def main():
     b = board.Board(STATE)
     slot, ctx, disp, defr = boot(b)
     print("B", slot)
-    valid_requests(disp, defr)
-    defr.reset()
-    mem()
     buf = bytearray(_MAXREC)
     mv = memoryview(buf)
     hdr = bytearray(5)
     out = []
+    valid_requests(disp, defr)
+    defr.reset()
+    mem()
 
     def on_frame(frame, k):
         r = disp.handle(frame)
@@ -155,7 +155,7 @@ def main():
             defr.reset()
             line = "I"
         elif kind == 0x4D:  # M
-            mem()
+            mem("MR")
             continue
         else:
             line = "UNKNOWN %d" % kind

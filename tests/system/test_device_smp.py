@@ -258,3 +258,30 @@ def test_second_uploader_gets_ebusy_and_cannot_corrupt_the_first(make_device: Ca
     assert state(dev)[1]["hash"] == parse(b_img).hash
     a.t.close()
     b.t.close()
+
+
+def test_compressed_upload_inflates_on_the_device(make_device: Callable[..., SimDevice], images: Images) -> None:
+    import zlib
+
+    dev = make_device("serial")
+    data = images.app("1.8.0").read_bytes()
+    t = from_address(port=dev.address)
+    t.open()
+    c = SMPClient(t)
+    c.connect()
+    assert c.can_deflate
+    st = c.upload(data, compress=True)
+    assert st.match is True and st.wire_bytes < len(data) * 0.9
+    assert state(dev)[1]["hash"] == parse(data).hash
+    # A block that does not inflate to its declared size is refused, nothing of
+    # it written (a block that inflates to wrong bytes fails the image hash).
+    c.image_erase(1)
+    z = zlib.compressobj(9, zlib.DEFLATED, -9)
+    block = (z.compress(data[:4096]) + z.flush())[:-40]
+    body = {"off": 0, "len": len(data), "sha": hashlib.sha256(data).digest(), "image": 1, "rlen": 4096,
+            "data": bytes(block)}
+    with pytest.raises(SMPError) as e:
+        c.request(P.Op.WRITE, P.Group.METEROTA, 3, body)
+    assert e.value.rc == 3
+    assert c.info()["upload"]["off"] == 0
+    t.close()
