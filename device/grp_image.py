@@ -127,8 +127,8 @@ class ImageGroup:
         out = memoryview(self.zbuf)[:rlen]
         try:
             n = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS).readinto(out)
-        except OSError:
-            n = -1
+        except (OSError, EOFError, ValueError):
+            n = -1  # truncated or corrupt stream
         if n != rlen:
             raise MgmtError(smp.EINVAL)  # corrupt or mis-sized block: nothing is written
         req["data"] = out

@@ -102,6 +102,9 @@ class Dispatcher:
         except (TypeError, ValueError, KeyError, IndexError, AttributeError):
             # A field of the wrong type or shape: the request is malformed.
             body = {"rc": EINVAL}
+        except Exception as e:  # noqa: whatever a request does, the receiver stays up
+            print("meterota: request failed:", repr(e))
+            body = {"rc": EUNKNOWN}
         return _reply(ver, op, group, seq, cmd, body)
 
 

@@ -21,8 +21,9 @@
 #   I
 #   MR <mem_alloc> <mem_free>     (for an M record; "M ..." for the harness' own checkpoints)
 #   ESCAPED <type> <message>      an exception got out of disp.handle / feed
-# with " reset" appended when the request asked for a reset (the device is then
-# rebooted the way the board would: select_boot and a new receiver). Every K
+# with " reset:<slot>" appended when the request asked for a reset (the device is
+# then rebooted the way the board would: select_boot and a new receiver; <slot> is
+# what select_boot chose). Every K
 # records, after the boot and at the end: "M ..." lines. The run starts with
 # "B <slot>" (the slot select_boot chose) and ends with the valid requests
 # ("V <name> <reply hex>", once right after boot and once at the end) and
@@ -161,10 +162,10 @@ def main():
             line = "UNKNOWN %d" % kind
         if ctx.reset_requested:
             # board.reset(): the process would exit and the board boot again.
-            line += " reset"
             ctx = disp = defr = None
             gc.collect()
             slot, ctx, disp, defr = boot(b)
+            line += " reset:%d" % slot
         print(line)
         if n % K == 0:
             mem()

@@ -634,6 +634,13 @@ def upload_sessions(draw: st.DrawFn) -> list[Record]:
         elif jump == 2 and off:
             off = 0  # the host starts over (resume by sha)
             continue
+        recs.append(("F", _upload(send_off, data, seq & 0xFF, first if send_off == 0 else None)))
+        seq += 1
+        if jump == 0:
+            continue
+        off = send_off + len(data)
+        if jump == 3 and off < len(img):
+            recs.append(("F", request(0, 1, 0, {}, seq=seq & 0xFF)))  # state read mid-upload
     after = draw(st.lists(st.sampled_from(["state", "test", "confirm", "permanent", "reset", "erase", "info"]),
                           max_size=4))
     h = image_hash_tlv(img) or bytes(32)
@@ -681,7 +688,7 @@ def any_case() -> st.SearchStrategy[list[Record]]:
 
 
 def batches(case: st.SearchStrategy[list[Record]], max_cases: int) -> st.SearchStrategy[list[Record]]:
-    return st.lists(case, min_size=1, max_size=max_cases).map(lambda cs: [r for c in cs for r in c])
+    return st.lists(case, min_size=max(1, max_cases // 2), max_size=max_cases).map(lambda cs: [r for c in cs for r in c])
 
 
 # ------------------------------------------------------------------ the runner
@@ -855,7 +862,7 @@ def run_batch(env: FuzzEnv, records: list[Record], work: Path | None = None, hea
             p.append(f"record {i - 1} ({kind} {data.hex()}): {ln}")
             continue
         words = rest.split()
-        if words and words[-1] == "reset":
+        if words and words[-1].startswith("reset:"):
             words.pop()
         if tag != kind:
             p.append(f"record {i - 1}: line {ln!r} for a {kind} record")
