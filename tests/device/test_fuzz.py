@@ -817,8 +817,10 @@ def check_valid(name: str, rep: bytes) -> str | None:
 
 
 def run_batch(env: FuzzEnv, records: list[Record], work: Path | None = None, heap: str = HEAP,
-              timeout: float = 120) -> Outcome:
-    """Run one batch in a fresh device (own flash file); check everything that can be checked."""
+              timeout: float = 120, save_as: str | None = "batch") -> Outcome:
+    """Run one batch in a fresh device (own flash file); check everything that can be checked.
+    A failing batch is saved as .meterota/fuzz/<save_as>.cases (+ .txt), overwriting: under
+    hypothesis the last one written is the shrunk example."""
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="batch-", dir=env.root)) if own else work
     state = work / "dev"
@@ -910,21 +912,19 @@ def run_batch(env: FuzzEnv, records: list[Record], work: Path | None = None, hea
         base = res.mem[0]
         if max(res.mem) - base > MEM_MARGIN:
             p.append(f"memory grew: after boot {base} B, then up to {max(res.mem)} B (margin {MEM_MARGIN})")
-    if p:
-        res.cases_file = save_failure(records, cmd, res)
-    elif own:
+    if p and save_as:
+        res.cases_file = save_failure(records, cmd, res, save_as)
+    if own:
         shutil.rmtree(work, ignore_errors=True)
     return res
 
 
-def save_failure(records: list[Record], cmd: list[str], res: Outcome) -> Path:
+def save_failure(records: list[Record], cmd: list[str], res: Outcome, name: str) -> Path:
     SAVE_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-    path = SAVE_DIR / f"fail-{stamp}.cases"
+    path = SAVE_DIR / f"{name}.cases"
     write_cases(path, records)
-    (SAVE_DIR / f"fail-{stamp}.txt").write_text(
-        "replay (needs a provisioned state dir, see tests/device/test_fuzz.py make_env):\n  MICROPYPATH=... "
-        + " ".join(cmd[:-3]) + f" STATE_DIR {path} {K}\n\nproblems:\n" + "\n".join(res.problems[:50])
+    path.with_suffix(".txt").write_text(
+        f"replay: .venv/bin/python tools/fuzz.py --replay {path}\n\nproblems:\n" + "\n".join(res.problems[:50])
         + "\n\nstdout:\n" + res.stdout[-20000:])
     return path
 
@@ -950,7 +950,8 @@ def _env() -> FuzzEnv:
 
 
 def _run(records: list[Record]) -> Outcome:
-    res = run_batch(_env(), records)
+    name = os.environ.get("PYTEST_CURRENT_TEST", "batch").split("::")[-1].split()[0].split("[")[0]
+    res = run_batch(_env(), records, save_as=name)
     STATS["records"] += res.records
     STATS["batches"] += 1
     STATS["seconds"] += res.seconds
