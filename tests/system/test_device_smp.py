@@ -283,5 +283,6 @@ def test_compressed_upload_inflates_on_the_device(make_device: Callable[..., Sim
     with pytest.raises(SMPError) as e:
         c.request(P.Op.WRITE, P.Group.METEROTA, 3, body)
     assert e.value.rc == 3
-    assert c.info()["upload"]["off"] == 0
+    assert c.info()["upload"]["state"] == 0  # no session was opened
+    assert 1 not in {e["slot"] for e in c.image_state()}
     t.close()
