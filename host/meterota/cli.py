@@ -333,6 +333,34 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import secrets
+
+    from . import deploy as dep
+    from .boards import slot_size as board_slot_size
+
+    dep.check_board(args.board)
+    key = args.hmac_key or secrets.token_bytes(32)
+    cfg: dict[str, Any] = {"id": args.id, "role": args.role, "key": key.hex(), "serial": args.serial,
+                           "self_confirm": args.self_confirm, "allow_downgrade": args.allow_downgrade}
+    if args.pubkey_from:
+        cfg["pubkey"] = img.public_key_raw(args.pubkey_from).hex()
+    if args.wifi_ssid:
+        cfg["wifi"] = {"ssid": args.wifi_ssid, "key": args.wifi_key or ""}
+    if args.image:
+        image = _read_image(args.image)
+    else:
+        image = img.build_image(None, args.version, slot_size=board_slot_size(args.board), board=args.board,
+                                key=args.sign_key)
+    img.parse(image)
+    dep.deploy(args.port, args.board, cfg, image=image, variant=args.variant,
+               progress=lambda m: print(f"  {m}", file=sys.stderr))
+    with _store(args) as st:
+        st.set_key(args.id, key, args.board, args.port)
+    print(f"{args.id}: meterota deployed on {args.port} ({args.board}); HMAC key registered in {st.path}")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     with _store(args) as st:
         st.set_key(args.device, args.hexkey)
@@ -447,6 +475,25 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(e)
     e.add_argument("--slot", type=int, default=1)
     e.set_defaults(fn=cmd_erase)
+
+    d = sub.add_parser("deploy", help="install meterota on a real board (mpremote): boot stage, runtime, "
+                       "configuration, factory image in slot A")
+    d.add_argument("--port", required=True, help="the board's REPL port (USB or UART)")
+    d.add_argument("--board", required=True, help="esp32 or rp2")
+    d.add_argument("--variant", help="esp32: partitions|stock; rp2: pico|pico_w|pico2|pico2_w")
+    d.add_argument("--id", required=True, help="device id (e.g. the meter's serial number)")
+    d.add_argument("--role", default="meter", choices=["meter", "concentrator"])
+    d.add_argument("--hmac-key", type=_hexkey, help="per-device HMAC key (hex); default: a new random one")
+    d.add_argument("--pubkey-from", type=Path, help="accept only images signed with this Ed25519 key's pair")
+    d.add_argument("--serial", default="stdin", help="SMP serial link: stdin (USB/UART0) or uart:ID:TX:RX[:BAUD]")
+    d.add_argument("--wifi-ssid")
+    d.add_argument("--wifi-key")
+    d.add_argument("--self-confirm", action="store_true", help="the device confirms itself after its self-test")
+    d.add_argument("--allow-downgrade", action="store_true")
+    d.add_argument("--image", type=Path, help="factory image for slot A (default: the runtime as --version)")
+    d.add_argument("--version", default="1.0.0", help="version of the built factory image")
+    d.add_argument("--sign-key", type=Path, help="sign the built factory image with this key")
+    d.set_defaults(fn=cmd_deploy)
 
     ks = sub.add_parser("keys", help="the device HMAC key registry").add_subparsers(dest="keys_cmd", required=True)
     ky = ks.add_parser("add", help="register (or replace) a device's HMAC key")

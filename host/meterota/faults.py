@@ -18,7 +18,8 @@ Serial fault kinds (``FAULT_KINDS`` maps the short names to the classes):
 * :class:`InsertGarbage`  -- 1..``max_len`` random bytes appear (optionally starting with a frame
   marker, or as a fake binary-frame header with a valid check byte);
 * :class:`StallLine`      -- once, at a byte count, the line stops for ``seconds``;
-* :class:`CutFrame`       -- once, ``after`` bytes into a frame, the rest of that frame is lost.
+* :class:`CutFrame`       -- once, ``after`` bytes into a frame, the rest of that frame is lost;
+* :class:`LoseFrames`     -- whole SMP frames whose header matches a predicate are lost (targeted).
 
 About the stall: the shaper hook is called only when the bridge has read a chunk, so a shaper
 cannot release held bytes at a chosen time by itself. ``StallLine`` therefore offers three modes:
@@ -40,7 +41,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .sim import UDP_PORT, LinkShaper, _claim_udp, _release_udp
 
@@ -55,6 +56,7 @@ __all__ = [
     "InsertGarbage",
     "StallLine",
     "CutFrame",
+    "LoseFrames",
     "UDPFaultProxy",
     "make_shaper",
 ]
@@ -521,6 +523,93 @@ class CutFrame(FaultShaper):
         return f"cut after {self.after} B of frame {self.first} {self.direction}"
 
 
+class LoseFrames(FaultShaper):
+    """Whole SMP frames whose header matches ``match`` are lost (a targeted fault, e.g. "the
+    reply to reset never arrives"): ``LoseFrames(match=lambda h: h.group == 0 and h.cmd == 5,
+    direction="to_host")``. Both serial framings are recognised; bytes of a frame are held until
+    the frame is complete (frames are written whole, so this adds no real delay), bytes outside
+    frames pass. At most ``max_faults`` frames (default 1) are lost.
+    """
+
+    kind = "lose-frame"
+
+    def __init__(self, *, match: Callable[[Any], bool], **kw: Any) -> None:
+        kw.setdefault("max_faults", 1)
+        super().__init__(**kw)
+        self.match = match
+        self.buf = {d: bytearray() for d in DIRECTIONS}
+        self.lost: list[tuple[str, Any]] = []
+
+    def _apply(self, d: str, data: bytes, pos: int) -> bytes:
+        from .protocol import Header
+
+        b = self.buf[d]
+        b += data
+        out = bytearray()
+        while b:
+            p = b.find(b"\x06")
+            if p < 0:
+                out += b
+                b.clear()
+                break
+            out += b[:p]
+            del b[:p]
+            split = _split_frame(b)
+            if split is None:
+                break  # incomplete: wait for more bytes
+            raw_len, frame = split
+            raw = bytes(b[:raw_len])
+            del b[:raw_len]
+            if frame is not None and len(frame) >= 8:
+                h = Header.unpack(frame)
+                if self.match(h) and self._take(d, pos, f"lost frame g{h.group} c{h.cmd} op{h.op} seq{h.seq}"):
+                    self.lost.append((d, h))
+                    continue
+            out += raw
+        return bytes(out)
+
+    def describe(self) -> str:
+        return f"lose matching frames {self.direction} cap {self.max_faults}"
+
+
+def _split_frame(b: bytearray) -> tuple[int, bytes | None] | None:
+    """At a 0x06: (raw length, SMP frame or None if not a valid frame), or None if incomplete."""
+    import base64
+    import binascii
+
+    if len(b) < 2:
+        return None
+    if b[1] == 0x0B:
+        if len(b) < 5:
+            return None
+        n = (b[2] << 8) | b[3]
+        if b[4] != (~(b[2] + b[3])) & 0xFF:
+            return 1, None
+        if len(b) < 7 + n:
+            return None
+        return 7 + n, bytes(b[5:5 + n])
+    if b[1] != 0x09:
+        return 1, None
+    pkt = bytearray()
+    i = 0
+    while True:
+        e = b.find(b"\n", i)
+        if e < 0:
+            return None
+        try:
+            pkt += base64.b64decode(bytes(b[i + 2:e]))
+        except (binascii.Error, ValueError):
+            return e + 1, None
+        i = e + 1
+        if len(pkt) >= 2 and len(pkt) >= ((pkt[0] << 8) | pkt[1]) + 2:
+            total = (pkt[0] << 8) | pkt[1]
+            return i, bytes(pkt[2:total])
+        if i + 2 > len(b):
+            return None
+        if b[i:i + 2] != b"\x04\x14":
+            return i, None
+
+
 FAULT_KINDS: dict[str, type[FaultShaper]] = {
     "drop": DropBytes,
     "corrupt": CorruptBytes,
@@ -528,6 +617,7 @@ FAULT_KINDS: dict[str, type[FaultShaper]] = {
     "garbage": InsertGarbage,
     "stall": StallLine,
     "cut": CutFrame,
+    "lose-frame": LoseFrames,
 }
 
 
