@@ -28,6 +28,7 @@ MP_PATH = f"{REPO / 'boards' / 'unix'}:{REPO / 'device'}"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--port", default=None, help="run the end-to-end tests against a real board on this port")
     parser.addoption("--board", default=None, help="board type of --port (esp32, rp2)")
+    parser.addoption("--key", default=None, help="the board's HMAC key (hex); default: the key registry")
 
 
 def run_mp(tmp_path: Path, code: str, heap: str = "128wK", env: dict[str, str] | None = None,
@@ -93,12 +94,83 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     return Images(tmp_path_factory.mktemp("images"))
 
 
-@pytest.fixture
-def make_device(tmp_path: Path) -> Iterator[Callable[..., SimDevice]]:
-    """Start simulated devices (real MicroPython device code); stopped at teardown."""
-    devs: list[SimDevice] = []
+class BoardDevice:
+    """A real board for hardware-in-the-loop runs (pytest --port PORT --board B).
 
-    def make(transport: str = "serial", name: str = "meter-0001", **kw: Any) -> SimDevice:
+    It offers what the system tests use of SimDevice; what only a simulator can
+    do (power pulled at will, exit codes, its log) skips the test. Before each
+    test the board is brought back to the factory runtime 1.0.0 (deploy it with
+    --allow-downgrade for HIL)."""
+
+    def __init__(self, port: str, board: str, key: bytes | None):
+        from meterota.client import SMPClient
+        from meterota.transport import from_address
+
+        self.address = f"serial:{port}"
+        self.board = board
+        t = from_address(port=port)
+        t.open()
+        self._c = SMPClient(t, timeout=3.0)
+        self._c.connect()
+        info = self._c.device_info or {}
+        self.device_id = str(info.get("id", "?"))
+        if key is None:
+            from meterota.store import Store
+
+            with Store() as st:
+                key = st.key(self.device_id)
+        if key is None:
+            pytest.fail(f"no HMAC key for {self.device_id}: pass --key or register it (meterota keys add)")
+        self.key = key
+
+    def baseline(self) -> None:
+        from meterota.boards import slot_size
+        from meterota.upgrade import Upgrader
+
+        factory = img.build_image(None, "1.0.0", slot_size=slot_size(self.board), board=self.board)
+        Upgrader(self._c, None, key=self.key, allow_downgrade=True, reset_timeout=60).run(factory)
+
+    def ready_generation(self) -> int:
+        return int(self._c.info()["boots"])
+
+    def wait_ready(self, timeout: float = 60.0, *, after: int | None = None) -> None:
+        from meterota.upgrade import wait_back
+
+        wait_back(self._c, timeout, after if after is not None else self.ready_generation())
+
+    def close(self) -> None:
+        self._c.t.close()
+
+    def _needs_sim(self, what: str) -> Any:
+        pytest.skip(f"needs the simulator: {what}")
+
+    def kill(self) -> None:
+        self._needs_sim("pulling the power at a chosen instant")
+
+    @property
+    def exit_codes(self) -> list[int]:
+        return self._needs_sim("the device's exit codes")  # type: ignore[no-any-return]
+
+    def log_tail(self, n: int = 40) -> str:
+        return self._needs_sim("the device's log")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def make_device(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """Start simulated devices (real MicroPython device code); stopped at teardown.
+    With --port, hand out the real board instead (see BoardDevice)."""
+    devs: list[Any] = []
+    port = request.config.getoption("--port")
+
+    def make(transport: str = "serial", name: str = "meter-0001", **kw: Any) -> Any:
+        if port:
+            if kw:
+                pytest.skip(f"needs the simulator: {', '.join(kw)}")
+            key = request.config.getoption("--key")
+            b = BoardDevice(port, request.config.getoption("--board") or "rp2", bytes.fromhex(key) if key else None)
+            devs.append(b)
+            b.baseline()
+            return b
         d = SimDevice(tmp_path / name, device_id=name, transport=transport, **kw)  # type: ignore[arg-type]
         devs.append(d)
         d.start()
@@ -106,7 +178,7 @@ def make_device(tmp_path: Path) -> Iterator[Callable[..., SimDevice]]:
 
     yield make
     for d in devs:
-        d.stop()
+        d.stop() if isinstance(d, SimDevice) else d.close()
 
 
 def port_of(dev: SimDevice) -> list[str]:
