@@ -20,6 +20,7 @@ _SOF_BINARY = const(0x0B)
 _CONT0 = const(0x04)
 _CONT1 = const(0x14)
 _NL = const(0x0A)
+_BIN_HDR = const(5)  # 06 0B, u16 length, check byte
 _LINE_RAW = const(90)  # raw bytes per line: 120 base64 chars, 123-byte lines as smp cuts them
 
 _IDLE = const(0)
@@ -135,17 +136,21 @@ class Deframer:
             m0 = rx[0]
             m1 = rx[1]
             if m0 == _SOF and m1 == _SOF_BINARY:
-                if self.rlen < 5:
-                    return
+                if self.rlen < _BIN_HDR + 8:
+                    return  # a real frame has at least its SMP header after ours
                 ln = (rx[2] << 8) | rx[3]
-                if rx[4] != (~(rx[2] + rx[3])) & 0xFF or ln < 8 or ln > self.frame_max:
+                # Noise that looks like our header must not swallow the line:
+                # the check byte, the size limit and the SMP header's own body
+                # length must all agree before we commit to a frame.
+                if (rx[4] != (~(rx[2] + rx[3])) & 0xFF or ln < 8 or ln > self.frame_max
+                        or ((rx[7] << 8) | rx[8]) != ln - 8):
                     self._consume(1)
                     self.dropped += 1
                     continue
                 self.state = _BIN
                 self.plen = 0
                 self.need = ln + 2
-                self._consume(5)
+                self._consume(_BIN_HDR)
                 return
             first = m0 == _SOF and m1 == _SOF_CONSOLE
             cont = m0 == _CONT0 and m1 == _CONT1 and self.state == _PKT

@@ -127,7 +127,7 @@ class SMPClient:
         except SMPError:
             self.params = DeviceParams()  # device does not report them: smpclient's defaults
         try:
-            self.device_info = self.request(P.Op.READ, P.Group.METEROTA, 0, what="read device info", retries=0)
+            self.device_info = self.request(P.Op.READ, P.Group.METEROTA, 0, what="read device info")
         except SMPError:
             self.device_info = None  # a standard SMP server: console framing only
             return

@@ -159,10 +159,12 @@ class StreamDecoder:
         if len(b) < 2:
             return False
         if b[0] == 0x06 and b[1] == 0x0B:
-            if len(b) < 5:
-                return False
+            if len(b) < 5 + 8:
+                return False  # wait for the SMP header too: it must agree with our length
             n = (b[2] << 8) | b[3]
-            if b[4] != (~(b[2] + b[3])) & 0xFF or n < 8 or n > self.max_frame:
+            if (b[4] != (~(b[2] + b[3])) & 0xFF or n < 8 or n > self.max_frame
+                    or ((b[7] << 8) | b[8]) != n - 8):
+                self.noise += b[:1]
                 del b[:1]
                 return True
             if len(b) < 5 + n + 2:

@@ -66,21 +66,45 @@ def _active(info: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def wait_back(client: SMPClient, timeout: float, boots_before: int) -> dict[str, Any]:
+def wait_back(client: SMPClient, timeout: float, boots_before: int, resend_reset_after: float | None = None
+              ) -> dict[str, Any]:
     """After a reset: poll until the device answers from a new boot (its boot
-    counter moved past `boots_before`); returns its info."""
+    counter moved past `boots_before`); returns its info. If the device keeps
+    answering from the old boot for `resend_reset_after` seconds, the reset
+    request itself was lost: send it again."""
     deadline = time.monotonic() + timeout
+    resend_at = time.monotonic() + resend_reset_after if resend_reset_after else None
     while True:
         try:
             info = client.request(Op.READ, Group.METEROTA, 0, timeout=0.5, retries=0, what="read device info")
             if int(info.get("boots", 0)) > boots_before:
                 return info
+            if resend_at is not None and time.monotonic() > resend_at:
+                log.info("device still on the same boot: sending the reset again")
+                _send_reset(client)
+                resend_at = time.monotonic() + (resend_reset_after or 0)
         except DeviceTimeout:
             pass
         except TransportError:
             _reopen(client)  # a USB CDC port vanishes while the board resets
         if time.monotonic() > deadline:
             raise DeviceTimeout(f"device did not come back within {timeout:g} s after reset")
+
+
+def _send_reset(client: SMPClient) -> None:
+    # Its reply may be lost, or the device may reset before it leaves: the
+    # boot counter, not the reply, tells whether it happened.
+    try:
+        client.reset()
+    except DeviceTimeout:
+        pass
+
+
+def _fallback_version(info: dict[str, Any]) -> str | None:
+    for s in info["slots"]:
+        if not s.get("active") and s.get("version"):
+            return str(s["version"])
+    return None
 
 
 def _reopen(client: SMPClient) -> None:
@@ -134,20 +158,38 @@ class Upgrader:
                 self.step(f"{device_id} already runs {info.version_str}")
                 return self._finish(res, t0, started, None)
             before = self._record_seq(key, device_id)
+            if active and active.get("hash") == info.hash and dev.get("trial"):
+                # An earlier attempt got as far as the trial boot: finish it.
+                self.step("the device already runs this image on trial; finishing the upgrade")
+                res.skipped_upload = True
+                res.from_version = _fallback_version(dev)
+                return self._after_boot(res, dev, key, device_id, info, before, t0, started)
             res.upload = asdict(self._upload(dev, info, data))
             self.step("marking the image for test")
             self.c.image_test(info.hash)
             self.step("resetting into the new image")
             boots = int(self.c.info().get("boots", 0))
-            self.c.reset()
+            _send_reset(self.c)
             try:
-                back = wait_back(self.c, self.reset_timeout, boots)
+                back = wait_back(self.c, self.reset_timeout, boots, resend_reset_after=3.0)
             except DeviceTimeout as e:
                 # The device took the test image and went silent: from here
                 # only a field visit tells, so this is a KO, not "unreachable".
                 res.reason = f"no answer after reset into the test image ({e})"
                 self._finish(res, t0, started, None)
                 raise DeviceTimeout(f"{device_id}: KO, {res.reason}") from None
+            return self._after_boot(res, back, key, device_id, info, before, t0, started)
+        except MeterotaError as e:
+            if not res.recorded:
+                res.result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
+                res.reason = str(e)
+                self._finish(res, t0, started, None)
+            raise
+
+    def _after_boot(self, res: UpgradeResult, back: dict[str, Any], key: bytes, device_id: str,
+                    info: img.ImageInfo, before: int, t0: float, started: float) -> UpgradeResult:
+        """From the first boot after the reset: check what runs, confirm, verify."""
+        try:
             now = _active(back)
             if not now or now.get("hash") != info.hash:
                 conf = self._confirmation(key, device_id, info, before, expect_ok=False)
@@ -187,7 +229,7 @@ class Upgrader:
         if len(data) > int(other["size"]):
             raise RefusedError(f"image of {len(data)} bytes is too large for the device's {other['size']}-byte slot")
         active = _active(dev)
-        if dev.get("trial"):
+        if dev.get("trial") and not (active and active.get("hash") == info.hash):
             raise RefusedError("the device is running an unconfirmed test image: confirm it or reset it first")
         if active and active.get("version") and not self.allow_downgrade:
             if version_tuple(info.version_str) < version_tuple(str(active["version"])):
