@@ -68,8 +68,13 @@ def _refused(r):
 
 
 class ImageGroup:
-    def __init__(self, up, disp):
+    """The upload protocol into a slot table; this class fills the free A/B
+    slot, the concentrator's StoreUpload (same protocol) fills its image store."""
+
+    def __init__(self, up, disp, session=None, table=None):
         self.up = up
+        self.session = session or up.session
+        self.table = table or up.slots
         self.disp = disp  # for the origin of the request: one uploader at a time
         self.owner = None
         self.last = 0
@@ -138,10 +143,30 @@ class ImageGroup:
             e.group = GROUP
             raise
 
+    # -- what differs between the A/B slots and another target --------------
+    def _target(self):
+        return self.up.other
+
+    def _admit(self, target, hdr, req):
+        up = self.up
+        if up.slot_in_use(target) or up.st.pending == target:
+            raise GroupError(NO_FREE_SLOT)
+        running = up.running()
+        if arg(req, "upgrade", bool, False) and running is not None:
+            if image.version_key(hdr.version) <= image.version_key(running.version):
+                raise GroupError(CURRENT_VERSION_IS_NEWER)
+        try:
+            up.policy.check_version(hdr, running)
+        except Refused as r:
+            raise _refused(r)
+
+    def _accept(self, inf):
+        self.up.policy.check_image(inf, self.up.running())
+
     def _claim(self, same_image):
         """Refuse with EBUSY a second client while an upload is alive; a client
         presenting the same image (sha and len) may take the session over."""
-        s = self.up.session
+        s = self.session
         now = time.ticks_ms()
         origin = self.disp.origin
         if (s.state == upload.RUNNING and self.owner is not None and origin != self.owner
@@ -155,7 +180,7 @@ class ImageGroup:
         data = arg(req, "data", _BYTES)
         if off is None or data is None or off < 0:
             raise MgmtError(smp.EINVAL)
-        s = self.up.session
+        s = self.session
         if off == 0:
             r = self._first(req, data)
             if r is not None:
@@ -174,15 +199,15 @@ class ImageGroup:
             s.write(data)
         except OSError:
             s.mark_failed()
-            self.up.slots.busy = -1
+            self.table.busy = -1
             raise GroupError(FLASH_WRITE_FAILED)
         if s.off < s.length:
             return {"off": s.off}
         return self._finish()
 
     def _first(self, req, data):
-        up = self.up
-        s = up.session
+        s = self.session
+        table = self.table
         length = arg(req, "len", int)
         sha = arg(req, "sha", _BYTES, b"")
         if len(sha) > 32:
@@ -190,13 +215,13 @@ class ImageGroup:
         slot_no = arg(req, "image", int, 0)
         if slot_no < 0 or slot_no > 2:
             raise GroupError(INVALID_SLOT)
-        target = up.other
+        target = self._target()
         same = (length is not None and len(sha) and s.state != upload.IDLE and s.slot.index == target
                 and s.length == length and s.sha == bytes(sha))
         self._claim(same)
         if same:
             # Same image as the unfinished (or finished) session: resume.
-            if s.state == upload.DONE and up.slots.info(target) is not None:
+            if s.state == upload.DONE and table.info(target) is not None:
                 return {"off": s.length, "match": True}
             if s.state == upload.RUNNING and s.off > 0:
                 if s.need_rehash:
@@ -213,25 +238,16 @@ class ImageGroup:
             hdr = image.Header(data)
         except ValueError:
             raise GroupError(INVALID_IMAGE_HEADER_MAGIC)
-        slot = up.slots[target]
+        slot = table[target]
         if length > slot.size:
             raise GroupError(INVALID_IMAGE_TOO_LARGE)
         if hdr.hdr_size < image.HEADER_SIZE or hdr.hashed_size > length or hdr.flags & (image.F_ENCRYPTED | image.F_RAM_LOAD):
             raise GroupError(INVALID_IMAGE_HEADER)
-        if up.slot_in_use(target) or up.st.pending == target:
-            raise GroupError(NO_FREE_SLOT)
-        running = up.running()
-        if arg(req, "upgrade", bool, False) and running is not None:
-            if image.version_key(hdr.version) <= image.version_key(running.version):
-                raise GroupError(CURRENT_VERSION_IS_NEWER)
-        try:
-            up.policy.check_version(hdr, running)
-        except Refused as r:
-            raise _refused(r)
+        self._admit(target, hdr, req)
         if s.state == upload.RUNNING and s.slot.index != target:
             s.cancel(False)
-        up.slots.busy = target
-        up.slots.invalidate(target)
+        table.busy = target
+        table.invalidate(target)
         try:
             s.begin(slot, length, sha, hdr)
         except OSError:
@@ -239,28 +255,28 @@ class ImageGroup:
         return None
 
     def _finish(self):
-        up = self.up
-        s = up.session
+        s = self.session
+        table = self.table
         t = s.slot.index
         digest, match = s.finish()
-        up.slots.busy = -1
-        up.slots.invalidate(t)
+        table.busy = -1
+        table.invalidate(t)
         # Read back what reached flash and verify it like the boot stage does.
-        inf = up.slots.info(t)
+        inf = table.info(t)
         if inf is None or inf.hash != digest:
             s.cancel(True)
-            up.slots.invalidate(t)
+            table.invalidate(t)
             raise GroupError(INVALID_HASH)
         if match is False:
             s.cancel(True)
-            up.slots.invalidate(t)
+            table.invalidate(t)
             return {"off": s.off, "match": False}
         try:
-            up.policy.check_image(inf, up.running())
+            self._accept(inf)
         except Refused as r:
             # Refused images never stay bootable: the header sector goes.
             s.cancel(True)
-            up.slots.invalidate(t)
+            table.invalidate(t)
             raise _refused(r)
         s.mark_done()
         if match is None:

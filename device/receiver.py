@@ -32,6 +32,12 @@ class Context:
         self.buf_count = int(cfg.get("buf_count", 4))
         self.reset_requested = False
         self.links = []
+        self.pump = None
+        self.role_engine = None  # the concentrator's job engine, when that is the role
+
+    def busy(self):
+        e = self.role_engine
+        return e is not None and e.has_work()
 
     def app_version(self):
         a = self.up.active
@@ -50,6 +56,10 @@ def build(board, recovery=False):
     grp_image.register(disp, up)
     grp_meterota.register(disp, ctx)
     ctx.links = board.links(ctx.buf_size)
+    if ctx.role == "concentrator" and not recovery:
+        import concentrator
+
+        ctx.role_engine = concentrator.register(disp, ctx)
     return ctx, disp
 
 
@@ -72,24 +82,51 @@ def self_test(ctx, app):
         ctx.board.reset()
 
 
-def serve(ctx, disp, poll_hook=None):
-    p = select.poll()
-    for l in ctx.links:
-        p.register(l.obj, select.POLLIN)
-    handle = disp.handle
-    while True:
-        events = p.poll(IDLE_MS)
-        if not events:
-            for l in ctx.links:
-                l.idle()
-        for obj, _ev in events:
-            for l in ctx.links:
-                if l.obj is obj:
-                    l.service(handle)
+class Pump:
+    """Services the upstream links for up to `ms`; the serve loop and any
+    long-running work (the concentrator talking to its meters) call it, so the
+    device keeps answering its host while it waits on something else."""
+
+    def __init__(self, ctx, disp):
+        self.ctx = ctx
+        self.handle = disp.handle
+        self.p = select.poll()
+        for l in ctx.links:
+            self.p.register(l.obj, select.POLLIN)
+
+    def __call__(self, ms, extra=None):
+        """Returns True when `extra` (another pollable) became readable."""
+        ctx = self.ctx
+        if extra is not None:
+            self.p.register(extra, select.POLLIN)
+        ready = False
+        try:
+            events = self.p.poll(ms)
+            if not events and extra is None:
+                for l in ctx.links:
+                    l.idle()
+            for obj, _ev in events:
+                if obj is extra:
+                    ready = True
+                    continue
+                for l in ctx.links:
+                    if l.obj is obj:
+                        l.service(self.handle)
+        finally:
+            if extra is not None:
+                self.p.unregister(extra)
         if ctx.reset_requested:
             ctx.board.reset()
-        if poll_hook:
-            poll_hook()
+        return ready
+
+
+def serve(ctx, disp, hooks=()):
+    pump = Pump(ctx, disp)
+    ctx.pump = pump
+    while True:
+        pump(IDLE_MS if not ctx.busy() else 0)
+        for h in hooks:
+            h()
 
 
 def main(board, recovery=False):
@@ -104,5 +141,10 @@ def main(board, recovery=False):
             app = None
         self_test(ctx, app)
     board.ready(ctx)
+    hooks = []
+    if ctx.role_engine is not None:
+        hooks.append(ctx.role_engine.poll)
     hook = getattr(app, "poll", None) if app else None
-    serve(ctx, disp, hook)
+    if hook:
+        hooks.append(hook)
+    serve(ctx, disp, hooks)

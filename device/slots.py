@@ -36,12 +36,13 @@ class Slot:
 
 
 class SlotTable:
-    """The two slots and a cache of what each verified as (None = no valid image)."""
+    """The slots (A and B, or a concentrator's image store) and a cache of what
+    each verified as (None = no valid image)."""
 
-    def __init__(self, bdev_a, bdev_b):
-        self.slots = (Slot(bdev_a, A), Slot(bdev_b, B))
+    def __init__(self, *bdevs):
+        self.slots = tuple(Slot(b, i) for i, b in enumerate(bdevs))
         self.chunk = bytearray(512)  # verification reads; never shared with the upload
-        self._info = [False, False]  # False = not checked yet
+        self._info = [False] * len(bdevs)  # False = not checked yet
         self.busy = -1  # slot with an unfinished upload: reported as empty
 
     def __getitem__(self, i):
@@ -62,7 +63,7 @@ class SlotTable:
         return v
 
     def find_hash(self, h):
-        for i in (A, B):
+        for i in range(len(self.slots)):
             inf = self.info(i)
             if inf is not None and inf.hash == h:
                 return i
