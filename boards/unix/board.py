@@ -23,6 +23,9 @@ class Board:
         self.meta = norflash.Partition(self.flash, *lay["meta"])
         self.slot_a = norflash.Partition(self.flash, *lay["slot_a"])
         self.slot_b = norflash.Partition(self.flash, *lay["slot_b"])
+        # A concentrator's meter-image store and job log.
+        self.store = norflash.Partition(self.flash, *lay["store"]) if "store" in lay else None
+        self.jobs = norflash.Partition(self.flash, *lay["jobs"]) if "jobs" in lay else None
 
     def links(self, frame_max):
         import link
@@ -45,6 +48,9 @@ class Board:
         return out
 
     def ready(self, ctx):
+        if self.config.get("fail_trial") and ctx.up.st.trial:
+            # The simulator's stand-in for hardware that fails on a new image.
+            raise RuntimeError("simulated hardware fault on trial boot")
         print("meterota: ready", ctx.device_id, "(recovery)" if ctx.recovery else "")
 
     def reset(self):

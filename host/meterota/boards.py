@@ -72,4 +72,4 @@ def provision_unix(state_dir: Path, img: bytes | None = None) -> None:
 def unix_config_extra() -> dict[str, Any]:
     """config.json entries every simulated device needs: its flash map."""
     lay = layout("unix")
-    return {"layout": {k: lay[k] for k in ("flash_size", "meta", "slot_a", "slot_b")}}
+    return {"layout": {k: lay[k] for k in ("flash_size", "meta", "slot_a", "slot_b", "store", "jobs")}}
