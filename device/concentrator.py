@@ -171,7 +171,7 @@ class Engine:
 
     def _mark(self, mid, info):
         m = self.by_id[mid]
-        now = time.time()
+        now = int(time.time())
         up = info is not None
         if m["reachable"] != up:
             m["since"] = now
@@ -179,7 +179,7 @@ class Engine:
         if up:
             a = _active(info)
             m["version"] = a.get("version", "")
-            m["hash"] = a.get("hash", b"")
+            m["hash"] = bytes(a.get("hash", b""))
             m["state"] = "trial" if info.get("trial") else ("confirmed" if a else "no image")
         else:
             m["state"] = "silent"
@@ -433,7 +433,7 @@ class Engine:
         c = {"OK": 0, "KO": 0, "UNREACHABLE": 0}
         for v in j.res.values():
             c[v] = c.get(v, 0) + 1
-        return {"job": j.id, "state": j.state(len(t)), "priority": j.prio, "retries": j.retries,
+        return {"job": j.id, "hash": j.hash, "state": j.state(len(t)), "priority": j.prio, "retries": j.retries,
                 "total": len(t), "ok": c["OK"], "ko": c["KO"], "unreachable": c["UNREACHABLE"],
                 "pending": len(t) - len(j.res), "created": j.created, "deadline": j.deadline}
 
@@ -454,11 +454,14 @@ class Engine:
         out = []
         seen = [0]
 
+        order = [0]
+
         def take(r):
+            order[0] += 1  # position in the log: the order results were reached in
             if r.get("k") == "res" and r["j"] == j.id:
                 if seen[0] >= start and len(out) < RESULTS_PAGE:
                     e = {"meter": r["m"], "result": r["s"], "reason": r.get("rs", ""), "attempts": r.get("a", 0),
-                         "t": r.get("t", 0)}
+                         "t": r.get("t", 0), "order": order[0]}
                     if "rec" in r:
                         e["rec"] = bytes(r["rec"])
                         e["mac"] = bytes(r["mac"])

@@ -110,7 +110,12 @@ class Dispatcher:
 
 def _reply(ver, op, group, seq, cmd, body):
     out = bytearray(HDR_SIZE)
-    cbor.dumps(body, out)
+    try:
+        cbor.dumps(body, out)
+    except ValueError as e:  # a handler returned something CBOR cannot carry
+        print("meterota: reply not encodable:", repr(e))
+        out = bytearray(HDR_SIZE)
+        cbor.dumps({"rc": EUNKNOWN}, out)
     struct.pack_into(">BBHHBB", out, 0, (ver << 3) | (op + 1), 0, len(out) - HDR_SIZE, group, seq, cmd)
     return out
 

@@ -130,12 +130,48 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from .boards import provision_unix
     from .sim import run_sim_cli
 
+    if args.concentrators:
+        return _sim_fleet(args)
+
     def register(cluster: Any) -> None:
         with _store(args) as st:
             for d in cluster:
                 st.set_key(d.device_id, d.key, "unix", d.address)
 
     return run_sim_cli(args, provision=provision_unix, on_started=register)
+
+
+def _ids(v: str | None) -> set[str]:
+    return {x for x in (v or "").split(",") if x}
+
+
+def _sim_fleet(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .fleet import Fleet, FleetOptions
+
+    opts = FleetOptions(unreachable=_ids(args.unreachable), lossy=_ids(args.lossy), fail_trial=_ids(args.fail_trial),
+                        transport=args.transport, heap=args.heap)
+    fleet = Fleet(args.dir, args.concentrators, args.meters, opts)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        fleet.start(timeout=max(args.timeout, 60.0))
+        with _store(args) as st:
+            for d in fleet.meters + fleet.concentrators:
+                st.set_key(d.device_id, d.key, "unix", d.address)
+        for c in fleet.concentrators:
+            cfg = json.loads((c.state_dir / "config.json").read_text())
+            doc = {"id": c.device_id, "address": c.address, "role": "concentrator",
+                   "meters": [m["id"] for m in cfg["meters"]]}
+            print(json.dumps(doc) if args.json else f"{c.device_id} {c.address} meters: {', '.join(doc['meters'])}",
+                  flush=True)
+        stop.wait()
+        return 0
+    finally:
+        fleet.stop()
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -313,6 +349,11 @@ def cmd_confirmation(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from .upgrade import Upgrader
 
+    if args.via:
+        if not args.meter:
+            raise errors.MeterotaError("--via needs --meter ID")
+        args.port, args.udp = (args.via, None) if not args.via.startswith("udp:") else (None, args.via[4:])
+        return cmd_upgrade_via(args)
     out = Out(args.json)
     data = _read_image(args.image)
     c = _client(args)
@@ -358,6 +399,123 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     with _store(args) as st:
         st.set_key(args.id, key, args.board, args.port)
     print(f"{args.id}: meterota deployed on {args.port} ({args.board}); HMAC key registered in {st.path}")
+    return 0
+
+
+def _conc(c: SMPClient) -> Any:
+    from .concentrator import Concentrator
+
+    return Concentrator(c)
+
+
+def cmd_meters(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    for c in _connected(args):
+        ms = _conc(c).meters()
+
+        def human() -> None:
+            for m in ms:
+                since = time.strftime("%H:%M:%S", time.localtime(m["since"])) if m["since"] else "-"
+                print(f"{m['id']:<16} {m['link']:<24} {'up' if m['reachable'] else 'DOWN':<5} since {since:<9} "
+                      f"{m['version'] or '-':<10} {m['state']}")
+
+        out.result({"meters": ms}, human)
+    return 0
+
+
+def _job_spec(args: argparse.Namespace) -> Any:
+    from .concentrator import JobSpec
+
+    window = (args.not_before, args.not_after) if args.not_before or args.not_after else None
+    return JobSpec(targets=args.meters.split(",") if args.meters else None, priority=args.priority,
+                   retries=args.job_retries, duration=args.duration,
+                   window=(int(window[0] or 0), int(window[1] or 2**31 - 1)) if window else None)
+
+
+def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
+    from .concentrator import record_results
+
+    last: list[str] = [""]
+
+    def show(s: dict[str, Any]) -> None:
+        line = f"job {job}: {s['ok']} OK, {s['ko']} KO, {s['unreachable']} unreachable, {s['pending']} pending"
+        if line != last[0]:
+            last[0] = line
+            out.step(line)
+
+    st = conc.wait(job, args.wait_timeout, on_status=show)
+    h = bytes(st["hash"])
+    info = conc.store_info() or {}
+    version = str(info.get("version", "?")) if info.get("hash") == h else "?"
+    with _store(args) as db:
+        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None))
+    out.result({"job": job, "status": st, "results": rows}, lambda: _print_results(job, st, rows))
+    bad = [r for r in rows if r["result"] != "OK" or not r["verified"]]
+    if any(r["result"] == "ERROR" for r in rows):
+        return errors.EXIT_CONFIRMATION
+    if any(r["result"] == "KO" for r in bad):
+        return errors.EXIT_KO
+    return errors.EXIT_UNREACHABLE if bad else 0
+
+
+def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    print(f"job {job} {st['state']}: {st['ok']} OK, {st['ko']} KO, {st['unreachable']} unreachable")
+    for r in rows:
+        print(f"  {r['meter']:<16} {r['result']:<11} {'verified' if r['verified'] else '        '} "
+              f"attempts {r['attempts']}  {r['reason']}")
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    for c in _connected(args):
+        conc = _conc(c)
+        if args.job_cmd == "create":
+            data = _read_image(args.image)
+            info = img.parse(data)
+            with out.progress("store") as prog:
+                conc.store(data, progress=prog)
+            job = conc.create_job(info.hash, _job_spec(args))
+            if args.wait:
+                return _finish_job(args, conc, job, out)
+            out.result({"job": job}, lambda: print(f"job {job} created"))
+        elif args.job_cmd == "status":
+            jobs = conc.status(args.job)
+            out.result({"jobs": jobs}, lambda: [print(
+                f"job {j['job']:<4} {j['state']:<9} prio {j['priority']:<3} {j['ok']} OK, {j['ko']} KO, "
+                f"{j['unreachable']} unreachable, {j['pending']} pending of {j['total']}") for j in jobs])
+        elif args.job_cmd == "cancel":
+            conc.cancel(args.job)
+            out.result({"job": args.job, "cancelled": True}, lambda: print(f"job {args.job} cancelled"))
+        elif args.job_cmd == "results":
+            args.wait_timeout = 0.0
+            return _finish_job(args, conc, args.job, out) if conc.status(args.job)[0]["state"] in (
+                "done", "cancelled") else _partial_results(args, conc, out)
+    return 0
+
+
+def _partial_results(args: argparse.Namespace, conc: Any, out: Out) -> int:
+    rows = list(conc.results(args.job))
+    out.result({"job": args.job, "results": rows}, lambda: [print(
+        f"  {r['meter']:<16} {r['result']:<11} attempts {r['attempts']}  {r['reason']}") for r in rows])
+    return 0
+
+
+def cmd_upgrade_via(args: argparse.Namespace) -> int:
+    from .concentrator import JobSpec
+
+    out = Out(args.json)
+    data = _read_image(args.image)
+    info = img.parse(data)
+    for c in _connected(args):
+        conc = _conc(c)
+        if args.meter not in {m["id"] for m in conc.meters()}:
+            raise errors.RefusedError(f"{args.meter} is not a meter of {c.t.name}")
+        with out.progress("store") as prog:
+            conc.store(data, progress=prog)
+        job = conc.create_job(info.hash, JobSpec(targets=[args.meter], retries=args.job_retries,
+                                                 duration=int(args.wait_timeout)))
+        out.step(f"job {job} on {c.t.name} for {args.meter}")
+        return _finish_job(args, conc, job, out)
     return 0
 
 
@@ -413,6 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sim", help="run simulated devices under MicroPython")
     add_sim_arguments(s)
+    f = s.add_argument_group("fan-out (concentrators with meters)")
+    f.add_argument("--concentrators", type=int, default=0, help="start N concentrators ...")
+    f.add_argument("--meters", type=int, default=4, help="... each with M meters on UDP links (default 4)")
+    f.add_argument("--unreachable", metavar="IDS", help="meters listed but never started (e.g. meter-0103)")
+    f.add_argument("--lossy", metavar="IDS", help="meters behind a proxy that loses 15%% of datagrams")
+    f.add_argument("--fail-trial", metavar="IDS", help="meters whose hardware fails every trial boot")
     s.set_defaults(fn=cmd_sim)
 
     im = sub.add_parser("image", help="build and inspect MCUboot images").add_subparsers(dest="image_cmd",
@@ -455,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
     u.add_argument("--reset-timeout", type=float, default=30.0, help="seconds to wait for the device after reset")
     u.add_argument("--campaign", help="record the outcome under this campaign id")
+    u.add_argument("--via", metavar="CONCENTRATOR", help="upgrade a meter through this concentrator "
+                   "(a serial port or udp:HOST)")
+    u.add_argument("--meter", help="with --via: the meter's id")
+    u.add_argument("--wait-timeout", type=float, default=600.0, help="with --via: seconds to wait for the job")
+    u.add_argument("--job-retries", dest="job_retries", type=int, default=2,
+                   help="with --via: retries of the meter")
     u.set_defaults(fn=cmd_upgrade)
 
     up = sub.add_parser("upload", help="upload an image into the free slot (resumes)")
@@ -494,6 +664,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--version", default="1.0.0", help="version of the built factory image")
     d.add_argument("--sign-key", type=Path, help="sign the built factory image with this key")
     d.set_defaults(fn=cmd_deploy)
+
+    mt = sub.add_parser("meters", help="a concentrator's meters: link, reachability, version, state")
+    _device_args(mt)
+    mt.set_defaults(fn=cmd_meters)
+
+    jb = sub.add_parser("job", help="jobs on a concentrator").add_subparsers(dest="job_cmd", required=True)
+    jc = jb.add_parser("create", help="store IMAGE on the concentrator and upgrade its meters")
+    _device_args(jc)
+    jc.add_argument("image", type=Path)
+    jc.add_argument("--meters", help="comma-separated meter ids (default: all)")
+    jc.add_argument("--priority", type=int, default=0, help="higher runs first (0-255)")
+    jc.add_argument("--job-retries", dest="job_retries", type=int, default=2, help="retries per meter")
+    jc.add_argument("--duration", type=int, default=3600, help="seconds before pending meters end UNREACHABLE")
+    jc.add_argument("--not-before", type=int, help="window start (epoch seconds)")
+    jc.add_argument("--not-after", type=int, help="window end (epoch seconds)")
+    jc.add_argument("--wait", action="store_true", help="wait for the job, then verify and record its results")
+    jc.add_argument("--wait-timeout", type=float, default=3600.0)
+    jc.add_argument("--campaign")
+    for name, hlp in (("status", "job status (all jobs, or one)"), ("cancel", "cancel a job"),
+                      ("results", "per-meter results, relayed records verified and recorded")):
+        jp = jb.add_parser(name, help=hlp)
+        _device_args(jp)
+        jp.add_argument("job", type=int, nargs="?" if name == "status" else None)
+        jp.add_argument("--campaign")
+    jb.choices["create"].set_defaults(fn=cmd_job)
+    for name in ("status", "cancel", "results"):
+        jb.choices[name].set_defaults(fn=cmd_job)
 
     ks = sub.add_parser("keys", help="the device HMAC key registry").add_subparsers(dest="keys_cmd", required=True)
     ky = ks.add_parser("add", help="register (or replace) a device's HMAC key")

@@ -182,16 +182,20 @@ class SMPClient:
 
     def upload(self, data: bytes, *, image: int = 1, upgrade: bool = False, window: int | None = None,
                chunk: int | None = None, progress: Progress | None = None, max_stalls: int = 5,
-               compress: bool | None = None) -> UploadStats:
+               compress: bool | None = None, target: tuple[int, int] = (P.Group.IMAGE, 1)) -> UploadStats:
         """Upload `data` to the device's free slot; resumes where the device says.
 
         compress: None = when the device offers it (meterota's group 64 upload of
-        raw-deflate blocks with a 512-byte window), True = require it, False = never."""
-        if compress is None:
+        raw-deflate blocks with a 512-byte window), True = require it, False = never.
+        target: the (group, command) of the plain upload; another one than the
+        image group's (a concentrator's image store) uploads uncompressed."""
+        if target != (P.Group.IMAGE, 1):
+            compress = False
+        elif compress is None:
             compress = self.can_deflate
         elif compress and not self.can_deflate:
             raise RefusedError("upload: the device does not take compressed uploads")
-        plan = _Plan(data, self.max_message, image, upgrade, chunk, compress)
+        plan = _Plan(data, self.max_message, image, upgrade, chunk, compress, target)
         stats = UploadStats()
         t0 = time.monotonic()
         for _ in range(4):
@@ -248,7 +252,7 @@ class SMPClient:
                 continue  # stale: a reply to a request we already gave up on
             stalls = 0
             del inflight[h.seq]
-            err = P.error_of(P.Group.IMAGE, rbody)
+            err = P.error_of(h.group, rbody)
             if err:
                 raise SMPError(err[0], err[1], err[2], "upload")
             off = _off(rbody, total)
@@ -279,7 +283,9 @@ class _Plan:
     DEFLATE_BLOCK = 4096  # device/grp_image.py DEFLATE_BLOCK
     DEFLATE_WBITS = 9
 
-    def __init__(self, data: bytes, msg: int, image: int, upgrade: bool, chunk: int | None, compress: bool):
+    def __init__(self, data: bytes, msg: int, image: int, upgrade: bool, chunk: int | None, compress: bool,
+                 target: tuple[int, int] = (P.Group.IMAGE, 1)):
+        self.target = target
         self.data = data
         self.total = len(data)
         self.msg = msg
@@ -300,7 +306,7 @@ class _Plan:
             if r is None:
                 n = min(self.plain_first if pos == 0 else self.plain, self.total - pos)
                 body = {**self.first, "data": self.data[:n]} if pos == 0 else {"off": pos, "data": self.data[pos:pos + n]}
-                r = (P.Group.IMAGE, 1, body, pos + n)
+                r = (self.target[0], self.target[1], body, pos + n)
             self._cache = {pos: r}  # offsets only move forward between rewinds
         self.wire += len(r[2]["data"])
         return r

@@ -170,7 +170,11 @@ def _reason(e: BaseException) -> str:
 def from_address(port: str | None = None, udp: str | None = None, baudrate: int = 115200) -> Transport:
     """Build the transport for `--port PORT` or `--udp HOST[:PORT]`."""
     if udp:
+        if udp.startswith("udp:"):
+            udp = udp[len("udp:"):]
         host, _, p = udp.rpartition(":") if udp.count(":") == 1 else (udp, "", "")
+        if p and not p.isdigit():
+            raise TransportError(f"--udp expects HOST[:PORT], got {udp!r}")
         return UDPTransport(host or udp, int(p) if p else UDP_PORT)
     if port:
         if port.startswith("serial:"):

@@ -1,0 +1,120 @@
+"""Talking to a concentrator (user group 65): its meters, its image store and
+jobs; relayed confirmation records are verified here with each meter's key."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from . import image as img
+from .client import SMPClient, UploadStats
+from .confirm import Confirmation, verify
+from .errors import ConfirmationError, DeviceTimeout, RefusedError
+from .protocol import Op
+from .store import Outcome, Store
+
+GROUP = 65
+FINAL = ("done", "cancelled")
+
+
+@dataclass
+class JobSpec:
+    targets: list[str] | None = None  # None: all meters
+    priority: int = 0
+    retries: int = 2
+    duration: int = 3600
+    window: tuple[int, int] | None = None  # absolute epoch seconds [not before, not after]
+
+
+class Concentrator:
+    def __init__(self, client: SMPClient):
+        self.c = client
+
+    def meters(self) -> list[dict[str, Any]]:
+        return list(self.c.request(Op.READ, GROUP, 0, what="list meters")["meters"])
+
+    def store_info(self) -> dict[str, Any] | None:
+        try:
+            return self.c.request(Op.READ, GROUP, 2, what="read the image store")
+        except RefusedError:
+            return None
+
+    def store(self, data: bytes, progress: Callable[[int, int], None] | None = None) -> UploadStats | None:
+        """Put `data` in the concentrator's image store, unless it is already there."""
+        info = img.parse(data)
+        have = self.store_info()
+        if have and bytes(have["hash"]) == info.hash:
+            return None
+        return self.c.upload(data, target=(GROUP, 1), progress=progress)
+
+    def create_job(self, image_hash: bytes, spec: JobSpec) -> int:
+        body: dict[str, Any] = {"hash": image_hash, "priority": spec.priority, "retries": spec.retries,
+                                "duration": spec.duration}
+        if spec.targets is not None:
+            body["targets"] = list(spec.targets)
+        if spec.window is not None:
+            body["window"] = list(spec.window)
+        return int(self.c.request(Op.WRITE, GROUP, 3, body, what="create job")["job"])
+
+    def status(self, job: int | None = None) -> list[dict[str, Any]]:
+        body = {} if job is None else {"job": job}
+        return list(self.c.request(Op.READ, GROUP, 4, body, what="read job status")["jobs"])
+
+    def cancel(self, job: int) -> None:
+        self.c.request(Op.WRITE, GROUP, 5, {"job": job}, what="cancel job")
+
+    def results(self, job: int) -> Iterator[dict[str, Any]]:
+        start = 0
+        while True:
+            r = self.c.request(Op.READ, GROUP, 6, {"job": job, "start": start}, what="read job results")
+            yield from r["results"]
+            if "next" not in r:
+                return
+            start = int(r["next"])
+
+    def wait(self, job: int, timeout: float, on_status: Callable[[dict[str, Any]], None] | None = None
+             ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status(job)[0]
+            if on_status:
+                on_status(st)
+            if st["state"] in FINAL:
+                return st
+            if time.monotonic() > deadline:
+                raise DeviceTimeout(f"job {job} not finished after {timeout:g} s ({st['pending']} meters pending)")
+            time.sleep(0.25)  # polling the concentrator's job state at 4 Hz, not synchronisation
+
+
+def verify_result(e: dict[str, Any], store: Store, image_hash: bytes) -> Confirmation | None:
+    """Check a relayed record with the meter's own key; None when there is none."""
+    if "rec" not in e:
+        return None
+    key = store.key(str(e["meter"]))
+    if key is None:
+        raise ConfirmationError(f"no HMAC key known for meter {e['meter']}")
+    return verify(bytes(e["rec"]), bytes(e["mac"]), key, device_id=str(e["meter"]), image_hash=image_hash)
+
+
+def record_results(results: list[dict[str, Any]], store: Store, image_hash: bytes, version: str, via: str,
+                   campaign: str | None = None) -> list[dict[str, Any]]:
+    """Verify every relayed record and record each meter's outcome; returns rows for output."""
+    rows = []
+    for e in results:
+        conf: Confirmation | None = None
+        result, reason, verified = str(e["result"]), str(e.get("reason", "")), False
+        try:
+            conf = verify_result(e, store, image_hash)
+            verified = conf is not None
+            if conf is not None and result == "OK" and conf.result != "OK":
+                result, reason = "KO", f"relayed OK contradicts the meter's record: {conf.reason}"
+        except ConfirmationError as err:
+            result, reason = "ERROR", f"relayed record rejected: {err}"
+        t = float(e.get("t", time.time()))
+        store.add(Outcome(str(e["meter"]), via, conf.previous_version if conf else None, version,
+                          image_hash.hex(), result, reason, int(e.get("attempts", 1)), t, t,
+                          conf.raw if conf else None, conf.mac if conf else None, verified, campaign))
+        rows.append({"meter": e["meter"], "result": result, "reason": reason, "attempts": e.get("attempts"),
+                     "verified": verified})
+    return rows

@@ -1,0 +1,93 @@
+"""A simulated fan-out: N concentrators, each with M meter NICs on their own
+UDP links, all under MicroPython. Chosen meters can be unreachable (listed but
+never started), lossy (behind a UDP proxy that drops datagrams) or fail their
+trial boot (a simulated hardware fault on the new image)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .faults import UDPFaultProxy
+from .sim import SimDevice, _claim_udp, _release_udp
+
+
+def meter_id(c: int, m: int) -> str:
+    return f"meter-{c:02d}{m:02d}"
+
+
+def concentrator_id(c: int) -> str:
+    return f"conc-{c:02d}"
+
+
+@dataclass
+class FleetOptions:
+    unreachable: set[str] = field(default_factory=set)
+    lossy: set[str] = field(default_factory=set)
+    fail_trial: set[str] = field(default_factory=set)
+    loss: float = 0.15
+    transport: str = "udp"  # the concentrators' upstream link
+    heap: str = "128wK"
+    meter_reset_s: int = 10
+
+
+class Fleet:
+    def __init__(self, base: Path, concentrators: int, meters: int, opts: FleetOptions | None = None):
+        self.base = Path(base)
+        self.opts = opts or FleetOptions()
+        self.n = concentrators
+        self.m = meters
+        self.meters: list[SimDevice] = []
+        self.concentrators: list[SimDevice] = []
+        self.proxies: list[UDPFaultProxy] = []
+        self._reserved: list[str] = []
+
+    def start(self, timeout: float = 60.0) -> None:
+        try:
+            for c in range(1, self.n + 1):
+                links = [self._meter(c, m, timeout) for m in range(1, self.m + 1)]
+                extra = {"role": "concentrator", "meters": links, "meter_reset_s": self.opts.meter_reset_s}
+                d = SimDevice(self.base / concentrator_id(c), device_id=concentrator_id(c),
+                              transport=self.opts.transport, heap=self.opts.heap, extra=extra)  # type: ignore[arg-type]
+                self.concentrators.append(d)
+                d.start(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _meter(self, c: int, m: int, timeout: float) -> dict[str, str]:
+        mid = meter_id(c, m)
+        if mid in self.opts.unreachable:
+            host = _claim_udp(None)  # reserved, never answered: a meter off the network
+            self._reserved.append(host)
+            return {"id": mid, "link": f"udp:{host}:1337"}
+        extra: dict[str, Any] = {"fail_trial": True} if mid in self.opts.fail_trial else {}
+        d = SimDevice(self.base / mid, device_id=mid, transport="udp", heap=self.opts.heap, extra=extra)
+        self.meters.append(d)
+        d.start(timeout=timeout)
+        addr = d.address[len("udp:"):]
+        if mid in self.opts.lossy:
+            p = UDPFaultProxy(None, addr, loss=self.opts.loss, seed=c * 100 + m)
+            p.start()
+            self.proxies.append(p)
+            addr = f"{p.host}:1337"
+        return {"id": mid, "link": f"udp:{addr}"}
+
+    def stop(self) -> None:
+        for d in self.concentrators + self.meters:
+            d.stop()
+        for p in self.proxies:
+            p.stop()
+        for h in self._reserved:
+            _release_udp(h)
+
+    def __enter__(self) -> "Fleet":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def all_meter_ids(self) -> Iterable[str]:
+        return (meter_id(c, m) for c in range(1, self.n + 1) for m in range(1, self.m + 1))
