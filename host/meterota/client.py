@@ -217,7 +217,8 @@ class SMPClient:
         """One session from off=0; False when the device dropped it (start again)."""
         total = plan.total
         group, cmd, body, first_end = plan.request(0)
-        r = self.request(P.Op.WRITE, group, cmd, body, timeout=max(self.timeout, 10.0), what="upload")
+        # The first chunk may cost the device a sector erase: a little more time than the rest.
+        r = self.request(P.Op.WRITE, group, cmd, body, timeout=max(self.timeout, 2.0), what="upload")
         acked = _off(r, total)
         stats.resumed_from = acked if acked != first_end else 0
         stats.requests += 1

@@ -331,12 +331,14 @@ class StallLine(FaultShaper):
 
     ``mode``: ``"hold"`` (bytes held, released late with the first chunk after the deadline),
     ``"drop"`` (bytes dropped until the deadline) or ``"freeze"`` (the bridge thread sleeps
-    ``seconds``: both directions stop, nothing is lost). See the module docstring.
+    ``seconds``: both directions stop, nothing is lost). See the module docstring. ``clock`` is the
+    time source of the deadline (``time.monotonic``; tests may pass their own).
     """
 
     kind = "stall"
 
-    def __init__(self, *, at: int = 4096, seconds: float = 1.0, mode: str = "hold", **kw: Any) -> None:
+    def __init__(self, *, at: int = 4096, seconds: float = 1.0, mode: str = "hold",
+                 clock: Callable[[], float] = time.monotonic, **kw: Any) -> None:
         kw.setdefault("max_faults", 1)
         super().__init__(**kw)
         if mode not in ("hold", "drop", "freeze"):
@@ -344,13 +346,14 @@ class StallLine(FaultShaper):
         self.at = at
         self.seconds = seconds
         self.mode = mode
+        self.clock = clock
         self.deadline: float | None = None
         self.held = {d: bytearray() for d in DIRECTIONS}
         self.released = {d: 0 for d in DIRECTIONS}
         self.dropped = {d: 0 for d in DIRECTIONS}
 
     def _apply(self, d: str, data: bytes, pos: int) -> bytes:
-        now = time.monotonic()
+        now = self.clock()
         if self.deadline is None:
             if pos + len(data) <= self.at or not self._take(d, self.at, f"stall {self.mode} {self.seconds:g}s"):
                 return data
@@ -363,6 +366,14 @@ class StallLine(FaultShaper):
             head, data = data[:k], data[k:]
             return head + self._during(d, data, now)
         return self._during(d, data, now)
+
+    def _bypass(self, d: str, data: bytes, pos: int) -> bytes:
+        # Switched off mid-stall: what was held goes out now.
+        if self.held[d]:
+            data = bytes(self.held[d]) + data
+            self.released[d] += len(self.held[d])
+            self.held[d].clear()
+        return data
 
     def _during(self, d: str, data: bytes, now: float) -> bytes:
         if self.deadline is None or self.mode == "freeze":
@@ -540,6 +551,13 @@ class LoseFrames(FaultShaper):
         self.buf = {d: bytearray() for d in DIRECTIONS}
         self.lost: list[tuple[str, Any]] = []
 
+    def _bypass(self, d: str, data: bytes, pos: int) -> bytes:
+        # Switched off with part of a frame held: it goes out now.
+        if self.buf[d]:
+            data = bytes(self.buf[d]) + data
+            self.buf[d].clear()
+        return data
+
     def _apply(self, d: str, data: bytes, pos: int) -> bytes:
         from .protocol import Header
 
@@ -659,14 +677,16 @@ class UDPFaultProxy:
 
     Per datagram in a faulted direction, one draw decides: lost (``loss``), sent twice (``dup``),
     or held and sent after the next datagram of the same client and direction (``reorder``; a held
-    datagram with no successor goes out after ``hold_s`` seconds). At most ``max_faults`` faults
-    (None: no cap). ``listen_host=None`` takes a free 127.0.0.K the way the simulator does, so it
-    never collides with a simulated device. Use as a context manager or start()/stop().
+    datagram with no successor goes out after ``hold_s`` seconds). The first ``start`` datagrams of
+    each direction pass untouched; at most ``max_faults`` faults (None: no cap).
+    ``listen_host=None`` takes a free 127.0.0.K the way the simulator does, so it never collides
+    with a simulated device. Use as a context manager or start()/stop().
     """
 
     def __init__(self, listen_host: str | None, device_addr: str | tuple[str, int], *, loss: float = 0.0,
                  dup: float = 0.0, reorder: float = 0.0, seed: int = 0, direction: Direction = "both",
-                 max_faults: int | None = None, hold_s: float = 0.3, port: int = UDP_PORT) -> None:
+                 max_faults: int | None = None, hold_s: float = 0.3, start: int = 0,
+                 port: int = UDP_PORT) -> None:
         if min(loss, dup, reorder) < 0 or loss + dup + reorder > 1:
             raise ValueError("loss, dup and reorder are probabilities that add up to at most 1")
         self.listen_host = listen_host
@@ -681,6 +701,7 @@ class UDPFaultProxy:
         self.dirs = _dirs(direction)
         self.max_faults = max_faults
         self.hold_s = hold_s
+        self.start_after = start
         self.enabled = True
         self.host: str | None = None
         self._claimed = False
@@ -768,14 +789,16 @@ class UDPFaultProxy:
             return {
                 "kind": "udp",
                 "loss": self.loss, "dup": self.dup, "reorder": self.reorder, "seed": self.seed,
-                "direction": self.direction, "max_faults": self.max_faults,
+                "direction": self.direction, "max_faults": self.max_faults, "start": self.start_after,
                 "faults": sum(c["lost"] + c["duplicated"] + c["reordered"] for c in self.counts.values()),
                 "clients": len(self._flows),
                 **{d: dict(c) for d, c in self.counts.items()},
             }
 
     def describe(self) -> str:
-        return f"udp loss={self.loss:g} dup={self.dup:g} reorder={self.reorder:g} {self.direction} cap {self.max_faults}"
+        start = f" after {self.start_after}" if self.start_after else ""
+        return (f"udp loss={self.loss:g} dup={self.dup:g} reorder={self.reorder:g} {self.direction}{start} "
+                f"cap {self.max_faults}")
 
     # -- relay thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -852,7 +875,8 @@ class UDPFaultProxy:
         with self._lock:
             c["datagrams"] += 1
         fault = None
-        if self.enabled and d in self.dirs and (self.max_faults is None or self.faults < self.max_faults):
+        if (self.enabled and d in self.dirs and c["datagrams"] > self.start_after
+                and (self.max_faults is None or self.faults < self.max_faults)):
             r = self.rng.random()
             if r < self.loss:
                 fault = "lost"

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
+import tempfile
 import os
 import re
 import secrets
@@ -390,21 +392,43 @@ def _udp_candidates() -> Iterator[str]:
             yield f"127.0.{b}.{c}"
 
 
+_udp_locks: dict[str, Any] = {}
+_LOCK_DIR = Path(tempfile.gettempdir()) / "meterota-udp"
+
+
+def _lock_udp(host: str) -> bool:
+    """Hold an advisory lock on host:1337 for as long as we use it, so another
+    process (another sim, a test run) never takes it while our device resets."""
+    _LOCK_DIR.mkdir(exist_ok=True)
+    f = open(_LOCK_DIR / f"{host}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return False
+    _udp_locks[host] = f
+    return True
+
+
 def _claim_udp(preferred: str | None) -> str:
     with _udp_claims_lock:
-        if preferred is not None and preferred not in _udp_claims and _udp_free(preferred):
-            _udp_claims.add(preferred)
-            return preferred
-        for host in _udp_candidates():
-            if host not in _udp_claims and _udp_free(host):
-                _udp_claims.add(host)
-                return host
+        cands = ([preferred] if preferred is not None else []) + list(_udp_candidates())
+        for host in cands:
+            if host in _udp_claims or not _udp_free(host):
+                continue
+            if not _lock_udp(host):
+                continue
+            _udp_claims.add(host)
+            return host
     raise SimError("no free loopback address for UDP port 1337")
 
 
 def _release_udp(host: str) -> None:
     with _udp_claims_lock:
         _udp_claims.discard(host)
+        f = _udp_locks.pop(host, None)
+        if f is not None:
+            f.close()
 
 
 # --------------------------------------------------------------------------------------------
