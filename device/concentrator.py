@@ -8,6 +8,7 @@
 # forge it). Jobs and results are appended to a flash log, so a reboot mid-job
 # resumes without re-flashing meters that finished.
 from micropython import const
+import gc
 import time
 import cbor
 import slots
@@ -210,7 +211,12 @@ class Engine:
             for mid in self.targets(j):
                 if mid in j.res or time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) < 0:
                     continue
-                self._attempt(j, mid)
+                gc.collect()  # one attempt allocates; start each from a clean heap
+                try:
+                    self._attempt(j, mid)
+                except MemoryError:
+                    gc.collect()
+                    self._failed(j, mid, "KO", "concentrator out of memory", None, None)
                 return  # one meter per call: the host is served in between
         if self.meters and time.ticks_diff(tk, self.probe_at) >= 0:
             self.probe_at = time.ticks_add(tk, PROBE_MS // max(1, len(self.meters)))
@@ -240,6 +246,9 @@ class Engine:
         if res == "OK":
             self._result(j, mid, "OK", why, rec, mac)
             return
+        self._failed(j, mid, res, why, rec, mac)
+
+    def _failed(self, j, mid, res, why, rec, mac):
         n = j.att.get(mid, 0) + 1
         self._write({"k": "att", "j": j.id, "m": mid, "a": n})
         self.lastfail[(j.id, mid)] = (res, why)

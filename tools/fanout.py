@@ -7,6 +7,7 @@ and the concentrator's heap after the job (live bytes after a collection)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -24,8 +25,8 @@ from meterota.transport import from_address  # noqa: E402
 
 
 def run(meters: int, data: bytes) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as t:
-        f = Fleet(Path(t), 1, meters, FleetOptions(heap="96wK"))
+    with tempfile.TemporaryDirectory(dir=os.environ.get("FANOUT_DIR")) as t:
+        f = Fleet(Path(t), 1, meters, FleetOptions(heap="128wK"))
         t0 = time.monotonic()
         f.start(timeout=300)
         started = time.monotonic() - t0
@@ -42,6 +43,10 @@ def run(meters: int, data: bytes) -> dict[str, float]:
             took = time.monotonic() - t1
             stats = c.stats()
             tr.close()
+        except BaseException:
+            for d in f.concentrators:
+                print(d.log_tail(30), file=sys.stderr)
+            raise
         finally:
             f.stop()
     return {"meters": meters, "ok": st["ok"], "seconds": took, "per_meter": took / meters,
@@ -51,7 +56,7 @@ def run(meters: int, data: bytes) -> dict[str, float]:
 
 def main() -> int:
     data = img.build_image(None, "1.1.0", slot_size=unix_slot_size())
-    print(f"image {len(data)} bytes; concentrator heap budget -X heapsize=96wK")
+    print(f"image {len(data)} bytes; concentrator heap budget -X heapsize=128wK")
     for m in [int(x) for x in sys.argv[1:]] or [20]:
         r = run(m, data)
         print(f"{r['meters']:>4} meters: {r['ok']} OK in {r['seconds']:.1f} s ({r['per_meter']:.2f} s/meter), "

@@ -30,6 +30,11 @@ class Board:
     def links(self, frame_max):
         import link
 
+        # A second call (the recovery receiver after a failed application)
+        # takes the ports over: close what the first one opened.
+        for s in getattr(self, "_socks", ()):
+            s.close()
+        self._socks = []
         out = []
         ser = self.config.get("serial")
         if ser:
@@ -37,6 +42,7 @@ class Board:
             s = socket.socket()
             s.connect(socket.getaddrinfo(host, int(port))[0][-1])
             s.setblocking(False)
+            self._socks.append(s)
             out.append(link.StreamLink(s, frame_max))
         udp = self.config.get("udp")
         if udp:
@@ -44,6 +50,7 @@ class Board:
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.bind(socket.getaddrinfo(host, int(port))[0][-1])
             u.setblocking(False)
+            self._socks.append(u)
             out.append(link.DatagramLink(u, frame_max))
         return out
 
