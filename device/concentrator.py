@@ -164,10 +164,13 @@ class Engine:
         return inf
 
     def peer(self, mid):
+        # Only the meter being worked on has a peer: memory does not grow with the fleet.
         p = self.peers.get(mid)
         if p is None:
+            for old in self.peers.values():
+                old.close()
             p = smpc.open_peer(self.by_id[mid]["link"], self.ctx.pump, self.ctx.buf_size, self.ctx.board)
-            self.peers[mid] = p
+            self.peers = {mid: p}
         return p
 
     def _mark(self, mid, info):

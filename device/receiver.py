@@ -1,6 +1,7 @@
 # The SMP receiver: the application-side runtime that the boot stage starts
 # from the application bundle (so the receiver itself is upgradable), or from
 # the device filesystem as the recovery receiver when no slot can boot.
+import gc
 import select
 import smp
 import updater
@@ -111,7 +112,10 @@ class Pump:
                     continue
                 for l in ctx.links:
                     if l.obj is obj:
-                        l.service(self.handle)
+                        try:
+                            l.service(self.handle)
+                        except MemoryError:
+                            gc.collect()  # the request is lost, like a dropped frame; the host retries
         finally:
             if extra is not None:
                 self.p.unregister(extra)

@@ -66,12 +66,22 @@ class Peer:
         pass
 
 
+_shared = None  # one UDP socket for every UDP meter: RAM and file descriptors stay flat
+
+
+def _udp_socket():
+    global _shared
+    if _shared is None:
+        _shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _shared.setblocking(False)
+    return _shared
+
+
 class UDPPeer(Peer):
     def __init__(self, host, port, pump, frame_max):
         super().__init__(pump, frame_max)
         self.addr = socket.getaddrinfo(host, port)[0][-1]
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
+        self.sock = _udp_socket()
 
     def _send(self, frame):
         try:
@@ -83,12 +93,11 @@ class UDPPeer(Peer):
         if not self.pump(min(ms, 50), self.sock):
             return None
         try:
-            return self.sock.recv(self.frame_max + 8)
+            data, src = self.sock.recvfrom(self.frame_max + 8)
         except OSError:
             return None
-
-    def close(self):
-        self.sock.close()
+        # The socket is shared: a late reply from another meter is not ours.
+        return data if src == self.addr else None
 
 
 class StreamPeer(Peer):
