@@ -66,12 +66,6 @@ class MeterotaGroup:
     def stats(self, req):
         gc.collect()
         out = {"heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(), "rx_dropped": self.ctx.dropped()}
-        try:
-            import micropython
-
-            out["heap_peak"] = micropython.mem_peak()  # builds with MICROPY_MEM_STATS (unix)
-        except (ImportError, AttributeError):
-            pass
         out.update(self.ctx.board.stats())
         return out
 

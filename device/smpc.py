@@ -62,6 +62,12 @@ class Peer:
                 return r
         raise PeerTimeout()
 
+    def _send(self, frame):  # pragma: no cover - each transport has its own
+        raise NotImplementedError
+
+    def _recv(self, ms):  # pragma: no cover - each transport has its own
+        raise NotImplementedError
+
     def close(self):
         pass
 

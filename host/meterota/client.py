@@ -192,7 +192,9 @@ class SMPClient:
         if target != (P.Group.IMAGE, 1):
             compress = False
         elif compress is None:
-            compress = self.can_deflate
+            # Worth it where the link, not the CPU, is the limit: serial lines.
+            # On UDP (Wi-Fi, loopback) deflating costs more time than it saves.
+            compress = self.can_deflate and isinstance(self.t, SerialTransport)
         elif compress and not self.can_deflate:
             raise RefusedError("upload: the device does not take compressed uploads")
         plan = _Plan(data, self.max_message, image, upgrade, chunk, compress, target)
