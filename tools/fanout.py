@@ -26,7 +26,7 @@ from meterota.transport import from_address  # noqa: E402
 
 def run(meters: int, data: bytes) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("FANOUT_DIR")) as t:
-        f = Fleet(Path(t), 1, meters, FleetOptions(heap="128wK"))
+        f = Fleet(Path(t), 1, meters, FleetOptions())
         t0 = time.monotonic()
         f.start(timeout=300)
         started = time.monotonic() - t0
@@ -41,6 +41,11 @@ def run(meters: int, data: bytes) -> dict[str, float]:
             job = conc.create_job(img.parse(data).hash, JobSpec(retries=1, duration=3600))
             st = conc.wait(job, 3600)
             took = time.monotonic() - t1
+            reasons: dict[str, int] = {}
+            for e in conc.results(job):
+                if e["result"] != "OK":
+                    k = f"{e['result']}: {e['reason']}"
+                    reasons[k] = reasons.get(k, 0) + 1
             stats = c.stats()
             tr.close()
         except BaseException:
@@ -50,17 +55,20 @@ def run(meters: int, data: bytes) -> dict[str, float]:
         finally:
             f.stop()
     return {"meters": meters, "ok": st["ok"], "seconds": took, "per_meter": took / meters,
-            "bytes": len(data) * st["ok"], "start_s": started, "heap_alloc": stats["heap_alloc"]}
+            "bytes": len(data) * st["ok"], "start_s": started, "heap_alloc": stats["heap_alloc"],
+            "failures": reasons}
 
 
 def main() -> int:
     data = img.build_image(None, "1.1.0", slot_size=unix_slot_size())
-    print(f"image {len(data)} bytes; concentrator heap budget -X heapsize=128wK")
+    print(f"image {len(data)} bytes; meters -X heapsize=128wK, concentrator 256wK")
     for m in [int(x) for x in sys.argv[1:]] or [20]:
         r = run(m, data)
         print(f"{r['meters']:>4} meters: {r['ok']} OK in {r['seconds']:.1f} s ({r['per_meter']:.2f} s/meter), "
               f"{r['bytes'] / 1e6:.1f} MB to meters, fleet start {r['start_s']:.0f} s, "
               f"concentrator heap live {r['heap_alloc'] / 1024:.1f} KiB after the job", flush=True)
+        for k, n in r["failures"].items():
+            print(f"      {n} x {k}")
     return 0
 
 

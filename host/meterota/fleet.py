@@ -28,7 +28,8 @@ class FleetOptions:
     fail_trial: set[str] = field(default_factory=set)
     loss: float = 0.15
     transport: str = "udp"  # the concentrators' upstream link
-    heap: str = "128wK"
+    heap: str = "128wK"  # a meter NIC
+    concentrator_heap: str = "256wK"  # a concentrator is a bigger board (ESP32 with PSRAM class)
     meter_reset_s: int = 10
 
 
@@ -49,7 +50,8 @@ class Fleet:
                 links = [self._meter(c, m, timeout) for m in range(1, self.m + 1)]
                 extra = {"role": "concentrator", "meters": links, "meter_reset_s": self.opts.meter_reset_s}
                 d = SimDevice(self.base / concentrator_id(c), device_id=concentrator_id(c),
-                              transport=self.opts.transport, heap=self.opts.heap, extra=extra)  # type: ignore[arg-type]
+                              transport=self.opts.transport, heap=self.opts.concentrator_heap,
+                              extra=extra)  # type: ignore[arg-type]
                 self.concentrators.append(d)
                 d.start(timeout=timeout)
         except BaseException:
