@@ -6,6 +6,7 @@
 from micropython import const
 
 _MAX_DEPTH = const(8)
+_MAX_ITEMS = const(512)  # per array or map: SMP bodies are small; a huge count is an attack
 
 
 class CBORError(ValueError):
@@ -129,11 +130,15 @@ def _decode(buf, pos, end, depth):
             except UnicodeError:
                 raise CBORError("utf-8")
         return v, pos + n
+    if major >= 4 and major <= 5 and n > _MAX_ITEMS:
+        raise CBORError("too many items")
     if major == 4:
         out = []
         while n != 0:
             if n < 0 and pos < end and buf[pos] == 0xFF:
                 return out, pos + 1
+            if len(out) >= _MAX_ITEMS:
+                raise CBORError("too many items")
             v, pos = _decode(buf, pos, end, depth + 1)
             out.append(v)
             n -= 1
@@ -143,6 +148,8 @@ def _decode(buf, pos, end, depth):
         while n != 0:
             if n < 0 and pos < end and buf[pos] == 0xFF:
                 return out, pos + 1
+            if len(out) >= _MAX_ITEMS:
+                raise CBORError("too many items")
             k, pos = _decode(buf, pos, end, depth + 1)
             if isinstance(k, memoryview):
                 k = bytes(k)

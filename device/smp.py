@@ -1,6 +1,7 @@
 # SMP (MCUmgr) message layer: the 8-byte header, dispatch to group handlers and
 # the two error forms (v1 {rc}, v2 {err: {group, rc}}).
 from micropython import const
+import gc
 import struct
 import cbor
 
@@ -88,6 +89,7 @@ class Dispatcher:
             else:
                 req = {}
             body = fn(req)
+            req = None  # the reply may need the room the request took
         except GroupError as e:
             g = group if e.group is None else e.group
             if ver == 0:
@@ -112,6 +114,12 @@ def _reply(ver, op, group, seq, cmd, body):
     out = bytearray(HDR_SIZE)
     try:
         cbor.dumps(body, out)
+    except MemoryError:
+        out = None
+        body = None
+        gc.collect()
+        out = bytearray(HDR_SIZE)
+        cbor.dumps({"rc": ENOMEM}, out)
     except ValueError as e:  # a handler returned something CBOR cannot carry
         print("meterota: reply not encodable:", repr(e))
         out = bytearray(HDR_SIZE)
