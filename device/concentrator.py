@@ -189,38 +189,39 @@ class Engine:
             m["state"] = "silent"
 
     # -- the engine (called from the serve loop) -------------------------------
-    def has_work(self):
+    def _due(self):
+        """(job, meter) for the next attempt, (job, None) for a job past its
+        deadline or window, or None when nothing is due."""
         now = time.time()
         tk = time.ticks_ms()
         for j in self.active_jobs():
             if now < j.not_before:
                 continue
             if now > j.deadline or (j.not_after and now > j.not_after):
-                return True
+                return j, None
             for mid in self.targets(j):
                 if mid not in j.res and time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0:
-                    return True
-        return False
+                    return j, mid
+        return None
+
+    def has_work(self):
+        return self._due() is not None
 
     def poll(self):
-        now = time.time()
-        tk = time.ticks_ms()
-        for j in self.active_jobs():
-            if now < j.not_before:
-                continue
-            if now > j.deadline or (j.not_after and now > j.not_after):
+        due = self._due()
+        if due is not None:
+            j, mid = due
+            if mid is None:
                 self._expire(j)
-                continue
-            for mid in self.targets(j):
-                if mid in j.res or time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) < 0:
-                    continue
-                gc.collect()  # one attempt allocates; start each from a clean heap
-                try:
-                    self._attempt(j, mid)
-                except MemoryError:
-                    gc.collect()
-                    self._failed(j, mid, "KO", "concentrator out of memory", None, None)
-                return  # one meter per call: the host is served in between
+                return
+            gc.collect()  # one attempt allocates; start each from a clean heap
+            try:
+                self._attempt(j, mid)
+            except MemoryError:
+                gc.collect()
+                self._failed(j, mid, "KO", "concentrator out of memory", None, None)
+            return  # one meter per call: the host is served in between
+        tk = time.ticks_ms()
         if self.meters and time.ticks_diff(tk, self.probe_at) >= 0:
             self.probe_at = time.ticks_add(tk, PROBE_MS // max(1, len(self.meters)))
             m = self.meters[self.probe_i % len(self.meters)]

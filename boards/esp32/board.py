@@ -13,7 +13,6 @@
 # behind the USB-UART bridge) or "uart:ID:TX:RX[:BAUD]"; config "wifi" +
 # "udp_port" add SMP over UDP. Reset is machine.reset(); a trial boot arms a
 # machine.WDT (config "wdt_ms") fed from the receiver loop.
-import io
 import json
 import sys
 import time
@@ -90,58 +89,6 @@ def _find(label):
     P = esp32.Partition
     found = P.find(P.TYPE_DATA, label=label)
     return found[0] if found else None
-
-
-class StdinStream(io.IOBase):
-    """The REPL console (native USB CDC or UART0) as a non-blocking stream.
-
-    sys.stdin.buffer.readinto() blocks until the buffer is full, so readinto
-    here moves bytes one at a time while poll says one is ready, and returns
-    None (never 0: 0 means end of stream to link.StreamLink) when there are
-    none. An io.IOBase subclass is a real stream to select.poll, which calls
-    ioctl(3, ...) on it."""
-
-    def __init__(self):
-        import select
-
-        self.inp = sys.stdin.buffer
-        self.out = sys.stdout.buffer
-        self.p = select.poll()
-        self.p.register(sys.stdin, select.POLLIN)
-        self.one = memoryview(bytearray(1))
-        self.POLLIN = select.POLLIN
-        self.POLLOUT = select.POLLOUT
-
-    def _ready(self):
-        for _o, ev in self.p.ipoll(0):
-            if ev & self.POLLIN:
-                return True
-        return False
-
-    def readinto(self, buf, n=-1):
-        n = len(buf) if n < 0 else min(n, len(buf))
-        mv = memoryview(buf)
-        i = 0
-        one = self.one
-        while i < n and self._ready():
-            if not self.inp.readinto(one):
-                break
-            mv[i] = one[0]
-            i += 1
-        return i if i else None
-
-    def write(self, buf):
-        return self.out.write(buf)
-
-    def ioctl(self, op, arg):
-        if op == 3:  # MP_STREAM_POLL
-            r = 0
-            if arg & self.POLLIN and self._ready():
-                r |= self.POLLIN
-            if arg & self.POLLOUT:
-                r |= self.POLLOUT
-            return r
-        return 0
 
 
 class Board:
@@ -224,6 +171,8 @@ class Board:
             except (AttributeError, OSError):
                 pass
             micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
+            from stdin_stream import StdinStream
+
             return StdinStream()
         # "uart:ID:TX:RX[:BAUD]"
         import machine

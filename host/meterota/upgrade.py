@@ -188,38 +188,32 @@ class Upgrader:
 
     def _after_boot(self, res: UpgradeResult, back: dict[str, Any], key: bytes, device_id: str,
                     info: img.ImageInfo, before: int, t0: float, started: float) -> UpgradeResult:
-        """From the first boot after the reset: check what runs, confirm, verify."""
-        try:
-            now = _active(back)
-            if not now or now.get("hash") != info.hash:
-                conf = self._confirmation(key, device_id, info, before, expect_ok=False)
-                res.reason = conf.reason if conf else "device did not boot the new image"
-                res.confirmation = conf.as_dict() if conf else None
-                self._finish(res, t0, started, conf)
-                raise UpgradeKO(f"{device_id}: KO, the device reverted to {now.get('version') if now else '?'}: "
-                                f"{res.reason}")
-            if back.get("trial"):
-                if back.get("self_confirm"):
-                    self.step("waiting for the device's self-test")
-                    self._wait_confirmed()
-                else:
-                    self.step("confirming the new image")
-                    self.c.image_confirm()
-            conf = self._confirmation(key, device_id, info, before, expect_ok=True)
-            assert conf is not None
-            res.confirmation = conf.as_dict()
-            res.result = conf.result
-            res.reason = conf.reason
-            if conf.result != "OK":
-                self._finish(res, t0, started, conf)
-                raise UpgradeKO(f"{device_id}: KO: {conf.reason}")
-            return self._finish(res, t0, started, conf)
-        except MeterotaError as e:
-            if not res.recorded:
-                res.result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
-                res.reason = str(e)
-                self._finish(res, t0, started, None)
-            raise
+        """From the first boot after the reset: check what runs, confirm, verify.
+        Called inside run()'s try, which records any failure."""
+        now = _active(back)
+        if not now or now.get("hash") != info.hash:
+            conf = self._confirmation(key, device_id, info, before, expect_ok=False)
+            res.reason = conf.reason if conf else "device did not boot the new image"
+            res.confirmation = conf.as_dict() if conf else None
+            self._finish(res, t0, started, conf)
+            raise UpgradeKO(f"{device_id}: KO, the device reverted to {now.get('version') if now else '?'}: "
+                            f"{res.reason}")
+        if back.get("trial"):
+            if back.get("self_confirm"):
+                self.step("waiting for the device's self-test")
+                self._wait_confirmed()
+            else:
+                self.step("confirming the new image")
+                self.c.image_confirm()
+        conf = self._confirmation(key, device_id, info, before, expect_ok=True)
+        assert conf is not None
+        res.confirmation = conf.as_dict()
+        res.result = conf.result
+        res.reason = conf.reason
+        if conf.result != "OK":
+            self._finish(res, t0, started, conf)
+            raise UpgradeKO(f"{device_id}: KO: {conf.reason}")
+        return self._finish(res, t0, started, conf)
 
     # -- steps ----------------------------------------------------------------
     def _check_fit(self, dev: dict[str, Any], info: img.ImageInfo, data: bytes) -> None:
