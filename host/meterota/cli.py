@@ -152,7 +152,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     from .fleet import Fleet, FleetOptions
 
     opts = FleetOptions(unreachable=_ids(args.unreachable), lossy=_ids(args.lossy), fail_trial=_ids(args.fail_trial),
-                        transport=args.transport, heap=args.heap)
+                        slow=_ids(args.slow), transport=args.transport, heap=args.heap)
     fleet = Fleet(args.dir, args.concentrators, args.meters, opts)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -576,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--meters", type=int, default=4, help="... each with M meters on UDP links (default 4)")
     f.add_argument("--unreachable", metavar="IDS", help="meters listed but never started (e.g. meter-0103)")
     f.add_argument("--lossy", metavar="IDS", help="meters behind a proxy that loses 15%% of datagrams")
+    f.add_argument("--slow", metavar="IDS", help="meters with 50 ms added to every datagram each way")
     f.add_argument("--fail-trial", metavar="IDS", help="meters whose hardware fails every trial boot")
     s.set_defaults(fn=cmd_sim)
 

@@ -1,7 +1,8 @@
 """A simulated fan-out: N concentrators, each with M meter NICs on their own
 UDP links, all under MicroPython. Chosen meters can be unreachable (listed but
-never started), lossy (behind a UDP proxy that drops datagrams) or fail their
-trial boot (a simulated hardware fault on the new image)."""
+never started), slow (50 ms added to every datagram), lossy (behind a UDP proxy
+that drops datagrams) or fail their trial boot (a simulated hardware fault on
+the new image)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ class FleetOptions:
     unreachable: set[str] = field(default_factory=set)
     lossy: set[str] = field(default_factory=set)
     fail_trial: set[str] = field(default_factory=set)
+    slow: set[str] = field(default_factory=set)
     loss: float = 0.15
+    slow_delay_s: float = 0.05  # added to every datagram of a slow meter, each way
     transport: str = "udp"  # the concentrators' upstream link
     heap: str = "128wK"  # a meter NIC
     concentrator_heap: str = "256wK"  # a concentrator is a bigger board (ESP32 with PSRAM class)
@@ -69,8 +72,13 @@ class Fleet:
         self.meters.append(d)
         d.start(timeout=timeout)
         addr = d.address[len("udp:"):]
-        if mid in self.opts.lossy:
-            p = UDPFaultProxy(None, addr, loss=self.opts.loss, seed=c * 100 + m)
+        if mid in self.opts.lossy or mid in self.opts.slow:
+            if mid in self.opts.slow:
+                # Every datagram is held and, with no successor in stop-and-wait
+                # traffic, released after hold_s: a fixed added latency.
+                p = UDPFaultProxy(None, addr, reorder=1.0, hold_s=self.opts.slow_delay_s, seed=c * 100 + m)
+            else:
+                p = UDPFaultProxy(None, addr, loss=self.opts.loss, seed=c * 100 + m)
             p.start()
             self.proxies.append(p)
             addr = f"{p.host}:1337"

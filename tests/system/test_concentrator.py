@@ -170,3 +170,21 @@ def test_priority_orders_jobs_and_restart_resumes(tmp_path: Path, images: Images
     finally:
         f.stop()
 
+
+
+def test_slow_and_lossy_meters_still_end_ok(tmp_path: Path, images: Images) -> None:
+    slow, lossy = meter_id(1, 1), meter_id(1, 2)
+    f = Fleet(tmp_path / "f", 1, 2, FleetOptions(slow={slow}, lossy={lossy}, loss=0.05, meter_reset_s=8))
+    f.start()
+    try:
+        data = images.app("1.3.0").read_bytes()
+        c = connect(f.concentrators[0])
+        conc = Concentrator(c)
+        conc.store(data)
+        job = conc.create_job(parse(data).hash, JobSpec(retries=3, duration=300))
+        st = conc.wait(job, 240)
+        assert st["ok"] == 2, list(conc.results(job))
+        assert all(p.stats()["faults"] > 0 for p in f.proxies)
+        c.t.close()
+    finally:
+        f.stop()
