@@ -83,3 +83,19 @@ class DatagramLink:
 
     def dropped(self):
         return self._dropped
+
+
+def open_links(board, frame_max):
+    """The links an MCU board's configuration asks for: serial ("stdin" or a
+    UART spec, opened by board._serial with an rx buffer for buf_count
+    messages) and UDP (board._udp, None when Wi-Fi is off)."""
+    cfg = board.config
+    rx = int(cfg.get("buf_size", 2048)) * int(cfg.get("buf_count", 4))
+    out = []
+    ser = cfg.get("serial", "stdin")
+    if ser:
+        out.append(StreamLink(board._serial(ser, rx), frame_max, name="serial"))
+    sock = board._udp()
+    if sock is not None:
+        out.append(DatagramLink(sock, frame_max))
+    return out

@@ -182,36 +182,7 @@ class Board:
     def links(self, frame_max):
         import link
 
-        feed = self.feed
-
-        class Stream(link.StreamLink):
-            def service(self, handler):
-                feed()
-                link.StreamLink.service(self, handler)
-
-            def idle(self):
-                feed()
-                link.StreamLink.idle(self)
-
-        class Datagram(link.DatagramLink):
-            def service(self, handler):
-                feed()
-                link.DatagramLink.service(self, handler)
-
-            def idle(self):
-                feed()
-                link.DatagramLink.idle(self)
-
-        cfg = self.config
-        rx = int(cfg.get("buf_size", 2048)) * int(cfg.get("buf_count", 4))
-        out = []
-        ser = cfg.get("serial", "stdin")
-        if ser:
-            out.append(Stream(self._serial(ser, rx), frame_max, name="serial"))
-        sock = self._udp()
-        if sock is not None:
-            out.append(Datagram(sock, frame_max))
-        return out
+        return link.open_links(self, frame_max)
 
     def _serial(self, spec, rx):
         if spec == "stdin":
