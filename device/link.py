@@ -5,6 +5,7 @@
 # stream must return what is available from readinto() (None or a short count)
 # rather than block until the buffer is full.
 # DatagramLink: SMP over UDP, one message per datagram (port 1337 by default).
+import gc
 import select
 import framing
 
@@ -66,7 +67,7 @@ class DatagramLink:
 
     def service(self, handler):
         try:
-            data, peer = self.obj.recvfrom(self.frame_max + 8)
+            data, peer = self._recv()
         except OSError:
             return
         resp = handler(data, peer)
@@ -77,6 +78,15 @@ class DatagramLink:
             self.obj.sendto(resp, peer)
         except OSError:
             self._dropped += 1
+
+    def _recv(self):
+        # recvfrom allocates the datagram; a fragmented heap may have no room
+        # for it until garbage is collected, so collect once before giving up.
+        try:
+            return self.obj.recvfrom(self.frame_max + 8)
+        except MemoryError:
+            gc.collect()
+            return self.obj.recvfrom(self.frame_max + 8)
 
     def idle(self):
         pass

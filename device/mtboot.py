@@ -94,6 +94,20 @@ def start(board):
         return recovery(board)
 
 
+def run(board):
+    """Entry point of a real board's main.py. For the first `grace_ms` (config,
+    default 3000) Ctrl-C still reaches the REPL, so mpremote/deploy can take the
+    board back after a reset: once the receiver runs on the console, Ctrl-C is
+    data (micropython.kbd_intr(-1))."""
+    import time
+
+    grace = int(board.config.get("grace_ms", 3000))
+    if grace:
+        print("meterota: starting in %d ms (Ctrl-C for the REPL)" % grace)
+        time.sleep_ms(grace)
+    start(board)
+
+
 def recovery(board):
     sys.path = [p for p in sys.path if p != APP_MOUNT]
     import receiver

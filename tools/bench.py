@@ -1,6 +1,6 @@
 """`make bench`: meterota against the physical limit and the tools people use today.
 
-    python tools/bench.py [--links L1,L2] [--repeat N] [--skip-heap] [--pacing uart|sim] [--json FILE]
+    python tools/bench.py [--links L1,L2] [--repeat N] [--skip-heap] [--json FILE]
 
 One run measures, on the same links and with the same image:
   * meterota: SMPClient.upload timed directly (the upload phase of `meterota
@@ -14,10 +14,8 @@ One run measures, on the same links and with the same image:
     paced pty bridge (serial links only).
 Links: pty pairs paced like a UART (8N1: baud/10 bytes/s each way) at 115200 and
 921600 baud, an unpaced pty (USB-CDC-like) and UDP on loopback. Devices are
-meterota.sim.SimDevice (the device code under MicroPython). The paced bridge uses
-tools/bench_links.UartDirection, where idle line time is lost as on a real UART
-(--pacing sim keeps the simulator's own pacing, which lets a line idle for less
-than 20 ms catch up and so hides a stop-and-wait client's turnaround).
+meterota.sim.SimDevice (the device code under MicroPython); the simulator paces
+like a real UART, where idle line time is lost (meterota.sim._Direction).
 
 Also measured: the device's CPU time per MiB (utime+stime of its process),
 the smallest MicroPython heap at which a full upload still works (bisection on
@@ -54,7 +52,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import cbor2  # noqa: E402
 
-from bench_links import CountingShaper, ReplLink, use_uart_pacing  # noqa: E402
+from bench_links import CountingShaper, ReplLink  # noqa: E402
 from meterota import image as img  # noqa: E402
 from meterota import protocol as P  # noqa: E402
 from meterota.boards import unix_slot_size  # noqa: E402
@@ -78,11 +76,8 @@ IMAGE_TARGET = {"big": 256 * 1024, "small": 64 * 1024}
 HEAP_BUDGETS_WK = {"ESP32": 64, "Pico": 160}
 HEAP_TARGET_KIB = 32
 
-PACING = {
-    "uart": "strict UART (tools/bench_links.UartDirection): a byte goes out no earlier than it was written "
-            "and than the previous byte finished; idle line time is lost",
-    "sim": "meterota.sim's pacing: a line idle for less than 20 ms catches up on the idle time",
-}
+PACING = ("meterota.sim UART pacing: a byte goes out no earlier than it was written and than the "
+          "previous byte finished; idle line time is lost")
 
 TOOLS = {  # tool id -> label
     "meterota": "meterota negotiated (binary + pipelined, deflate on serial links)",
@@ -796,9 +791,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5,
                     help="runs per measurement on unpaced links, where one run takes well under a second (median)")
     ap.add_argument("--skip-heap", action="store_true", help="skip the heap bisection")
-    ap.add_argument("--pacing", choices=["uart", "sim"], default="uart",
-                    help="uart (default): idle line time is lost, as on a real UART; sim: the simulator's own "
-                         "pacing, which lets a line idle for < 20 ms catch up (flatters stop-and-wait clients)")
     ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     wanted = args.links.split(",")
@@ -807,7 +799,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"no such link; choose from {', '.join(l.name for l in LINKS)}")
     t_start = time.monotonic()
     WORK.mkdir(parents=True, exist_ok=True)
-    use_uart_pacing(args.pacing == "uart")
 
     log("building images (realistic application bundles)")
     images: dict[str, tuple[bytes, Path, bytes, dict[str, Any]]] = {}
@@ -911,7 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["make bench  # python tools/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
         "units": "kB/s, 1 kB = 1000 bytes; link rate = baud/10 bytes/s (8N1)",
-        "pacing": PACING[args.pacing],
+        "pacing": PACING,
         "ceiling_formula": CEILING_FORMULA,
         "images": {k: v[3] for k, v in images.items()},
         "links": link_info,

@@ -6,13 +6,10 @@
   meterota.sim pacing class, so mpremote and the SMP tools see the same UART.
 * CountingShaper -- a meterota.sim.LinkShaper that counts the bytes each way, so
   the benchmark can report what a tool really put on the wire.
-* UartDirection / use_uart_pacing() -- a stricter UART model for the simulator's paced
-  bridge (see UartDirection).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import pty
 import select
@@ -27,67 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "host"))
 
-import meterota.sim as _sim  # noqa: E402
 from meterota.sim import LinkShaper, _Direction  # noqa: E402  (the simulator's own UART pacing)
-
-
-class UartDirection(_Direction):
-    """One direction of a UART: a byte goes on the wire no earlier than it was written and no
-    earlier than the byte before it has finished.
-
-    The simulator's own pacing (meterota.sim._Direction) lets a line that was idle for less than
-    _PACE_CATCHUP_S (20 ms) start its next bytes where the previous ones ended, which makes up
-    for the bridge thread waking late but also hands a stop-and-wait client its turnaround time
-    back: after each reply the next request arrives "already sent". Here the catch-up applies
-    only to bytes that were already waiting, so late wake-ups cost nothing and idle time is lost,
-    as on a real line. Same slices, same delivery, same back-pressure otherwise.
-    """
-
-    def __init__(self, bytes_per_second: float | None) -> None:
-        super().__init__(bytes_per_second)
-        self.chunks: collections.deque[list[float]] = collections.deque()  # [bytes left, written at]
-
-    def push(self, data: bytes) -> None:
-        super().push(data)
-        if self.bps is not None and data:
-            self.chunks.append([len(data), time.monotonic()])
-
-    def advance(self, now: float) -> None:
-        if self.bps is None:
-            return
-        if self.flight and now >= self.flight_due:
-            self.outbox += self.flight
-            self.flight = b""
-            self.line_free_at = self.flight_due
-        if not self.flight and self.inbox:
-            n = min(len(self.inbox), max(1, int(self.bps * _sim._PACE_SLICE_S)))
-            written_at = self.chunks[0][1] if self.chunks else now
-            k = n
-            while k and self.chunks:
-                c = self.chunks[0]
-                take = min(k, int(c[0]))
-                c[0] -= take
-                k -= take
-                if c[0] <= 0:
-                    self.chunks.popleft()
-            self.flight = bytes(self.inbox[:n])
-            del self.inbox[:n]
-            self.flight_due = max(self.line_free_at, written_at) + n / self.bps
-
-    def clear(self) -> None:
-        super().clear()
-        self.chunks.clear()
-
-
-DIRECTION: type[_Direction] = _Direction
-
-
-def use_uart_pacing(strict: bool = True) -> None:
-    """Make the simulator's serial bridges (created from now on, in this process) and ReplLink
-    pace with UartDirection (strict) or with the simulator's own _Direction."""
-    global DIRECTION
-    DIRECTION = UartDirection if strict else _Direction
-    _sim._Direction = DIRECTION  # type: ignore[misc]  # _SerialLink looks the class up when it is built
 
 
 class CountingShaper(LinkShaper):
@@ -126,8 +63,8 @@ class ReplLink:
         os.close(sa)
         for fd in (self.ma, self.mb):
             os.set_blocking(fd, False)
-        self.to_dev = DIRECTION(bytes_per_second)   # pty B (host) -> pty A (REPL)
-        self.to_host = DIRECTION(bytes_per_second)  # pty A -> pty B
+        self.to_dev = _Direction(bytes_per_second)   # pty B (host) -> pty A (REPL)
+        self.to_host = _Direction(bytes_per_second)  # pty A -> pty B
         self.bytes_to_dev = 0
         self.bytes_to_host = 0
         self._stop = False

@@ -205,34 +205,9 @@ class Board:
                             txbuf=1024, timeout=0, timeout_char=0)
 
     def _udp(self):
-        cfg = self.config
-        w = cfg.get("wifi")
-        if not w or not w.get("ssid"):
-            return None
-        try:
-            import network
-        except ImportError:
-            print("meterota: no network module (not a W board), UDP off")
-            return None
-        import socket
+        import wifi
 
-        wlan = network.WLAN(network.WLAN.IF_STA)
-        wlan.active(True)
-        if not wlan.isconnected():
-            wlan.connect(w["ssid"], w.get("key", ""))
-            t0 = time.ticks_ms()
-            while not wlan.isconnected():
-                if time.ticks_diff(time.ticks_ms(), t0) > int(w.get("timeout_ms", 20000)):
-                    print("meterota: wifi", w["ssid"], "not connected, status", wlan.status())
-                    return None
-                time.sleep_ms(100)
-        if w.get("pm_none"):
-            wlan.config(pm=wlan.PM_NONE)
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(socket.getaddrinfo("0.0.0.0", int(cfg.get("udp_port", 1337)))[0][-1])
-        s.setblocking(False)
-        print("meterota: udp", wlan.ifconfig()[0], cfg.get("udp_port", 1337))
-        return s
+        return wifi.udp_socket(self.config)
 
     def ready(self, ctx):
         if not ctx.recovery and ctx.up.st.trial and self._wdt is None:

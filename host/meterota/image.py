@@ -36,8 +36,9 @@ SIGNATURE_TLVS = (0x20, 0x22, 0x23, 0x24)
 TLV_BOARD = 0xA1  # vendor range: the board the image was built for (protected, so hashed)
 TLV_NAMES[TLV_BOARD] = "BOARD"
 # Files of device/ that are not part of the upgradable runtime: the boot stage
-# stays on the device filesystem and is installed by deploy.
-RUNTIME_EXCLUDE = {"mtboot.py"}
+# and the board layer's shared helpers stay on the device filesystem, installed
+# by deploy next to boards/<board>/board.py, which uses them before any slot mounts.
+RUNTIME_EXCLUDE = {"mtboot.py", "wifi.py", "stdin_stream.py"}
 
 
 def runtime_files() -> list[Path]:

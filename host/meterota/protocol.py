@@ -108,12 +108,13 @@ def crc16(data: bytes) -> int:
     return binascii.crc_hqx(data, 0)
 
 
-def encode_console(frame: bytes) -> bytes:
+def encode_console(frame: bytes, line_raw: int = CONSOLE_LINE_RAW) -> bytes:
+    """The console framing; `line_raw` raw bytes per line (other tools cut differently)."""
     pkt = struct.pack(">H", len(frame) + 2) + frame + struct.pack(">H", crc16(frame))
     out = bytearray()
-    for i in range(0, len(pkt), CONSOLE_LINE_RAW):
+    for i in range(0, len(pkt), line_raw):
         out += b"\x06\x09" if i == 0 else b"\x04\x14"
-        out += base64.b64encode(pkt[i:i + CONSOLE_LINE_RAW]) + b"\n"
+        out += base64.b64encode(pkt[i:i + line_raw]) + b"\n"
     return bytes(out)
 
 

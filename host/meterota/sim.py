@@ -17,6 +17,7 @@ client can keep its port open across a device reset, as with a real board.
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import fcntl
 import json
@@ -71,7 +72,6 @@ _HIGH_WATER = 64 * 1024
 # frames are not delayed behind a large one and the schedule stays smooth.
 _PACE_SLICE_S = 0.005
 # How much wake-up lateness a busy paced line may make up for (see _Direction.advance).
-_PACE_CATCHUP_S = 0.02
 # Same grammar as boards/unix/norflash.py parses: N[:before|torn[:seed]].
 _POWERFAIL_RE = re.compile(r"^[1-9]\d*(:(before|torn)(:-?\d+)?)?$")
 
@@ -107,9 +107,11 @@ class LinkShaper:
 class _Direction:
     """One direction of the bridge: shaped bytes waiting, optionally paced like a UART line.
 
-    With pacing, bytes move inbox -> in-flight slice -> outbox; a slice becomes deliverable when
-    its line time has elapsed, measured against a monotonic schedule so that the average rate is
-    exact even when the bridge thread wakes late.
+    With pacing, bytes move inbox -> in-flight slice -> outbox. A byte goes on the wire no
+    earlier than it was written and no earlier than the byte before it finished, as on a real
+    UART: bytes already waiting continue where the last slice ended (so a bridge thread that
+    wakes late costs nothing and the average rate is exact), but idle line time is lost (a
+    stop-and-wait client does not get its turnaround back).
     """
 
     def __init__(self, bytes_per_second: float | None) -> None:
@@ -119,12 +121,14 @@ class _Direction:
         self.flight = b""
         self.flight_due = 0.0
         self.line_free_at = 0.0
+        self.chunks: collections.deque[list[float]] = collections.deque()  # [bytes left, written at]
 
     def push(self, data: bytes) -> None:
         if self.bps is None:
             self.outbox += data
-        else:
+        elif data:
             self.inbox += data
+            self.chunks.append([len(data), time.monotonic()])
 
     def advance(self, now: float) -> None:
         if self.bps is None:
@@ -135,16 +139,18 @@ class _Direction:
             self.line_free_at = self.flight_due
         if not self.flight and self.inbox:
             n = min(len(self.inbox), max(1, int(self.bps * _PACE_SLICE_S)))
+            written_at = self.chunks[0][1] if self.chunks else now
+            k = n
+            while k and self.chunks:
+                c = self.chunks[0]
+                take = min(k, int(c[0]))
+                c[0] -= take
+                k -= take
+                if c[0] <= 0:
+                    self.chunks.popleft()
             self.flight = bytes(self.inbox[:n])
             del self.inbox[:n]
-            # A busy line continues where the last slice ended, not at "now": the bridge always
-            # wakes a little late, and starting at "now" would lose that time on every slice.
-            # After a real idle gap (longer than the catch-up bound) the line starts afresh, so
-            # it never bursts more than that bound's worth of bytes.
-            start = self.line_free_at
-            if now - start > _PACE_CATCHUP_S:
-                start = now
-            self.flight_due = start + n / self.bps
+            self.flight_due = max(self.line_free_at, written_at) + n / self.bps
 
     def deadline(self) -> float | None:
         return self.flight_due if self.flight else None
@@ -157,6 +163,7 @@ class _Direction:
         self.outbox.clear()
         self.flight = b""
         self.line_free_at = 0.0
+        self.chunks.clear()
 
 
 class _SerialLink:

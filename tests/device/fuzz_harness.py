@@ -26,7 +26,7 @@
 #   ESCAPED <type> <message>      an exception got out of disp.handle (F, G)
 #   S ESCAPED <type> <message>    an exception got out of Deframer.feed (S)
 #   NOMEM <n>                     the datagram buffer (buf_size + 8 bytes, as link.DatagramLink's
-#                                 recvfrom allocates it) could not be allocated
+#                                 recvfrom allocates it) could not be allocated, even after a collection
 #   MR <mem_alloc> <mem_free>     for an M record; "M ..." for the harness' own checkpoints
 # with " reset:<slot>" appended when the request asked for a reset (the device is
 # then rebooted the way the board would: select_boot and a new receiver; <slot> is
@@ -178,12 +178,17 @@ def main():
         n += 1
         if kind == 0x46 or kind == 0x47:  # F, G
             k = 1 if kind == 0x47 and ln else 0
+            # As link.DatagramLink: recvfrom(frame_max + 8) allocates that much per
+            # datagram, collecting the garbage once when the heap has no room.
             try:
-                # As link.DatagramLink: recvfrom(frame_max + 8) allocates that much per datagram.
                 d = bytearray(ctx.buf_size + 8)
             except MemoryError:
-                d = None
-                write("NOMEM %d" % (ctx.buf_size + 8))
+                gc.collect()
+                try:
+                    d = bytearray(ctx.buf_size + 8)
+                except MemoryError:
+                    d = None
+                    write("NOMEM %d" % (ctx.buf_size + 8))
             if d is not None:
                 d[:ln - k] = data[k:]
                 fr = memoryview(d)[:ln - k]

@@ -54,6 +54,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MICROPYTHON, REPO, VECTORS
+from meterota import protocol as P
 
 HARNESS = Path(__file__).with_name("fuzz_harness.py")
 HEAP = os.environ.get("METEROTA_FUZZ_HEAP", "64wK")
@@ -88,27 +89,10 @@ def request(op: int, group: int, cmd: int, body: Any, ver: int = 1, seq: int = 0
     return frame(op, group, cmd, cbor2.dumps(body, canonical=True), ver, seq)
 
 
-def crc16(data: bytes) -> int:
-    import binascii
-
-    return binascii.crc_hqx(data, 0)
-
-
-def console(frame_: bytes, line_raw: int = 90) -> bytes:
-    import base64
-
-    pkt = struct.pack(">H", len(frame_) + 2) + frame_ + struct.pack(">H", crc16(frame_))
-    out = bytearray()
-    for i in range(0, len(pkt), line_raw):
-        out += b"\x06\x09" if i == 0 else b"\x04\x14"
-        out += base64.b64encode(pkt[i:i + line_raw]) + b"\n"
-    return bytes(out)
-
-
-def binary(frame_: bytes) -> bytes:
-    n = len(frame_)
-    return bytes([6, 0x0B, (n >> 8) & 0xFF, n & 0xFF, (~((n >> 8) + (n & 0xFF))) & 0xFF]) + frame_ + \
-        struct.pack(">H", crc16(frame_))
+# The framings as the host writes them (meterota.protocol): one implementation.
+crc16 = P.crc16
+console = P.encode_console
+binary = P.encode_binary
 
 
 # Every command the device serves: (group, cmd) -> (ops it answers, argument keys).
