@@ -356,13 +356,20 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         return cmd_upgrade_via(args)
     out = Out(args.json)
     data = _read_image(args.image)
+    campaign = getattr(args, "campaign", None)
+    if campaign:
+        _check_campaign(args, campaign)
     c = _client(args)
     try:
         with _store(args) as st, out.progress("upload") as prog:
             up = Upgrader(c, st, key=args.key, allow_downgrade=args.allow_downgrade,
                           reset_timeout=args.reset_timeout, progress=prog, step=out.step,
-                          campaign=getattr(args, "campaign", None), negotiate=not args.console)
-            res = up.run(data)
+                          campaign=campaign, negotiate=not args.console)
+            try:
+                res = up.run(data)
+            finally:
+                if campaign and up.last is not None and up.last.recorded:
+                    _field_result(args, campaign, up.last, out)
     finally:
         c.t.close()
     conf = res.confirmation or {}
@@ -372,6 +379,33 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
            if res.upload.get("bytes") else "")
         + (f"\n  confirmation #{conf['seq']}: {conf['result']} ({conf['reason']}), MAC verified" if conf else "")))
     return 0
+
+
+def _check_campaign(args: argparse.Namespace, cid: str) -> None:
+    from .ledger import Ledger
+
+    with _store(args) as st:
+        led = Ledger(st)
+        try:
+            if led.campaign(cid) is None:
+                raise errors.MeterotaError(f"no campaign {cid} in {st.path}")
+        finally:
+            led.close()
+
+
+def _field_result(args: argparse.Namespace, cid: str, res: Any, out: Out) -> None:
+    """A technician's upgrade under --campaign: into the ledger; an OK closes the work order."""
+    from .campaign import record_field_upgrade
+    from .ledger import Ledger
+
+    with _store(args) as st:
+        led = Ledger(st)
+        try:
+            closed = record_field_upgrade(led, cid, res)
+        finally:
+            led.close()
+    for w in closed:
+        out.step(f"work order {w['id']} for {w['device']} closed")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -619,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
     u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
     u.add_argument("--reset-timeout", type=float, default=30.0, help="seconds to wait for the device after reset")
-    u.add_argument("--campaign", help="record the outcome under this campaign id")
+    u.add_argument("--campaign", help="a field upgrade for this campaign: its verified result goes into the "
+                   "campaign's ledger and an OK closes the device's work order")
     u.add_argument("--via", metavar="CONCENTRATOR", help="upgrade a meter through this concentrator "
                    "(a serial port or udp:HOST)")
     u.add_argument("--meter", help="with --via: the meter's id")
@@ -700,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
     ky.set_defaults(fn=cmd_keys)
     kl = ks.add_parser("list", help="devices with a registered key")
     kl.set_defaults(fn=cmd_keys_list)
+
+    from .cli_campaign import add_parsers, campaign_device_defaults
+
+    add_parsers(sub, campaign_device_defaults)
 
     r = sub.add_parser("records", help="list recorded upgrade outcomes")
     r.add_argument("--device")

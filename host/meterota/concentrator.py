@@ -65,7 +65,10 @@ class Concentrator:
         self.c.request(Op.WRITE, GROUP, 5, {"job": job}, what="cancel job")
 
     def results(self, job: int) -> Iterator[dict[str, Any]]:
-        start = 0
+        return self.results_from(job, 0)
+
+    def results_from(self, job: int, start: int) -> Iterator[dict[str, Any]]:
+        """The job's results from the `start`-th on, in the order they were reached."""
         while True:
             r = self.c.request(Op.READ, GROUP, 6, {"job": job, "start": start}, what="read job results")
             yield from r["results"]

@@ -11,6 +11,7 @@ EXIT_KO = 5  # the upgrade ran and the device reported KO (reverted)
 EXIT_CONFIRMATION = 6  # the confirmation record did not verify
 EXIT_PROTOCOL = 7  # the device answered something meaningless
 EXIT_IMAGE = 8  # the image file is missing or not an MCUboot image
+EXIT_STOPPED = 9  # a campaign ended before its end: aborted, halted at a group's threshold, or expired
 
 
 class MeterotaError(Exception):
@@ -27,6 +28,10 @@ class TransportError(MeterotaError):
 
 class DeviceTimeout(TransportError):
     pass
+
+
+class SilentAfterReset(DeviceTimeout):
+    """The device took the test image and went silent: a KO that only a field visit can explain."""
 
 
 class ProtocolError(MeterotaError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,11 @@ class Store:
     def __init__(self, path: Path | str | None = None):
         self.path = Path(path) if path else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=10)
+        # One connection shared by a campaign's worker threads, serialised here.
+        self.db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        with self.db:
+        self.lock = threading.RLock()
+        with self.lock, self.db:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
 
@@ -86,7 +89,7 @@ class Store:
 
     # -- key registry ------------------------------------------------------
     def set_key(self, device: str, key: bytes, board: str | None = None, address: str | None = None) -> None:
-        with self.db:
+        with self.lock, self.db:
             self.db.execute(
                 "INSERT INTO devices(id, key, board, address, updated) VALUES(?,?,?,?,?) "
                 "ON CONFLICT(id) DO UPDATE SET key=excluded.key, board=COALESCE(excluded.board, board), "
@@ -94,20 +97,22 @@ class Store:
                 (device, key, board, address, time.time()))
 
     def key(self, device: str) -> bytes | None:
-        row = self.db.execute("SELECT key FROM devices WHERE id=?", (device,)).fetchone()
+        with self.lock:
+            row = self.db.execute("SELECT key FROM devices WHERE id=?", (device,)).fetchone()
         return bytes(row["key"]) if row else None
 
     def last_seq(self, device: str) -> int:
-        row = self.db.execute("SELECT last_seq FROM devices WHERE id=?", (device,)).fetchone()
+        with self.lock:
+            row = self.db.execute("SELECT last_seq FROM devices WHERE id=?", (device,)).fetchone()
         return int(row["last_seq"]) if row else 0
 
     def note_seq(self, device: str, seq: int) -> None:
-        with self.db:
+        with self.lock, self.db:
             self.db.execute("UPDATE devices SET last_seq=MAX(last_seq, ?) WHERE id=?", (seq, device))
 
     # -- outcomes ------------------------------------------------------------
     def add(self, o: Outcome) -> int:
-        with self.db:
+        with self.lock, self.db:
             cur = self.db.execute(
                 "INSERT INTO upgrades(device, address, from_version, to_version, image_hash, result, reason, "
                 "attempts, started, finished, record, mac, verified, campaign) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -118,7 +123,9 @@ class Store:
     def outcomes(self, device: str | None = None, limit: int = 100) -> Iterator[dict[str, Any]]:
         q = "SELECT * FROM upgrades" + (" WHERE device=?" if device else "") + " ORDER BY id DESC LIMIT ?"
         args: tuple[Any, ...] = (device, limit) if device else (limit,)
-        for row in self.db.execute(q, args):
+        with self.lock:
+            rows = self.db.execute(q, args).fetchall()
+        for row in rows:
             d = dict(row)
             for k in ("record", "mac"):
                 if d[k] is not None:

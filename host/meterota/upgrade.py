@@ -18,7 +18,7 @@ from .client import SMPClient, UploadStats
 from .protocol import Group, Op
 from .confirm import Confirmation, verify
 from .errors import (ConfirmationError, DeviceTimeout, MeterotaError, ProtocolError, RefusedError,
-                     TransportError, UpgradeKO)
+                     SilentAfterReset, TransportError, UpgradeKO)
 from .store import Outcome, Store
 
 log = logging.getLogger("meterota.upgrade")
@@ -130,6 +130,7 @@ class Upgrader:
         self.step: Step = step or (lambda s: log.info(s))
         self.campaign = campaign
         self.negotiate = negotiate
+        self.last: UpgradeResult | None = None  # the outcome so far, also when run() raised
 
     def run(self, data: bytes) -> UpgradeResult:
         t0 = time.monotonic()
@@ -151,12 +152,17 @@ class Upgrader:
         from_version = active.get("version") if active else None
         res = UpgradeResult(device_id, self.c.t.name, "KO", "", from_version, info.version_str,
                             info.hash.hex(), 0.0)
+        self.last = res
         try:
             self._check_fit(dev, info, data)
             if active and active.get("hash") == info.hash and not dev.get("trial"):
                 res.result, res.reason, res.skipped_upload = "OK", "already running this image", True
                 self.step(f"{device_id} already runs {info.version_str}")
-                return self._finish(res, t0, started, None)
+                conf = self._standing_record(key, device_id, info)
+                if conf is not None:
+                    res.from_version = conf.previous_version
+                    res.confirmation = conf.as_dict()
+                return self._finish(res, t0, started, conf)
             before = self._record_seq(key, device_id)
             if active and active.get("hash") == info.hash and dev.get("trial"):
                 # An earlier attempt got as far as the trial boot: finish it.
@@ -177,7 +183,7 @@ class Upgrader:
                 # only a field visit tells, so this is a KO, not "unreachable".
                 res.reason = f"no answer after reset into the test image ({e})"
                 self._finish(res, t0, started, None)
-                raise DeviceTimeout(f"{device_id}: KO, {res.reason}") from None
+                raise SilentAfterReset(f"{device_id}: KO, {res.reason}") from None
             return self._after_boot(res, back, key, device_id, info, before, t0, started)
         except MeterotaError as e:
             if not res.recorded:
@@ -253,6 +259,18 @@ class Upgrader:
         except RefusedError:
             return 0
         return verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id).seq
+
+    def _standing_record(self, key: bytes, device_id: str, info: img.ImageInfo) -> Confirmation | None:
+        """The device's latest record when it is a verified OK for this image:
+        the proof of an upgrade that finished while nobody was listening (a
+        host killed after the confirm, resumed by a campaign)."""
+        try:
+            r = self.c.confirmation()
+            conf = verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id, image_hash=info.hash,
+                          version=info.version_str)
+        except (RefusedError, ConfirmationError):
+            return None
+        return conf if conf.result == "OK" else None
 
     def _confirmation(self, key: bytes, device_id: str, info: img.ImageInfo, before: int,
                       expect_ok: bool) -> Confirmation | None:

@@ -1,0 +1,370 @@
+"""The campaign commands of the CLI: campaign run|resume|status|list|abort,
+workorders, export, report. Thin: the work is in campaign.py, ledger.py,
+export.py and report.py."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import errors
+from .ledger import Ledger
+from .store import Store
+
+STATES = ("OK", "KO", "UNREACHABLE", "ERROR", "CANCELLED", "running", "pending")
+
+
+def _ledger(args: argparse.Namespace) -> tuple[Store, Ledger]:
+    st = Store(args.db)
+    return st, Ledger(st)
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+class Progress:
+    """Counts per group and per concentrator, refreshed from the ledger: a
+    rich live table on a terminal, a plain line whenever a count changes
+    otherwise, nothing with --json."""
+
+    def __init__(self, ledger: Ledger, cid: str, quiet: bool):
+        self.ledger = ledger
+        self.cid = cid
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty() and not quiet
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last = ""
+        self._live: Any = None
+        self._print = threading.Lock()  # worker threads report steps concurrently
+
+    def step(self, text: str) -> None:
+        if self.quiet:
+            return
+        with self._print:
+            if self._live is not None:
+                self._live.console.print(f"  {text}", markup=False, highlight=False)
+            else:
+                print(f"  {text}", file=sys.stderr, flush=True)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=f"campaign {self.cid}", expand=False)
+        t.add_column("")
+        for s in STATES:
+            t.add_column(s, justify="right")
+        t.add_column("total", justify="right")
+        overall = self.ledger.counts(self.cid).get("", {})
+        rows = [("all", overall)]
+        rows += [(f"group {k}", v) for k, v in sorted(self.ledger.counts(self.cid, "grp").items())]
+        rows += [(f"via {k}", v) for k, v in sorted(self.ledger.counts(self.cid, "via").items())]
+        for name, c in rows:
+            t.add_row(name, *[str(c.get(s, 0)) for s in STATES], str(sum(c.values())))
+        return t
+
+    def _line(self) -> str:
+        c = self.ledger.counts(self.cid).get("", {})
+        done = sum(c.get(s, 0) for s in ("OK", "KO", "UNREACHABLE", "ERROR", "CANCELLED"))
+        return (f"{done}/{sum(c.values())} done: {c.get('OK', 0)} OK, {c.get('KO', 0)} KO, "
+                f"{c.get('UNREACHABLE', 0)} unreachable, {c.get('ERROR', 0)} error, "
+                f"{c.get('running', 0)} running, {c.get('pending', 0)} pending")
+
+    def _loop(self) -> None:
+        while not self._done.wait(0.5):
+            self.refresh()
+
+    def refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+        elif not self.quiet:
+            line = self._line()
+            if line != self._last:
+                self._last = line
+                with self._print:
+                    print(f"  {line}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Progress":
+        if self.tty:
+            from rich.live import Live
+
+            self._live = Live(self._table(), refresh_per_second=2, transient=False)
+            self._live.start()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="campaign-progress")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread:
+            self._thread.join()
+        self.refresh()
+        if self._live is not None:
+            self._live.stop()
+
+
+def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
+    from .campaign import Runner
+
+    as_json = bool(getattr(args, "json", False))
+    with Progress(led, cid, as_json) as prog:
+        runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
+        summary = runner.run()
+    doc = {"campaign": cid, "state": summary.state, "reason": summary.reason, "counts": summary.counts,
+           "workorders": len(summary.workorders)}
+    if as_json:
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        c = summary.counts
+        print(f"campaign {cid} {summary.state}" + (f" ({summary.reason})" if summary.reason else "") + ": "
+              + ", ".join(f"{c[s]} {s}" for s in STATES if c.get(s)))
+        if summary.workorders:
+            print(f"  {len(summary.workorders)} work orders: meterota workorders --campaign {cid}")
+        print(f"  report: meterota report {cid} -o report.html")
+    return summary.exit_code
+
+
+def cmd_campaign_run(args: argparse.Namespace) -> int:
+    from . import plan as pl
+    from .campaign import create
+
+    plan = pl.load(args.plan)
+    st, led = _ledger(args)
+    try:
+        cid = create(led, plan, str(args.plan.resolve()), args.id)
+        if not getattr(args, "json", False):
+            print(f"campaign {cid}: {plan.name}, records in {st.path}", file=sys.stderr)
+        return _run(args, cid, st, led)
+    finally:
+        led.close()
+        st.close()
+
+
+def cmd_campaign_resume(args: argparse.Namespace) -> int:
+    st, led = _ledger(args)
+    try:
+        c = led.campaign(args.id)
+        if c is None:
+            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+        if c["pid"] and c["heartbeat"] and time.time() - float(c["heartbeat"]) < 3.0 and c["state"] == "running":
+            from .campaign import _pid_alive
+
+            if _pid_alive(int(c["pid"])):
+                raise errors.MeterotaError(f"campaign {args.id} is being run by process {c['pid']}")
+        return _run(args, args.id, st, led)
+    finally:
+        led.close()
+        st.close()
+
+
+def cmd_campaign_status(args: argparse.Namespace) -> int:
+    st, led = _ledger(args)
+    try:
+        c = led.campaign(args.id)
+        if c is None:
+            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+        counts = led.counts(args.id)
+        per_group = led.counts(args.id, "grp")
+        per_via = led.counts(args.id, "via")
+        wos = led.workorders(args.id)
+        devices = led.devices(args.id)
+        if getattr(args, "json", False):
+            doc = {k: c[k] for k in ("id", "name", "state", "reason", "version", "image_hash", "created",
+                                     "finished", "phase")}
+            doc.update(counts=counts.get("", {}), groups=per_group, concentrators=per_via,
+                       workorders={"open": sum(w["state"] == "open" for w in wos),
+                                   "closed": sum(w["state"] == "closed" for w in wos)})
+            if args.devices:
+                doc["devices"] = [{k: v for k, v in d.items() if k not in ("record", "mac")} for d in devices]
+            print(json.dumps(doc, sort_keys=True))
+            return 0
+        print(f"campaign {c['id']}: {c['name']}  image {c['version']} {c['image_hash'][:16]}…")
+        print(f"  state {c['state']}" + (f" ({c['reason']})" if c["reason"] else "")
+              + f", created {_when(c['created'])}, finished {_when(c['finished'])}")
+
+        def line(name: str, cc: dict[str, int]) -> None:
+            print(f"  {name:<24} " + "  ".join(f"{s} {cc.get(s, 0)}" for s in STATES) + f"  total {sum(cc.values())}")
+
+        line("all", counts.get("", {}))
+        for k, v in sorted(per_group.items()):
+            line(f"group {k}", v)
+        for k, v in sorted(per_via.items()):
+            line(f"via {k}", v)
+        print(f"  work orders: {sum(w['state'] == 'open' for w in wos)} open, "
+              f"{sum(w['state'] == 'closed' for w in wos)} closed")
+        if args.devices:
+            for d in devices:
+                print(f"  {d['device'] or d['target']:<16} {d['grp']:<10} {d['via'] or 'direct':<10} "
+                      f"{d['state']:<11} {d['from_version'] or '-':>8} -> {d['to_version']:<8} "
+                      f"attempts {d['attempts']}  {'verified' if d['verified'] else '        '} {d['reason'] or ''}")
+        return 0
+    finally:
+        led.close()
+        st.close()
+
+
+def cmd_campaign_list(args: argparse.Namespace) -> int:
+    st, led = _ledger(args)
+    try:
+        rows = led.campaigns()
+        if getattr(args, "json", False):
+            print(json.dumps(rows, sort_keys=True))
+        else:
+            for r in rows:
+                print(f"{r['id']:<40} {r['state']:<8} {r['version']:<10} {r['ok']}/{r['total']} OK  "
+                      f"created {_when(r['created'])}  {r['name']}")
+        return 0
+    finally:
+        led.close()
+        st.close()
+
+
+def cmd_campaign_abort(args: argparse.Namespace) -> int:
+    from .campaign import abort
+
+    st, led = _ledger(args)
+    try:
+        for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
+            print(line)
+        return 0
+    finally:
+        led.close()
+        st.close()
+
+
+WORKORDER_FIELDS = ("id", "campaign", "device", "concentrator", "address", "version", "image_hash", "result",
+                    "reason", "last_seen", "created", "state", "closed", "closed_by")
+
+
+def _iso(t: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
+
+
+def workorders_text(rows: list[dict[str, Any]], fmt: str) -> str:
+    out = [{k: (_iso(r[k]) if k in ("last_seen", "created", "closed") else r[k]) for k in WORKORDER_FIELDS}
+           for r in rows]
+    if fmt == "json":
+        return json.dumps(out, indent=2) + "\n"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=WORKORDER_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(out)
+    return buf.getvalue()
+
+
+def _write(text: str, out: Path | None, what: str) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.write_text(text)
+    except OSError as e:
+        raise errors.MeterotaError(f"cannot write {what} to {out}: {e.strerror}") from None
+    print(f"{what} written to {out}", file=sys.stderr)
+
+
+def cmd_workorders(args: argparse.Namespace) -> int:
+    st, led = _ledger(args)
+    try:
+        if args.campaign and led.campaign(args.campaign) is None:
+            raise errors.MeterotaError(f"no campaign {args.campaign} in {st.path}")
+        rows = led.workorders(args.campaign, None if args.state == "all" else args.state)
+        _write(workorders_text(rows, "json" if getattr(args, "json", False) else args.format), args.output,
+               f"{len(rows)} work orders")
+        return 0
+    finally:
+        led.close()
+        st.close()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    st, led = _ledger(args)
+    try:
+        if led.campaign(args.id) is None:
+            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+        fn: Callable[[Ledger, str], str] = {"csv": export.export_csv, "json": export.export_json,
+                                            "cim": export.export_cim}[args.format]
+        _write(fn(led, args.id), args.output, f"{args.format} export of {args.id}")
+        return 0
+    finally:
+        led.close()
+        st.close()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    st, led = _ledger(args)
+    try:
+        if led.campaign(args.id) is None:
+            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+        out = args.output or Path(f"{args.id}.html")
+        _write(report.render(led, args.id), out, "report")
+        if not getattr(args, "json", False):
+            print(out.resolve())
+        return 0
+    finally:
+        led.close()
+        st.close()
+
+
+def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], None]) -> None:
+    cp = sub.add_parser("campaign", help="batch upgrades over devices and concentrators (PLAN.toml)")
+    cs = cp.add_subparsers(dest="campaign_cmd", required=True, metavar="ACTION")
+    r = cs.add_parser("run", help="create a campaign from PLAN.toml and run it")
+    r.add_argument("plan", type=Path)
+    r.add_argument("--id", help="campaign id (default: from the plan's name and the time)")
+    r.set_defaults(fn=cmd_campaign_run)
+    rs = cs.add_parser("resume", help="continue a campaign whose host process was stopped")
+    rs.add_argument("id")
+    rs.set_defaults(fn=cmd_campaign_resume)
+    for p in (r, rs):
+        device_defaults(p)
+    s = cs.add_parser("status", help="counts overall, per group and per concentrator")
+    s.add_argument("id")
+    s.add_argument("--devices", action="store_true", help="one line per device")
+    s.set_defaults(fn=cmd_campaign_status)
+    li = cs.add_parser("list", help="all campaigns")
+    li.set_defaults(fn=cmd_campaign_list)
+    a = cs.add_parser("abort", help="stop a campaign: nothing new starts, concentrator jobs are cancelled")
+    a.add_argument("id")
+    a.add_argument("--reason", default="aborted by the operator")
+    device_defaults(a)
+    a.set_defaults(fn=cmd_campaign_abort)
+    for p in (s, li, a, r, rs):
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
+
+    w = sub.add_parser("workorders", help="field work orders: meters KO or unreachable after all retries")
+    w.add_argument("--campaign", help="one campaign (default: all)")
+    w.add_argument("--state", choices=["open", "closed", "all"], default="open")
+    w.add_argument("--format", choices=["csv", "json"], default="csv")
+    w.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    w.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="same as --format json")
+    w.set_defaults(fn=cmd_workorders)
+
+    e = sub.add_parser("export", help="a campaign's results as CSV, JSON or CIM XML (IEC 61968-9 style)")
+    e.add_argument("id")
+    e.add_argument("--format", choices=["csv", "json", "cim"], default="csv")
+    e.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    e.set_defaults(fn=cmd_export)
+
+    rp = sub.add_parser("report", help="a self-contained HTML report of a campaign")
+    rp.add_argument("id")
+    rp.add_argument("-o", "--output", type=Path, help="the HTML file (default: ID.html)")
+    rp.set_defaults(fn=cmd_report)
+
+
+def campaign_device_defaults(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("links")
+    g.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)")
+    g.add_argument("--retries", type=int, default=3, help="retries of a silent request (default 3)")
