@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv test demo bench powercut fuzz hil clean
+.PHONY: all venv chromium test demo bench powercut fuzz scale hil clean
 
 all: test
 
@@ -22,7 +22,13 @@ $(STUBS): $(STAMP) tools/install_stubs.sh
 
 venv: $(STAMP) $(STUBS)
 
-test: venv
+# Headless Chromium renders the campaign report in tests/host/test_report.py (Debian's package).
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	then :; else echo "make chromium: could not install Debian's chromium (need root and apt); the report rendering tests will be skipped"; fi
+
+test: venv chromium
 	$(BIN)/pytest -q
 
 demo: $(STAMP)
@@ -34,6 +40,10 @@ powercut: $(STAMP)
 
 fuzz: $(STAMP)
 	$(BIN)/python tools/fuzz.py
+
+# One campaign host process over 10 simulated concentrators x 100 meters (1010 MicroPython processes).
+scale: $(STAMP)
+	$(BIN)/python tools/scale.py 10 100
 
 # End-to-end tests against a real board: make hil PORT=/dev/ttyACM0 BOARD=rp2
 hil: venv
