@@ -173,6 +173,44 @@ def test_campaign_with_workorder_closed_by_a_field_upgrade(fleet: Fleet, directs
     assert st["concentrators"][concentrator_id(1)] == {"OK": 4}
 
 
+def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Images, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    register(db, fleet.meters + fleet.concentrators)
+    conc = fleet.concentrators[1]
+    plan = write_plan(tmp_path / "plan.toml", images.app("1.2.0"), [
+        {"name": "g", "concentrators": [{"address": conc.address}]}])
+    proc = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "campaign", "run", str(plan), "--id", "ab",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["state"] == "OK" for r in (ledger_rows(db, "ab") if db.exists() else {}).values()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)  # polling the ledger for the first result; not synchronisation
+        listed = run_cli("meterota", "--db", str(db), "campaign", "list", check=True).stdout
+        assert listed.startswith("ab ") and " running " in listed
+        a = campaign(db, "abort", "ab", "--reason", "wrong image", check=True)
+        assert "running campaign process" in a.stdout
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 9, err
+    doc = json.loads(out)
+    assert doc["state"] == "aborted" and doc["reason"] == "wrong image"
+    rows = ledger_rows(db, "ab")
+    assert {r["state"] for r in rows.values()} <= {"OK", "KO", "CANCELLED"} and any(
+        r["state"] == "CANCELLED" for r in rows.values()), rows
+    t = from_address(port=conc.address)
+    t.open()
+    try:
+        c = SMPClient(t, timeout=3.0)
+        c.connect()
+        from meterota.concentrator import Concentrator
+
+        assert Concentrator(c).status()[-1]["state"] == "cancelled"
+    finally:
+        t.close()
+
+
 def fleet_key(fleet: Fleet, directs: list[SimDevice], device: str) -> bytes:
     return next(d.key for d in fleet.meters + directs if d.device_id == device)
 
