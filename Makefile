@@ -26,7 +26,7 @@ venv: $(STAMP) $(STUBS)
 chromium:
 	@if [ -x /usr/bin/chromium ]; then :; \
 	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
-	then :; else echo "make chromium: could not install Debian's chromium (need root and apt); the report rendering tests will be skipped"; fi
+	then :; else echo "make chromium: could not install Debian's chromium (need root and apt); tests/host/test_report.py will skip (fail under CI)"; fi
 
 test: venv chromium
 	$(BIN)/pytest -q
