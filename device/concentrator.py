@@ -37,6 +37,7 @@ RC_STORE_BUSY = const(5)  # a job still uses the stored image
 META_STORE_SESSION = const(3)  # meta sector of the image store's upload session
 CHUNK = const(1024)  # bytes of image per request to a meter
 RESULTS_PAGE = const(4)
+METERS_PAGE = const(16)
 BACKOFF_MS = const(1000)
 PROBE_MS = const(15000)
 
@@ -381,14 +382,20 @@ class Engine:
 
     # -- group 65 handlers ---------------------------------------------------------
     def h_meters(self, req):
+        # Paged like the results: a fleet's whole list in one reply would need
+        # a heap the size of the fleet.
+        start = arg(req, "start", int, 0)
         out = []
-        for m in self.meters:
+        for m in self.meters[start:start + METERS_PAGE]:
             e = {"id": m["id"], "link": m["link"], "reachable": bool(m["reachable"]), "since": m["since"],
                  "version": m["version"], "state": m["state"]}
             if m["hash"]:
                 e["hash"] = m["hash"]
             out.append(e)
-        return {"meters": out}
+        resp = {"meters": out}
+        if start + len(out) < len(self.meters):
+            resp["next"] = start + len(out)
+        return resp
 
     def h_store(self, req):
         try:

@@ -51,7 +51,7 @@ def main() -> int:
                             f'duration = "2h"\n\n[[group]]\nname = "all"\n{concs}\n')
             t1 = time.monotonic()
             proc = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "campaign", "run", str(plan),
-                                     "--id", "scale", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     "--id", "scale", "--json"], stdout=subprocess.PIPE, stderr=open(os.environ.get("SCALE_LOG", os.devnull), "w"))
             _, status, ru = os.wait4(proc.pid, 0)
             wall = time.monotonic() - t1
             assert proc.stdout is not None
@@ -61,7 +61,7 @@ def main() -> int:
     meters = n * m
     cpu = ru.ru_utime + ru.ru_stime
     rss_mib = ru.ru_maxrss / 1024  # Linux: KiB
-    print(f"campaign {doc['state']}: {doc['counts']} in {wall:.0f} s wall ({wall / meters:.2f} s per meter "
+    print(f"campaign {doc['state']} {doc['reason']}: {doc['counts']} in {wall:.0f} s wall ({wall / meters:.2f} s per meter "
           f"across {n} concentrators)")
     print(f"host process: CPU {cpu:.1f} s ({cpu / meters * 1000:.1f} ms per meter), "
           f"peak RSS {rss_mib:.0f} MiB ({rss_mib * 1024 / meters:.0f} KiB per meter), "

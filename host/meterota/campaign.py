@@ -336,24 +336,28 @@ class Runner:
         return meters
 
     def _concentrator(self, g: Group, ct: ConcentratorTarget) -> None:
+        """One concentrator's share of the campaign. A failure of the
+        concentrator itself (no link, or a request it failed) is retried as a
+        whole, at least once: it says nothing about its meters."""
         tries = 0
         while not self.stopping():
             try:
                 with self._conc(ct.address) as conc:
                     self._concentrator_rounds(g, ct, conc)
                 return
-            except TransportError as e:
+            except MeterotaError as e:
                 tries += 1
-                if tries > self.plan.retries["UNREACHABLE"]:
-                    self._lose_concentrator(ct, f"concentrator {ct.address} unreachable: {e}")
+                result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
+                if tries > max(1, self.plan.retries["UNREACHABLE"]):
+                    self._lose_concentrator(ct, f"concentrator {ct.address}: {e}", result)
                     return
                 self.step(f"{ct.address}: {e}; retrying in {self.plan.retry_delay:g} s")
                 self._stop.wait(self.plan.retry_delay)
 
-    def _lose_concentrator(self, ct: ConcentratorTarget, reason: str) -> None:
+    def _lose_concentrator(self, ct: ConcentratorTarget, reason: str, result: str) -> None:
         for r in self.ledger.devices_via(self.cid, ct.address):
             if r["state"] not in FINAL:
-                self.ledger.finish_device(self.cid, r["target"], "UNREACHABLE", reason, final=True)
+                self.ledger.finish_device(self.cid, r["target"], result, reason, final=True)
         self.step(reason)
         self._check_abort()
 

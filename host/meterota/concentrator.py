@@ -32,7 +32,12 @@ class Concentrator:
         self.c = client
 
     def meters(self) -> list[dict[str, Any]]:
-        return list(self.c.request(Op.READ, GROUP, 0, what="list meters")["meters"])
+        out: list[dict[str, Any]] = []
+        while True:
+            r = self.c.request(Op.READ, GROUP, 0, {"start": len(out)} if out else {}, what="list meters")
+            out += r["meters"]
+            if "next" not in r or not r["meters"]:
+                return out
 
     def store_info(self) -> dict[str, Any] | None:
         try:
