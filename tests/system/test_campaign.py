@@ -172,6 +172,23 @@ def test_campaign_with_workorder_closed_by_a_field_upgrade(fleet: Fleet, directs
     assert st["counts"] == {"OK": 9, "KO": 1} and st["workorders"] == {"open": 1, "closed": 1}
     assert st["concentrators"][concentrator_id(1)] == {"OK": 4}
 
+    # The real campaign's exports: the CIM XML validates against our schema,
+    # one event per device; the report is written where asked.
+    import xmlschema
+
+    from meterota.export import schema_path
+
+    cim = tmp_path / "c1.xml"
+    run_cli("meterota", "--db", str(db), "export", "c1", "--format", "cim", "-o", str(cim), check=True)
+    schema = xmlschema.XMLSchema(str(schema_path()))
+    schema.validate(str(cim))
+    assert cim.read_text().count("<EndDeviceEvent>") == 10
+    rows_csv = run_cli("meterota", "--db", str(db), "export", "c1", check=True).stdout.splitlines()
+    assert len(rows_csv) == 11
+    html = tmp_path / "c1.html"
+    rep = run_cli("meterota", "--db", str(db), "report", "c1", "-o", str(html), check=True)
+    assert rep.stdout.strip() == str(html.resolve()) and "c1" in html.read_text()
+
 
 def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Images, tmp_path: Path) -> None:
     db = tmp_path / "db"
