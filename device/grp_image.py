@@ -26,6 +26,7 @@ INVALID_IMAGE_HEADER_MAGIC = const(23)
 INVALID_HASH = const(24)
 CURRENT_VERSION_IS_NEWER = const(27)
 IMAGE_ALREADY_PENDING = const(28)
+INVALID_IMAGE_VECTOR_TABLE = const(29)  # the payload is not what this image number runs
 INVALID_IMAGE_TOO_LARGE = const(30)
 INVALID_IMAGE_DATA_OVERRUN = const(31)
 IMAGE_CONFIRMATION_DENIED = const(32)
@@ -40,7 +41,15 @@ _REFUSED = {
     "unsigned": IMAGE_CONFIRMATION_DENIED,
     "wrong-key": IMAGE_CONFIRMATION_DENIED,
     "bad-signature": IMAGE_CONFIRMATION_DENIED,
+    "wrong-kind": INVALID_IMAGE_VECTOR_TABLE,
 }
+# The upload's `image` number, as smpmgr --slot N sends it (MCUboot's serial
+# recovery numbering: 0 = default, then two numbers per image, one per slot).
+# Image 0 (0, 1, 2) is the application bundle: all go to the free A/B slot.
+# Image 1 (3, 4) is a board's native firmware (ESP32: the next OTA app
+# partition), when the board registers it; otherwise ENOTSUP.
+APP_IMAGES = (0, 1, 2)
+FIRMWARE_IMAGES = (3, 4)
 BUSY_MS = const(10000)  # an upload idle this long may be taken over by another client
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -69,7 +78,8 @@ def _refused(r):
 
 class ImageGroup:
     """The upload protocol into a slot table; this class fills the free A/B
-    slot, the concentrator's StoreUpload (same protocol) fills its image store."""
+    slot, the concentrator's StoreUpload (same protocol) fills its image store,
+    a board's firmware group (boards/esp32/fw_image.py) the next OTA partition."""
 
     def __init__(self, up, disp, session=None, table=None):
         self.up = up
@@ -79,9 +89,50 @@ class ImageGroup:
         self.owner = None
         self.last = 0
         self.zbuf = None  # inflate buffer, allocated on the first compressed upload
+        self.others = []  # [(upload image numbers, group)]: other image kinds (add_image)
+        self.cur = self  # the group of the upload in progress: continuations carry no `image`
+
+    def add_image(self, numbers, group):
+        """Serve another image kind (its own slots, session and checks) through
+        this group's commands: uploads with `image` in `numbers`, state read and
+        write, erase of slots 2 and 3."""
+        self.others.append((numbers, group))
+
+    def _groups(self):
+        return [self] + [g for _n, g in self.others]
+
+    def _route(self, n):
+        if n in APP_IMAGES:
+            return self
+        for numbers, g in self.others:
+            if n in numbers:
+                return g
+        if n in FIRMWARE_IMAGES:
+            raise MgmtError(smp.ENOTSUP)  # no native firmware slots on this board
+        raise GroupError(INVALID_SLOT)
+
+    # -- what a group reports and does for its own slots --------------------
+    def state_images(self):
+        return self.up.state_images()
+
+    def test(self, i, permanent):
+        self.up.test(i, permanent)
+
+    def confirm_running(self):
+        self.up.confirm()
+
+    def erase_slot(self, logical):
+        i = self.up.active if logical == 0 else self.up.other
+        self.up.erase(i)
 
     def state_map(self):
-        return {"images": self.up.state_images(), "splitStatus": 0}
+        images = self.state_images()
+        if self.others:
+            for e in images:
+                e["image"] = 0  # several images: each entry says which
+            for _n, g in self.others:
+                images += g.state_images()
+        return {"images": images, "splitStatus": 0}
 
     def state_read(self, req):
         return self.state_map()
@@ -93,26 +144,32 @@ class ImageGroup:
             if h is None:
                 if not confirm:
                     raise GroupError(INVALID_HASH)
-                self.up.confirm()
+                for g in self._groups():
+                    g.confirm_running()
             else:
                 if len(h) != 32:
                     raise GroupError(INVALID_HASH)
-                i = self.up.slots.find_hash(bytes(h))
-                if i < 0:
+                h = bytes(h)
+                for g in self._groups():
+                    i = g.table.find_hash(h)
+                    if i >= 0:
+                        g.test(i, confirm)
+                        break
+                else:
                     raise GroupError(HASH_NOT_FOUND)
-                self.up.test(i, confirm)
         except Refused as r:
             raise _refused(r)
         return self.state_map()
 
     def erase(self, req):
         logical = arg(req, "slot", int, 1)
-        if logical not in (0, 1):
+        # Slots 0/1 are image 0's; 2/3 image 1's (Zephyr's numbering across images).
+        g = self if logical in (0, 1) else (self.others[0][1] if self.others and logical in (2, 3) else None)
+        if g is None:
             raise GroupError(INVALID_SLOT)
-        i = self.up.active if logical == 0 else self.up.other
-        self._claim(False)
+        g._claim(False)
         try:
-            self.up.erase(i)
+            g.erase_slot(logical & 1)
         except Refused as r:
             raise _refused(r)
         return {}
@@ -161,6 +218,8 @@ class ImageGroup:
             raise _refused(r)
 
     def _accept(self, inf):
+        if inf.tlvs.get(image.TLV_KIND) is not None:
+            raise Refused("wrong-kind")  # a native firmware image is no application bundle
         self.up.policy.check_image(inf, self.up.running())
 
     def _claim(self, same_image):
@@ -176,6 +235,23 @@ class ImageGroup:
         self.last = now
 
     def upload(self, req):
+        """Route the request: a first chunk by its `image` number, a
+        continuation to the upload in progress (of the requester, if it has one)."""
+        off = arg(req, "off", int)
+        if off == 0:
+            g = self._route(arg(req, "image", int, 0))
+            self.cur = g
+        else:
+            g = self.cur
+            origin = self.disp.origin
+            if g.owner != origin:
+                for o in self._groups():
+                    if o.owner == origin and o.session.state == upload.RUNNING:
+                        g = o
+                        break
+        return g._upload(req)
+
+    def _upload(self, req):
         off = arg(req, "off", int)
         data = arg(req, "data", _BYTES)
         if off is None or data is None or off < 0:
@@ -212,9 +288,6 @@ class ImageGroup:
         sha = arg(req, "sha", _BYTES, b"")
         if len(sha) > 32:
             raise GroupError(INVALID_HASH)
-        slot_no = arg(req, "image", int, 0)
-        if slot_no < 0 or slot_no > 2:
-            raise GroupError(INVALID_SLOT)
         target = self._target()
         same = (length is not None and len(sha) and s.state != upload.IDLE and s.slot.index == target
                 and s.length == length and s.sha == bytes(sha))

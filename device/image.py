@@ -14,6 +14,7 @@ TLV_KEYHASH = const(0x01)
 TLV_SHA256 = const(0x10)
 TLV_ED25519 = const(0x24)
 TLV_SEC_CNT = const(0x50)
+TLV_KIND = const(0xA2)  # meterota's (protected): b"firmware" = a native firmware, not a bundle
 
 F_ENCRYPTED = const(0x0C)  # ENC_AES128 | ENC_AES256
 F_NON_BOOTABLE = const(0x10)
@@ -76,7 +77,7 @@ class Info:
         return not (self.hdr.flags & F_NON_BOOTABLE)
 
 
-_KEEP = (TLV_SHA256, TLV_KEYHASH, TLV_ED25519, TLV_SEC_CNT)
+_KEEP = (TLV_SHA256, TLV_KEYHASH, TLV_ED25519, TLV_SEC_CNT, TLV_KIND)
 
 
 def read_tlvs(read, start, limit):

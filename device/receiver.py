@@ -54,8 +54,11 @@ def build(board, recovery=False):
     ctx = Context(board, up, recovery)
     disp = smp.Dispatcher()
     grp_os.register(disp, ctx)
-    grp_image.register(disp, up)
+    images = grp_image.register(disp, up)
     grp_meterota.register(disp, ctx)
+    extend = getattr(board, "register", None)
+    if extend is not None:
+        extend(disp, ctx, images)  # a board's own image kinds (ESP32: native firmware)
     ctx.links = board.links(ctx.buf_size)
     if ctx.role == "concentrator" and not recovery:
         import concentrator

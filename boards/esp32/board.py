@@ -13,6 +13,10 @@
 # behind the USB-UART bridge) or "uart:ID:TX:RX[:BAUD]"; config "wifi" +
 # "udp_port" add SMP over UDP. Reset is machine.reset(); a trial boot arms a
 # machine.WDT (config "wdt_ms") fed from the receiver loop.
+#
+# Native firmware: with OTA app partitions (ota_0/ota_1) the board adds the
+# MicroPython firmware itself as SMP image 1 (fw_image.py, uploads with
+# `image` 3 or 4); a firmware trial boot arms the same watchdog.
 import json
 import sys
 import time
@@ -99,6 +103,8 @@ class Board:
             self.config = json.load(f)
         self._wdt = None
         self.layout = "?"
+        self.fw = None  # fw_image.FirmwareImages when the table has OTA app slots
+        self._fw_checked = False  # its boot check runs once per boot, not per receiver
         self._setup_flash()
 
     # -- flash -------------------------------------------------------------
@@ -160,14 +166,36 @@ class Board:
 
         return wifi.udp_socket(self.config)
 
+    # -- native firmware -------------------------------------------------------
+    def register(self, disp, ctx, images):
+        """receiver.build's board hook: serve the firmware as image 1 of the
+        image group, only when the partition table has OTA app slots."""
+        self.fw = None
+        try:
+            running = esp32.Partition(esp32.Partition.RUNNING)
+            nxt = running.get_next_update()
+        except OSError:
+            return  # no OTA partitions: uploads to image 3/4 answer ENOTSUP
+        import fw_image
+
+        self.fw = fw_image.register(disp, ctx, images, running, nxt, not self._fw_checked)
+        self._fw_checked = True
+
     # -- lifecycle -----------------------------------------------------------
     def ready(self, ctx):
+        fw = self.fw
+        fw_trial = fw is not None and fw.trial()
+        if fw_trial and ctx.recovery:
+            # The new firmware cannot run the application: go back to the old one.
+            fw.fail("firmware trial: the application did not start")
         # A trial boot must keep the receiver loop alive: arm the watchdog.
         # (It cannot be stopped again on ESP32; feeding continues after confirm.)
-        if not ctx.recovery and ctx.up.st.trial and self._wdt is None:
+        if ((not ctx.recovery and ctx.up.st.trial) or fw_trial) and self._wdt is None:
             import machine
 
             self._wdt = machine.WDT(timeout=int(self.config.get("wdt_ms", 30000)))
+        if fw_trial and ctx.self_confirm:
+            fw.self_test(self.feed)
         print("meterota: ready", ctx.device_id, self.layout, "recovery" if ctx.recovery else "")
 
     def feed(self):

@@ -15,6 +15,10 @@
 # Only the bare app image (micropython.bin / *.app-bin) is accepted; a combined
 # firmware.bin (bootloader + partition table + app) is refused from its first
 # block, before anything is written: it passes a SHA check but never boots.
+#
+# Over SMP (fw_image.py) the image arrives wrapped as an MCUboot image; the
+# payload streams through Writer and the rest (header, TLVs) goes to the last
+# sector of the same partition.
 import struct
 import time
 
@@ -27,6 +31,9 @@ BLOCK = 4096
 ESP_IMAGE_MAGIC = 0xE9
 APP_DESC_MAGIC = 0xABCD5432  # esp_app_desc_t.magic_word, right after the first segment header
 APP_DESC_AT = 24 + 8  # esp_image_header_t (24 B) + esp_image_segment_header_t (8 B)
+APP_VERSION_AT = APP_DESC_AT + 16  # esp_app_desc_t.version, char[32]
+APP_ELF_SHA_AT = APP_DESC_AT + 144  # esp_app_desc_t.app_elf_sha256, 32 bytes
+CHIP_ID_AT = 12  # esp_image_header_t.chip_id, u16
 PART_TABLE_MAGIC = b"\xaa\x50"  # ESP_PARTITION_MAGIC 0x50AA, little-endian
 # firmware.bin starts at the bootloader's flash offset (0x1000 on ESP32/S2,
 # 0x0 on S3/C3/C6, 0x2000 on C5/P4); the partition table sits at 0x8000, so
@@ -67,8 +74,29 @@ def check_app_image(data, chip_id=None):
 
 def app_version(data):
     """The app descriptor's version string (esp_app_desc_t.version, 32 bytes at +16)."""
-    v = bytes(data[APP_DESC_AT + 16:APP_DESC_AT + 48])
+    v = bytes(data[APP_VERSION_AT:APP_VERSION_AT + 32])
     return v.split(b"\0")[0].decode()
+
+
+def version_tuple(s):
+    """"v1.24.1" or "v1.25.0-preview.12.gabc" -> (1, 24, 1, 0); None without x.y."""
+    if s[:1] in ("v", "V"):
+        s = s[1:]
+    out = []
+    for part in s.split(".")[:3]:
+        k = 0
+        while k < len(part) and "0" <= part[k] <= "9":
+            k += 1
+        if k == 0:
+            break
+        out.append(int(part[:k]))
+        if k < len(part):
+            break  # "0-preview": the number ends here
+    if len(out) < 2 or out[0] > 255 or out[1] > 255 or (len(out) > 2 and out[2] > 65535):
+        return None
+    while len(out) < 3:
+        out.append(0)
+    return (out[0], out[1], out[2], 0)
 
 
 def running():
@@ -84,9 +112,14 @@ def target():
 
 
 class Writer:
-    """Streams an app image into the next OTA slot, one 4 KiB block at a time."""
+    """Streams an app image into the next OTA slot, one 4 KiB block at a time.
 
-    def __init__(self, size, sha256=None, chip_id=None, part=None):
+    first(): called once, after the first block passed check_app_image and
+    before anything is written (fw_image.py invalidates the old image there).
+    stream_hash=False: the caller hashes and verifies the slot itself; finish()
+    is then not available."""
+
+    def __init__(self, size, sha256=None, chip_id=None, part=None, first=None, stream_hash=True):
         import hashlib
 
         self.part = part if part is not None else target()
@@ -96,11 +129,12 @@ class Writer:
         self.size = size
         self.sha = sha256
         self.chip_id = chip_id
+        self.first = first
         self.buf = bytearray(BLOCK)
         self.fill = 0
         self.block = 0
         self.got = 0
-        self.h = hashlib.sha256()
+        self.h = hashlib.sha256() if stream_hash else None
 
     def write(self, data):
         mv = memoryview(data)
@@ -120,14 +154,19 @@ class Writer:
     def _flush(self):
         if self.block == 0:
             check_app_image(self.buf if self.fill == BLOCK else self.buf[:self.fill], self.chip_id)
+            if self.first is not None:
+                self.first()
+        h = self.h
         if self.fill == BLOCK:
             self.part.writeblocks(self.block, self.buf)  # erases then programs
-            self.h.update(self.buf)
+            if h is not None:
+                h.update(self.buf)
         else:  # the short last block: erase, then program only what there is
             tail = memoryview(self.buf)[:self.fill]
             self.part.ioctl(6, self.block)
             self.part.writeblocks(self.block, tail, 0)
-            self.h.update(tail)
+            if h is not None:
+                h.update(tail)
         self.block += 1
         self.fill = 0
 
@@ -137,6 +176,8 @@ class Writer:
 
         if self.got != self.size:
             raise FirmwareError("short image: %d of %d bytes" % (self.got, self.size))
+        if self.h is None:
+            raise FirmwareError("no stream hash (stream_hash=False)")
         d = self.h.digest()
         if self.sha is not None and d != bytes(self.sha):
             raise FirmwareError("SHA-256 of the received image does not match")
@@ -171,6 +212,16 @@ def activate(part, reset=True):
         machine.reset()
 
 
+def mark_valid():
+    """Cancel the bootloader's rollback of the running app (idempotent; a
+    bootloader without rollback support makes it a no-op)."""
+    try:
+        esp32.Partition.mark_app_valid_cancel_rollback()
+    except OSError as e:
+        if not (e.args and e.args[0] == ERR_NOT_SUPPORTED):  # no rollback in this bootloader
+            raise
+
+
 def trial_boot(selftest, wdt_ms=30000):
     """On the first boot of new firmware: arm a WDT, run selftest(feed) and
     only if it returns True mark the app valid (cancelling the rollback).
@@ -189,9 +240,5 @@ def trial_boot(selftest, wdt_ms=30000):
         print("firmware: self-test failed, rolling back")
         time.sleep_ms(50)
         machine.reset()
-    try:
-        esp32.Partition.mark_app_valid_cancel_rollback()
-    except OSError as e:
-        if not (e.args and e.args[0] == ERR_NOT_SUPPORTED):  # no rollback in this bootloader
-            raise
+    mark_valid()
     return wdt

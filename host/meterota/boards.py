@@ -49,6 +49,25 @@ def slot_size(board: str) -> int:
     return min(sizes)
 
 
+def firmware_slot_size(board: str) -> int:
+    """The smallest OTA app partition (ota_N) of `board`'s layouts: the bound of
+    a native firmware image (meterota image build --firmware)."""
+    sizes: list[int] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k.startswith("ota_") and isinstance(v, list) and len(v) == 2:
+                    sizes.append(int(v[1]))
+                else:
+                    walk(v)
+
+    walk(layout(board))
+    if not sizes:
+        raise ValueError(f"board {board!r} has no OTA app partitions: no native firmware images")
+    return min(sizes)
+
+
 @functools.lru_cache(maxsize=4)
 def factory_image(version: str = FACTORY_VERSION) -> bytes:
     """The current device runtime as a signed-by-hash MCUboot image (cached per process)."""

@@ -13,8 +13,9 @@ from typing import Any, Callable, Iterator
 
 from . import __version__, errors
 from . import image as img
-from .client import SMPClient
+from .client import SMPClient, SMPError
 from .errors import MeterotaError
+from .protocol import FIRMWARE_UPLOAD_IMAGE as P_FIRMWARE_UPLOAD
 from .store import Store
 from .transport import from_address
 
@@ -176,21 +177,30 @@ def _sim_fleet(args: argparse.Namespace) -> int:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     out = Out(args.json)
+    from .boards import firmware_slot_size
     from .boards import slot_size as board_slot_size
 
+    board = args.board or ("esp32" if args.firmware else "unix")
+    if args.firmware and args.app_dir:
+        raise errors.MeterotaError("give an application directory or --firmware, not both")
     try:
-        slot_size = args.slot_size or board_slot_size(args.board)
+        slot_size = args.slot_size or (firmware_slot_size(board) if args.firmware else board_slot_size(board))
     except (FileNotFoundError, ValueError) as e:
         raise errors.ImageError(str(e)) from None
-    data = img.build_image(args.app_dir, args.version, slot_size=slot_size, key=args.key,
-                           runtime=not args.no_runtime, mpy=not args.no_mpy, board=args.board,
-                           security_counter=args.security_counter)
+    if args.firmware:
+        data = img.build_firmware_image(_read_image(args.firmware), args.version, slot_size=slot_size, key=args.key,
+                                        board=board, security_counter=args.security_counter)
+    else:
+        data = img.build_image(args.app_dir, args.version, slot_size=slot_size, key=args.key,
+                               runtime=not args.no_runtime, mpy=not args.no_mpy, board=board,
+                               security_counter=args.security_counter)
     args.output.write_bytes(data)
     info = img.parse(data)
     doc = {"file": str(args.output), "size": len(data), "version": info.version_str, "hash": info.hash.hex(),
-           "signature": info.signature_type}
-    out.result(doc, lambda: print(f"{args.output}: {len(data)} bytes, version {info.version_str}, "
-                                  f"hash {info.hash.hex()}, {info.signature_type or 'unsigned'}"))
+           "signature": info.signature_type, "kind": info.kind or "bundle"}
+    out.result(doc, lambda: print(f"{args.output}: {'native firmware, ' if info.is_firmware else ''}{len(data)} "
+                                  f"bytes, version {info.version_str}, hash {info.hash.hex()}, "
+                                  f"{info.signature_type or 'unsigned'}"))
     return 0
 
 
@@ -203,7 +213,7 @@ def cmd_image_info(args: argparse.Namespace) -> int:
            "payload_size": info.img_size, "protected_tlv_size": info.protect_tlv_size, "flags": info.flags,
            "hash": info.hash.hex(), "hash_ok": info.hash_ok, "file_sha256": info.file_sha256.hex(),
            "signature": info.signature_type, "security_counter": info.security_counter, "board": info.board,
-           "signature_ok": sig_ok,
+           "signature_ok": sig_ok, "kind": info.kind or "bundle",
            "tlvs": [{"type": f"{t:#x}", "name": img.TLV_NAMES.get(t, "?"), "len": len(v)} for t, v in info.tlvs]}
 
     def human() -> None:
@@ -219,6 +229,8 @@ def cmd_image_info(args: argparse.Namespace) -> int:
             print(f"  sec counter  {info.security_counter}")
         if info.board:
             print(f"  board        {info.board}")
+        if info.is_firmware:
+            print(f"  kind         native firmware (SMP image 1: upload with image {P_FIRMWARE_UPLOAD})")
         print("  TLVs         " + ", ".join(f"{img.TLV_NAMES.get(t, hex(t))}({len(v)})" for t, v in info.tlvs))
 
     out.result(doc, human)
@@ -271,7 +283,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         def human() -> None:
             for e in images:
                 flags = [f for f in ("active", "confirmed", "pending", "permanent", "bootable") if e.get(f)]
-                print(f"slot {e['slot']}: {e['version']:<10} {bytes(e['hash']).hex()}  {' '.join(flags)}")
+                what = f"image {e['image']} slot {e['slot']}" if "image" in e else f"slot {e['slot']}"
+                print(f"{what}: {e['version']:<10} {bytes(e['hash']).hex()}  {' '.join(flags)}")
             if info and info.get("revert_reason"):
                 print(f"last revert: {info['revert_reason']}")
 
@@ -282,10 +295,17 @@ def cmd_images(args: argparse.Namespace) -> int:
 def cmd_upload(args: argparse.Namespace) -> int:
     out = Out(args.json)
     data = _read_image(args.image)
-    img.parse(data)
+    info = img.parse(data)
+    # A native firmware image (KIND TLV) goes to image 1's upload number, a bundle to 1.
+    slot = args.slot if args.slot is not None else (P_FIRMWARE_UPLOAD if info.is_firmware else 1)
     for c in _connected(args):
         with out.progress("upload") as prog:
-            st = c.upload(data, image=args.slot, upgrade=args.upgrade, progress=prog)
+            try:
+                st = c.upload(data, image=slot, upgrade=args.upgrade, progress=prog)
+            except SMPError as e:
+                from .upgrade import firmware_refusal
+
+                raise firmware_refusal(e) if info.is_firmware else e from None
         doc = vars(st)
         out.result(doc, lambda: print(f"uploaded {st.bytes} bytes in {st.seconds:.2f} s "
                                       f"({st.bytes / max(st.seconds, 1e-9) / 1000:.1f} kB/s)"
@@ -616,13 +636,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("image", help="build and inspect MCUboot images").add_subparsers(dest="image_cmd",
                                                                                           required=True)
-    b = im.add_parser("build", help="application bundle -> littlefs -> signed MCUboot image")
+    b = im.add_parser("build", help="application bundle -> littlefs -> signed MCUboot image; or with "
+                      "--firmware, an ESP32 MicroPython app image -> signed MCUboot image (SMP image 1)")
     b.add_argument("app_dir", type=Path, nargs="?", help="application directory (default: the runtime only)")
+    b.add_argument("--firmware", type=Path, metavar="APP_BIN", help="wrap this bare ESP app image "
+                   "(micropython.bin / *.app-bin, not the combined firmware.bin) as native firmware; "
+                   "--board defaults to esp32, the bound is its OTA partition size")
     b.add_argument("--version", required=True, help="X.Y.Z[+BUILD]")
     b.add_argument("--key", type=Path, help="signing key (Ed25519 PEM, see `image keygen`)")
     b.add_argument("-o", "--output", type=Path, required=True)
-    b.add_argument("--board", default="unix", help="board the image is for: its slot size bounds the image and "
-                   "devices of other boards refuse it (default unix)")
+    b.add_argument("--board", default=None, help="board the image is for: its slot size bounds the image and "
+                   "devices of other boards refuse it (default unix; esp32 with --firmware)")
     b.add_argument("--security-counter", help="MCUboot security counter (a number, or 'auto')")
     b.add_argument("--slot-size", type=lambda s: int(s, 0), help="override the slot size")
     b.add_argument("--no-runtime", action="store_true", help="do not include the meterota device runtime")
@@ -666,7 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload", help="upload an image into the free slot (resumes)")
     _device_args(up)
     up.add_argument("image", type=Path)
-    up.add_argument("--slot", type=int, default=1, help="SMP image number (default 1)")
+    up.add_argument("--slot", type=int, default=None, help="SMP image number (default 1; 3 for a native "
+                    "firmware image, detected from its KIND TLV)")
     up.add_argument("--upgrade", action="store_true", help="device refuses versions not newer than the running one")
     up.set_defaults(fn=cmd_upload)
 

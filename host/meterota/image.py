@@ -7,7 +7,9 @@ upgradable like the rest. `imgtool sign` wraps it into an MCUboot image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import shutil
 import struct
 import subprocess
@@ -35,6 +37,14 @@ TLV_NAMES = {
 SIGNATURE_TLVS = (0x20, 0x22, 0x23, 0x24)
 TLV_BOARD = 0xA1  # vendor range: the board the image was built for (protected, so hashed)
 TLV_NAMES[TLV_BOARD] = "BOARD"
+TLV_KIND = 0xA2  # vendor range, protected: "firmware" = a native firmware image (device/image.py)
+TLV_NAMES[TLV_KIND] = "KIND"
+KIND_FIRMWARE = "firmware"
+# A wrapped ESP32 firmware: the app goes to the start of an OTA partition, the
+# MCUboot header region and TLVs to its last 4 KiB sector, of which the last
+# 256 bytes hold the device's flags (boards/esp32/fw_image.py FLAGS_AT).
+FIRMWARE_TRAILER = 4096
+FIRMWARE_TRAILER_ROOM = 3840
 # Files of device/ that are not part of the upgradable runtime: the boot stage
 # and the board layer's shared helpers stay on the device filesystem, installed
 # by deploy next to boards/<board>/board.py, which uses them before any slot mounts.
@@ -113,7 +123,7 @@ def build_bundle(files: dict[str, bytes]) -> bytes:
 
 
 def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None,
-         security_counter: str | None = None, board: str | None = None) -> bytes:
+         security_counter: str | None = None, board: str | None = None, kind: str | None = None) -> bytes:
     """Wrap a payload into an MCUboot image with imgtool (the real CLI, in-process)."""
     from imgtool.main import imgtool
 
@@ -129,9 +139,12 @@ def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None
             args += ["--security-counter", security_counter]
         if board is not None:
             args += ["--custom-tlv", hex(TLV_BOARD), board]
+        if kind is not None:
+            args += ["--custom-tlv", hex(TLV_KIND), kind]
         args += [str(raw), str(out)]
         try:
-            imgtool.main(args=args, standalone_mode=False)
+            with contextlib.redirect_stdout(io.StringIO()):  # its "sign the digest" would spoil --json
+                imgtool.main(args=args, standalone_mode=False)
         except SystemExit as e:
             if e.code:
                 raise ImageError(f"imgtool sign failed (exit {e.code})") from None
@@ -145,6 +158,39 @@ def build_image(app_dir: Path | None, version: str, *, slot_size: int, key: Path
                 security_counter: str | None = None) -> bytes:
     return sign(build_bundle(collect_files(app_dir, runtime, mpy)), version, slot_size=slot_size, key=key,
                 board=board, security_counter=security_counter)
+
+
+def check_firmware_app(app: bytes) -> None:
+    """Raise ImageError unless `app` is a bare ESP-IDF app image (micropython.bin,
+    *.app-bin): the device's own check (boards/esp32/firmware_ab.py), so a
+    combined firmware.bin is refused here already."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_mtr_firmware_ab", REPO / "boards" / "esp32" / "firmware_ab.py")
+    assert spec and spec.loader
+    fw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fw)
+    try:
+        fw.check_app_image(app)
+    except fw.FirmwareError as e:
+        raise ImageError(f"not a bare ESP app image: {e}") from None
+
+
+def build_firmware_image(app: bytes, version: str, *, slot_size: int, key: Path | None = None,
+                         board: str = "esp32", security_counter: str | None = None) -> bytes:
+    """A native firmware image: the ESP app image as the payload of an MCUboot
+    image (imgtool sign, the bundles' key, hash and board TLVs) with KIND=firmware.
+    `slot_size`: the OTA app partition size."""
+    check_firmware_app(app)
+    if len(app) + FIRMWARE_TRAILER > slot_size:
+        raise ImageError(f"firmware of {len(app)} bytes does not fit a {slot_size}-byte OTA partition "
+                         f"(its last {FIRMWARE_TRAILER} bytes hold the MCUboot header and TLVs)")
+    data = sign(app, version, slot_size=slot_size, key=key, board=board, security_counter=security_counter,
+                kind=KIND_FIRMWARE)
+    info = parse(data)
+    if info.hdr_size + len(data) - info.hdr_size - info.img_size > FIRMWARE_TRAILER_ROOM:
+        raise ImageError("header and TLVs too large for the OTA partition's trailer sector")
+    return data
 
 
 @dataclass
@@ -196,6 +242,16 @@ class ImageInfo:
     def board(self) -> str | None:
         v = self.tlv(TLV_BOARD)
         return v.decode(errors="replace") if v else None
+
+    @property
+    def kind(self) -> str | None:
+        """"firmware" for a native firmware image, None for an application bundle."""
+        v = self.tlv(TLV_KIND)
+        return v.decode(errors="replace") if v else None
+
+    @property
+    def is_firmware(self) -> bool:
+        return self.kind == KIND_FIRMWARE
 
     @property
     def security_counter(self) -> int | None:

@@ -32,6 +32,13 @@ class Group(enum.IntEnum):
     METEROTA = 64
 
 
+# Upload `image` numbers (smpmgr --slot N; MCUboot serial recovery numbering):
+# 0-2 image 0, the application bundle; 3-4 image 1, a board's native firmware
+# (ESP32 OTA partitions; device/grp_image.py APP_IMAGES / FIRMWARE_IMAGES).
+FIRMWARE_IMAGE = 1  # "image" of its entries in the state read
+FIRMWARE_UPLOAD_IMAGE = 3
+
+
 class Framing(enum.Enum):
     CONSOLE = "console"  # Zephyr's base64 lines: what every SMP tool speaks
     BINARY = "binary"  # meterota's: 06 0B, u16 len, u8 check, frame, CRC-16

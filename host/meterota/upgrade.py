@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from . import image as img
-from .client import SMPClient, UploadStats
-from .protocol import Group, Op
+from .client import SMPClient, SMPError, UploadStats
+from .protocol import FIRMWARE_IMAGE, FIRMWARE_UPLOAD_IMAGE, Group, Op
 from .confirm import Confirmation, verify
 from .errors import (ConfirmationError, DeviceTimeout, MeterotaError, ProtocolError, RefusedError,
                      SilentAfterReset, TransportError, UpgradeKO)
@@ -107,6 +107,21 @@ def _fallback_version(info: dict[str, Any]) -> str | None:
     return None
 
 
+def _firmware_entries(images: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The native firmware's entries of a state read (image 1), by slot."""
+    return {int(e["slot"]): e for e in images if e.get("image") == FIRMWARE_IMAGE}
+
+
+def firmware_refusal(e: SMPError) -> RefusedError:
+    if e.group < 0 and e.rc == 8:
+        return RefusedError("the device takes no native firmware images (ENOTSUP, rc 8): its board has no "
+                            "OTA app partitions")
+    if e.group == Group.IMAGE and e.rc == 29:
+        return RefusedError("the device refused the firmware payload: not a bare ESP app image for its chip "
+                            "(a combined firmware.bin, or built for another chip)")
+    return e
+
+
 def _reopen(client: SMPClient) -> None:
     client.t.close()
     try:
@@ -154,6 +169,8 @@ class Upgrader:
                             info.hash.hex(), 0.0)
         self.last = res
         try:
+            if info.is_firmware:
+                return self._firmware(res, dev, key, device_id, info, data, t0, started)
             self._check_fit(dev, info, data)
             if active and active.get("hash") == info.hash and not dev.get("trial"):
                 res.result, res.reason, res.skipped_upload = "OK", "already running this image", True
@@ -211,6 +228,93 @@ class Upgrader:
             else:
                 self.step("confirming the new image")
                 self.c.image_confirm()
+        conf = self._confirmation(key, device_id, info, before, expect_ok=True)
+        assert conf is not None
+        res.confirmation = conf.as_dict()
+        res.result = conf.result
+        res.reason = conf.reason
+        if conf.result != "OK":
+            self._finish(res, t0, started, conf)
+            raise UpgradeKO(f"{device_id}: KO: {conf.reason}")
+        return self._finish(res, t0, started, conf)
+
+    # -- native firmware (image 1) ------------------------------------------------
+    def _firmware(self, res: UpgradeResult, dev: dict[str, Any], key: bytes, device_id: str, info: img.ImageInfo,
+                  data: bytes, t0: float, started: float) -> UpgradeResult:
+        """The same flow for a native firmware image, through its image-1
+        entries in the standard state read; called inside run()'s try."""
+        if info.board and info.board != dev.get("board"):
+            raise RefusedError(f"image is built for board {info.board}, the device is a {dev.get('board')} board")
+        fw = _firmware_entries(self.c.image_state())
+        running = fw.get(0)
+        if running is None:
+            raise RefusedError(f"{device_id} lists no native firmware (SMP image 1): its board has no OTA "
+                               "app partitions")
+        res.from_version = running.get("version")
+        if running.get("hash") == info.hash and running.get("confirmed"):
+            res.result, res.reason, res.skipped_upload = "OK", "already running this firmware", True
+            self.step(f"{device_id} already runs firmware {info.version_str}")
+            return self._finish(res, t0, started, None)
+        before = self._record_seq(key, device_id)
+        if running.get("hash") == info.hash:
+            self.step("the device already runs this firmware on trial; finishing the upgrade")
+            res.skipped_upload = True
+            res.from_version = fw.get(1, {}).get("version")
+            return self._firmware_after_boot(res, dev, key, device_id, info, before, t0, started)
+        if not running.get("confirmed") or dev.get("trial"):
+            raise RefusedError("the device is running an unconfirmed test image: confirm it or reset it first")
+        if running.get("version") and not self.allow_downgrade:
+            if version_tuple(info.version_str) < version_tuple(str(running["version"])):
+                raise RefusedError(f"firmware {info.version_str} is older than the running {running['version']} "
+                                   "(use --allow-downgrade)")
+        other = fw.get(1, {})
+        if other.get("hash") == info.hash:
+            self.step("the free OTA partition already holds this firmware; not uploading it again")
+        else:
+            if other.get("pending"):
+                self.step("erasing a different firmware pending in the free OTA partition")
+                self.c.image_erase(3)
+            self.step(f"uploading {len(data)} bytes of firmware (image {FIRMWARE_UPLOAD_IMAGE})")
+            try:
+                res.upload = asdict(self.c.upload(data, image=FIRMWARE_UPLOAD_IMAGE, progress=self.progress))
+            except SMPError as e:
+                raise firmware_refusal(e) from None
+            if _firmware_entries(self.c.image_state()).get(1, {}).get("hash") != info.hash:
+                raise ProtocolError("after the upload the free OTA partition does not report the image's hash")
+        self.step("marking the firmware for test")
+        self.c.image_test(info.hash)
+        self.step("resetting into the new firmware")
+        boots = int(self.c.info().get("boots", 0))
+        _send_reset(self.c)
+        try:
+            back = wait_back(self.c, self.reset_timeout, boots, resend_reset_after=3.0)
+        except DeviceTimeout as e:
+            res.reason = f"no answer after reset into the test firmware ({e})"
+            self._finish(res, t0, started, None)
+            raise DeviceTimeout(f"{device_id}: KO, {res.reason}") from None
+        return self._firmware_after_boot(res, back, key, device_id, info, before, t0, started)
+
+    def _firmware_after_boot(self, res: UpgradeResult, back: dict[str, Any], key: bytes, device_id: str,
+                             info: img.ImageInfo, before: int, t0: float, started: float) -> UpgradeResult:
+        running = _firmware_entries(self.c.image_state()).get(0, {})
+        if running.get("hash") != info.hash:
+            conf = self._confirmation(key, device_id, info, before, expect_ok=False)
+            res.reason = conf.reason if conf else "device did not boot the new firmware"
+            res.confirmation = conf.as_dict() if conf else None
+            self._finish(res, t0, started, conf)
+            raise UpgradeKO(f"{device_id}: KO, the device went back to firmware {running.get('version', '?')}: "
+                            f"{res.reason}")
+        if not running.get("confirmed"):
+            if back.get("self_confirm"):
+                self.step("waiting for the device's self-test")
+                deadline = time.monotonic() + self.confirm_timeout
+                while not _firmware_entries(self.c.image_state()).get(0, {}).get("confirmed"):
+                    if time.monotonic() > deadline:
+                        raise DeviceTimeout("the device did not confirm its firmware in time")
+                    time.sleep(0.1)  # polling a device's state at 10 Hz; not synchronisation
+            else:
+                self.step("confirming the new firmware")
+                self.c.image_test(info.hash, permanent=True)  # hash + confirm of the running image: confirm
         conf = self._confirmation(key, device_id, info, before, expect_ok=True)
         assert conf is not None
         res.confirmation = conf.as_dict()
