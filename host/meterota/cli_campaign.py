@@ -12,7 +12,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from . import errors
 from .ledger import Ledger
@@ -21,9 +22,14 @@ from .store import Store
 STATES = ("OK", "KO", "UNREACHABLE", "ERROR", "CANCELLED", "running", "pending")
 
 
-def _ledger(args: argparse.Namespace) -> tuple[Store, Ledger]:
-    st = Store(args.db)
-    return st, Ledger(st)
+@contextmanager
+def _ledger(args: argparse.Namespace, campaign: str | None = None) -> Iterator[tuple[Store, Ledger]]:
+    """The records database and its ledger; with `campaign`, one that must exist."""
+    with Store(args.db) as st:
+        led = Ledger(st)
+        if campaign is not None and led.campaign(campaign) is None:
+            raise errors.MeterotaError(f"no campaign {campaign} in {st.path}")
+        yield st, led
 
 
 def _when(t: float | None) -> str:
@@ -137,40 +143,29 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
     from .campaign import create
 
     plan = pl.load(args.plan)
-    st, led = _ledger(args)
-    try:
+    with _ledger(args) as (st, led):
         cid = create(led, plan, str(args.plan.resolve()), args.id)
         if not getattr(args, "json", False):
             print(f"campaign {cid}: {plan.name}, records in {st.path}", file=sys.stderr)
         return _run(args, cid, st, led)
-    finally:
-        led.close()
-        st.close()
 
 
 def cmd_campaign_resume(args: argparse.Namespace) -> int:
-    st, led = _ledger(args)
-    try:
+    with _ledger(args, args.id) as (st, led):
         c = led.campaign(args.id)
-        if c is None:
-            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+        assert c is not None
         if c["pid"] and c["heartbeat"] and time.time() - float(c["heartbeat"]) < 3.0 and c["state"] == "running":
             from .campaign import _pid_alive
 
             if _pid_alive(int(c["pid"])):
                 raise errors.MeterotaError(f"campaign {args.id} is being run by process {c['pid']}")
         return _run(args, args.id, st, led)
-    finally:
-        led.close()
-        st.close()
 
 
 def cmd_campaign_status(args: argparse.Namespace) -> int:
-    st, led = _ledger(args)
-    try:
+    with _ledger(args, args.id) as (st, led):
         c = led.campaign(args.id)
-        if c is None:
-            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+        assert c is not None
         counts = led.counts(args.id)
         per_group = led.counts(args.id, "grp")
         per_via = led.counts(args.id, "via")
@@ -206,14 +201,10 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
                       f"{d['state']:<11} {d['from_version'] or '-':>8} -> {d['to_version']:<8} "
                       f"attempts {d['attempts']}  {'verified' if d['verified'] else '        '} {d['reason'] or ''}")
         return 0
-    finally:
-        led.close()
-        st.close()
 
 
 def cmd_campaign_list(args: argparse.Namespace) -> int:
-    st, led = _ledger(args)
-    try:
+    with _ledger(args) as (st, led):
         rows = led.campaigns()
         if getattr(args, "json", False):
             print(json.dumps(rows, sort_keys=True))
@@ -222,22 +213,15 @@ def cmd_campaign_list(args: argparse.Namespace) -> int:
                 print(f"{r['id']:<40} {r['state']:<8} {r['version']:<10} {r['ok']}/{r['total']} OK  "
                       f"created {_when(r['created'])}  {r['name']}")
         return 0
-    finally:
-        led.close()
-        st.close()
 
 
 def cmd_campaign_abort(args: argparse.Namespace) -> int:
     from .campaign import abort
 
-    st, led = _ledger(args)
-    try:
+    with _ledger(args) as (st, led):
         for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
             print(line)
         return 0
-    finally:
-        led.close()
-        st.close()
 
 
 WORKORDER_FIELDS = ("id", "campaign", "device", "concentrator", "address", "version", "image_hash", "result",
@@ -272,50 +256,30 @@ def _write(text: str, out: Path | None, what: str) -> None:
 
 
 def cmd_workorders(args: argparse.Namespace) -> int:
-    st, led = _ledger(args)
-    try:
-        if args.campaign and led.campaign(args.campaign) is None:
-            raise errors.MeterotaError(f"no campaign {args.campaign} in {st.path}")
+    with _ledger(args, args.campaign) as (st, led):
         rows = led.workorders(args.campaign, None if args.state == "all" else args.state)
         _write(workorders_text(rows, "json" if getattr(args, "json", False) else args.format), args.output,
                f"{len(rows)} work orders")
         return 0
-    finally:
-        led.close()
-        st.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
-    st, led = _ledger(args)
-    try:
-        if led.campaign(args.id) is None:
-            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
-        fn: Callable[[Ledger, str], str] = {"csv": export.export_csv, "json": export.export_json,
-                                            "cim": export.export_cim}[args.format]
-        _write(fn(led, args.id), args.output, f"{args.format} export of {args.id}")
+    with _ledger(args, args.id) as (st, led):
+        _write(export.export(led, args.id, args.format), args.output, f"{args.format} export of {args.id}")
         return 0
-    finally:
-        led.close()
-        st.close()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from . import report
 
-    st, led = _ledger(args)
-    try:
-        if led.campaign(args.id) is None:
-            raise errors.MeterotaError(f"no campaign {args.id} in {st.path}")
+    with _ledger(args, args.id) as (st, led):
         out = args.output or Path(f"{args.id}.html")
         _write(report.render(led, args.id), out, "report")
         if not getattr(args, "json", False):
             print(out.resolve())
         return 0
-    finally:
-        led.close()
-        st.close()
 
 
 def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], None]) -> None:
