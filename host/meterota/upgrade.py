@@ -291,7 +291,7 @@ class Upgrader:
         except DeviceTimeout as e:
             res.reason = f"no answer after reset into the test firmware ({e})"
             self._finish(res, t0, started, None)
-            raise DeviceTimeout(f"{device_id}: KO, {res.reason}") from None
+            raise SilentAfterReset(f"{device_id}: KO, {res.reason}") from None
         return self._firmware_after_boot(res, back, key, device_id, info, before, t0, started)
 
     def _firmware_after_boot(self, res: UpgradeResult, back: dict[str, Any], key: bytes, device_id: str,
