@@ -118,6 +118,9 @@ class ImageGroup:
     def test(self, i, permanent):
         self.up.test(i, permanent)
 
+    def on_trial(self):
+        return bool(self.up.st.trial)
+
     def confirm_running(self):
         self.up.confirm()
 
@@ -153,6 +156,8 @@ class ImageGroup:
                 for g in self._groups():
                     i = g.table.find_hash(h)
                     if i >= 0:
+                        if any(o is not g and o.on_trial() for o in self._groups()):
+                            raise Refused("pending")  # one trial at a time, whatever the image kind
                         g.test(i, confirm)
                         break
                 else:

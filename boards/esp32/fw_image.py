@@ -332,6 +332,9 @@ class FirmwareImages(grp_image.ImageGroup):
         f = self.table.flags(0)
         return f[F_TEST] == 0 and f[F_OK] != 0 and f[F_DONE] != 0
 
+    def on_trial(self):
+        return self.trial()
+
     def pending(self):
         """The next reset boots the other partition (set_boot was called)."""
         try:

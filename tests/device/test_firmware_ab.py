@@ -95,6 +95,7 @@ class Images:
         self.bad_hash = self._save("fw-badhash.bin", bytes(bad))
         # An application bundle image (MCUboot, small) for slot A.
         self.bundle = img.sign(bytes(3000), "1.0.0", slot_size=0x20000)
+        self.bundle2 = self._save("bundle2.bin", img.sign(bytes(3000), "1.1.0", slot_size=0x20000))
 
     def _save(self, name: str, data: bytes) -> Path:
         p = self.d / name
@@ -371,6 +372,25 @@ d.erase(2, tag='erase_running')
     assert r.get("fw_4")["reply"]["match"] is True  # 4 = image 1's other slot number: the same place
     assert (1, 1) not in r.state("erased")
     assert r.body("erase_running") == {"err": {"group": 1, "rc": NO_FREE_SLOT}}
+
+
+def test_no_bundle_trial_during_a_firmware_trial(tmp_path: Path, images: Images) -> None:
+    r = Run(tmp_path, images)
+    h = images.hash(images.fw)
+    b = images.hash(images.bundle2)
+    r.run(f"""
+d.upload({str(images.fw)!r})
+d.state_write({{"hash": {h!r}}}, 'state_write_fw')
+d.boot()
+d.upload({str(images.bundle2)!r}, image=1, tag='bundle_upload')
+d.state_write({{"hash": {b!r}}}, 'state_write_bundle')
+d.state('after')
+""")
+    assert r.get("bundle_upload")["reply"]["match"] is True  # staging is fine ...
+    assert "err" in r.body("state_write_bundle") or "rc" in r.body("state_write_bundle")  # ... a second trial is not
+    after = r.state("after")
+    assert after[(0, 1)]["hash"] == b and "pending" not in after[(0, 1)]
+    assert after[(1, 0)]["hash"] == h and "confirmed" not in after[(1, 0)]  # the firmware trial goes on
 
 
 def test_board_without_ota_partitions(tmp_path: Path, images: Images) -> None:
