@@ -125,6 +125,7 @@ class Runner:
         self._halt_lock = threading.Lock()
         self.end_state: str | None = None
         self.end_reason = ""
+        self.interrupted = False  # Ctrl-C: stop without ending the campaign, so it can be resumed
 
     # -- control ---------------------------------------------------------------
     def halt(self, state: str, reason: str) -> None:
@@ -216,8 +217,15 @@ class Runner:
         units: list[Callable[[], None]] = [lambda d=d: self._direct(g, d) for d in g.devices]  # type: ignore[misc]
         units += [lambda ct=ct: self._concentrator(g, ct) for ct in g.concentrators]  # type: ignore[misc]
         with ThreadPoolExecutor(max_workers=self.plan.concurrency, thread_name_prefix=f"grp-{g.name}") as pool:
-            for f in [pool.submit(self._guard, u) for u in units]:
-                f.result()
+            try:
+                for f in [pool.submit(self._guard, u) for u in units]:
+                    f.result()
+            except KeyboardInterrupt:
+                # Let the units finish the step they are in (an upgrade in
+                # flight is not cut), then leave the campaign running.
+                self.interrupted = True
+                self._stop.set()
+                raise
 
     def _guard(self, unit: Callable[[], None]) -> None:
         try:
@@ -386,7 +394,8 @@ class Runner:
             self.step(f"{conc_id}: following job {known['job']} (round {rnd})")
             return int(known["job"])
         if known:  # killed between creating the job and writing its id down: find it
-            ours = {int(j["job"]) for j in self.ledger.jobs(self.cid) if j["job"] is not None}
+            ours = {int(j["job"]) for j in self.ledger.jobs(self.cid)
+                    if j["job"] is not None and j["concentrator"] == ct.address}
             mine = [s for s in conc.status() if bytes(s["hash"]) == self.hash and int(s["job"]) not in ours
                     and s["state"] not in ("done", "cancelled")]
             if mine:
@@ -425,6 +434,8 @@ class Runner:
                 self.ledger.put_job(self.cid, ct.address, rnd, job, "collected" if st["state"] == "done"
                                     else "cancelled")
                 return
+            if self.interrupted:
+                return  # the job goes on in the concentrator; `campaign resume` follows it again
             if self.stopping() and not cancelled:
                 self.step(f"{conc_id}: cancelling job {job}")
                 conc.cancel(job)

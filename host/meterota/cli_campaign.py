@@ -121,9 +121,13 @@ def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
     from .campaign import Runner
 
     as_json = bool(getattr(args, "json", False))
-    with Progress(led, cid, as_json) as prog:
-        runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
-        summary = runner.run()
+    try:
+        with Progress(led, cid, as_json) as prog:
+            runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
+            summary = runner.run()
+    except KeyboardInterrupt:
+        print(f"meterota: campaign {cid} interrupted; `meterota campaign resume {cid}` carries on", file=sys.stderr)
+        return 130
     doc = {"campaign": cid, "state": summary.state, "reason": summary.reason, "counts": summary.counts,
            "workorders": len(summary.workorders)}
     if as_json:

@@ -228,6 +228,34 @@ def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Image
         t.close()
 
 
+def test_ctrl_c_leaves_the_campaign_resumable(fleet: Fleet, images: Images, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    register(db, fleet.meters + fleet.concentrators)
+    conc = fleet.concentrators[0]
+    plan = write_plan(tmp_path / "plan.toml", images.app("1.3.0"), [
+        {"name": "g", "concentrators": [{"address": conc.address}]}], retries={"unreachable": 1})
+    proc = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "campaign", "run", str(plan), "--id", "int"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["state"] == "OK" for r in (ledger_rows(db, "int") if db.exists() else {}).values()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)  # polling the ledger for the first result; not synchronisation
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "campaign resume int" in err, err
+    with Store(db) as st:
+        led = Ledger(st)
+        c = led.campaign("int")
+        assert c is not None and c["state"] == "running"
+        assert [(j["round"], j["state"]) for j in led.jobs("int")] == [(0, "running")]  # not cancelled
+    p = campaign(db, "resume", "int", "--json")
+    assert p.returncode == 5, p.stderr  # the meter off the network is the one failure
+    assert json.loads(p.stdout)["counts"] == {"OK": 3, "UNREACHABLE": 1}
+
+
 def fleet_key(fleet: Fleet, directs: list[SimDevice], device: str) -> bytes:
     return next(d.key for d in fleet.meters + directs if d.device_id == device)
 
