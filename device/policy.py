@@ -2,8 +2,10 @@
 # `imgtool sign` makes it: over the 32-byte image hash), never older than the
 # confirmed image (version, and the MCUboot security counter) unless the
 # configuration allows downgrades.
+import gc
 import hashlib
 import struct
+import sys
 import image
 
 # DER SubjectPublicKeyInfo prefix of an Ed25519 key: KEYHASH = SHA-256(prefix + key).
@@ -49,7 +51,16 @@ class Policy:
             raise Refused("wrong-key")
         import ed25519
 
-        if not ed25519.verify(self.pubkey, info.hash, bytes(sig)):
+        try:
+            ok = ed25519.verify(self.pubkey, info.hash, bytes(sig))
+        finally:
+            # A verify is rare (once per image) and its code is large: give
+            # its RAM back to the receiver's buffers instead of keeping it.
+            del ed25519
+            for m in ("ed25519", "sha512"):
+                sys.modules.pop(m, None)
+            gc.collect()
+        if not ok:
             raise Refused("bad-signature")
         self._trusted.append(bytes(info.hash))
 
