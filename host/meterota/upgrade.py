@@ -188,19 +188,7 @@ class Upgrader:
                 res.from_version = _fallback_version(dev)
                 return self._after_boot(res, dev, key, device_id, info, before, t0, started)
             res.upload = asdict(self._upload(dev, info, data))
-            self.step("marking the image for test")
-            self.c.image_test(info.hash)
-            self.step("resetting into the new image")
-            boots = int(self.c.info().get("boots", 0))
-            _send_reset(self.c)
-            try:
-                back = wait_back(self.c, self.reset_timeout, boots, resend_reset_after=3.0)
-            except DeviceTimeout as e:
-                # The device took the test image and went silent: from here
-                # only a field visit tells, so this is a KO, not "unreachable".
-                res.reason = f"no answer after reset into the test image ({e})"
-                self._finish(res, t0, started, None)
-                raise SilentAfterReset(f"{device_id}: KO, {res.reason}") from None
+            back = self._test_and_reset(res, info, "image", t0, started)
             return self._after_boot(res, back, key, device_id, info, before, t0, started)
         except MeterotaError as e:
             if not res.recorded:
@@ -281,18 +269,26 @@ class Upgrader:
                 raise firmware_refusal(e) from None
             if _firmware_entries(self.c.image_state()).get(1, {}).get("hash") != info.hash:
                 raise ProtocolError("after the upload the free OTA partition does not report the image's hash")
-        self.step("marking the firmware for test")
+        back = self._test_and_reset(res, info, "firmware", t0, started)
+        return self._firmware_after_boot(res, back, key, device_id, info, before, t0, started)
+
+    def _test_and_reset(self, res: UpgradeResult, info: img.ImageInfo, what: str, t0: float,
+                        started: float) -> dict[str, Any]:
+        """Mark for test, reset, and wait for the first boot of the new `what`;
+        returns the device's info from that boot."""
+        self.step(f"marking the {what} for test")
         self.c.image_test(info.hash)
-        self.step("resetting into the new firmware")
+        self.step(f"resetting into the new {what}")
         boots = int(self.c.info().get("boots", 0))
         _send_reset(self.c)
         try:
-            back = wait_back(self.c, self.reset_timeout, boots, resend_reset_after=3.0)
+            return wait_back(self.c, self.reset_timeout, boots, resend_reset_after=3.0)
         except DeviceTimeout as e:
-            res.reason = f"no answer after reset into the test firmware ({e})"
+            # The device took the test image and went silent: from here only
+            # a field visit tells, so this is a KO, not "unreachable".
+            res.reason = f"no answer after reset into the test {what} ({e})"
             self._finish(res, t0, started, None)
-            raise SilentAfterReset(f"{device_id}: KO, {res.reason}") from None
-        return self._firmware_after_boot(res, back, key, device_id, info, before, t0, started)
+            raise SilentAfterReset(f"{res.device}: KO, {res.reason}") from None
 
     def _firmware_after_boot(self, res: UpgradeResult, back: dict[str, Any], key: bytes, device_id: str,
                              info: img.ImageInfo, before: int, t0: float, started: float) -> UpgradeResult:
