@@ -216,6 +216,11 @@ class Upgrader:
             else:
                 self.step("confirming the new image")
                 self.c.image_confirm()
+        return self._conclude(res, key, device_id, info, before, t0, started)
+
+    def _conclude(self, res: UpgradeResult, key: bytes, device_id: str, info: img.ImageInfo, before: int,
+                  t0: float, started: float) -> UpgradeResult:
+        """The new image runs confirmed: its record decides, OK or KO."""
         conf = self._confirmation(key, device_id, info, before, expect_ok=True)
         assert conf is not None
         res.confirmation = conf.as_dict()
@@ -311,15 +316,7 @@ class Upgrader:
             else:
                 self.step("confirming the new firmware")
                 self.c.image_test(info.hash, permanent=True)  # hash + confirm of the running image: confirm
-        conf = self._confirmation(key, device_id, info, before, expect_ok=True)
-        assert conf is not None
-        res.confirmation = conf.as_dict()
-        res.result = conf.result
-        res.reason = conf.reason
-        if conf.result != "OK":
-            self._finish(res, t0, started, conf)
-            raise UpgradeKO(f"{device_id}: KO: {conf.reason}")
-        return self._finish(res, t0, started, conf)
+        return self._conclude(res, key, device_id, info, before, t0, started)
 
     # -- steps ----------------------------------------------------------------
     def _check_fit(self, dev: dict[str, Any], info: img.ImageInfo, data: bytes) -> None:
