@@ -113,7 +113,7 @@ def main() -> int:
         cli.main(["--db", str(db), "campaign", "status", cid])
         cim = WORK / f"{cid}.cim.xml"
         report = WORK / f"{cid}.html"
-        say(f"7. Exports for the head-end (CSV, JSON, IEC 61968-9 style EndDeviceEvents) and the report")
+        say("7. Exports for the head-end (CSV, JSON, IEC 61968-9 style EndDeviceEvents) and the report")
         for fmt, ext in (("csv", "csv"), ("json", "json"), ("cim", "cim.xml")):
             rc = cli.main(["--db", str(db), "export", cid, "--format", fmt, "-o", str(WORK / f"{cid}.{ext}")])
             if rc:

@@ -44,7 +44,6 @@ from .upgrade import Upgrader
 log = logging.getLogger("meterota.campaign")
 
 POLL_S = 0.5  # concentrator job status and abort requests are polled at 2 Hz
-RUNNING_STATES = ("running",)
 
 
 @dataclass
@@ -441,7 +440,10 @@ class Runner:
                 conc.cancel(job)
                 cancelled = True
                 continue
-            self._stop.wait(POLL_S) if not self.stopping() else time.sleep(POLL_S)
+            if self.stopping():
+                time.sleep(POLL_S)  # cancelled: poll until the concentrator reports the job ended
+            else:
+                self._stop.wait(POLL_S)
 
     def _collect(self, conc: Concentrator, ct: ConcentratorTarget, rnd: int, job: int, seen: int,
                  conc_id: str) -> int:

@@ -405,12 +405,8 @@ def _check_campaign(args: argparse.Namespace, cid: str) -> None:
     from .ledger import Ledger
 
     with _store(args) as st:
-        led = Ledger(st)
-        try:
-            if led.campaign(cid) is None:
-                raise errors.MeterotaError(f"no campaign {cid} in {st.path}")
-        finally:
-            led.close()
+        if Ledger(st).campaign(cid) is None:
+            raise errors.MeterotaError(f"no campaign {cid} in {st.path}")
 
 
 def _field_result(args: argparse.Namespace, cid: str, res: Any, out: Out) -> None:
@@ -419,11 +415,7 @@ def _field_result(args: argparse.Namespace, cid: str, res: Any, out: Out) -> Non
     from .ledger import Ledger
 
     with _store(args) as st:
-        led = Ledger(st)
-        try:
-            closed = record_field_upgrade(led, cid, res)
-        finally:
-            led.close()
+        closed = record_field_upgrade(Ledger(st), cid, res)
     for w in closed:
         out.step(f"work order {w['id']} for {w['device']} closed")
 

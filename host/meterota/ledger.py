@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from .store import Store
 
@@ -117,9 +117,6 @@ class Ledger:
         self.lock = store.lock
         with self.lock, self.db:
             self.db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        """Nothing to release: the connection is the store's."""
 
     def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
         with self.lock, self.db:
@@ -305,7 +302,3 @@ class Ledger:
                             (time.time(), upgrade_id, w["id"]))
         return rows
 
-
-def iter_targets(rows: list[dict[str, Any]], states: Iterable[str]) -> Iterator[dict[str, Any]]:
-    want = set(states)
-    return (r for r in rows if r["state"] in want)
