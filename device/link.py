@@ -109,3 +109,20 @@ def open_links(board, frame_max):
     if sock is not None:
         out.append(DatagramLink(sock, frame_max))
     return out
+
+
+def stdin_stream():
+    """The console's stdin/stdout as the SMP serial link (USB CDC or UART0)."""
+    import micropython
+    from stdin_stream import StdinStream
+
+    micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
+    return StdinStream()
+
+
+def uart_spec(spec):
+    """'uart:ID:TX:RX[:BAUD]' -> (id, tx, rx, baud)."""
+    p = spec.split(":")
+    if p[0] != "uart" or len(p) < 4:
+        raise ValueError("serial: 'stdin' or 'uart:ID:TX:RX[:BAUD]'")
+    return int(p[1]), int(p[2]), int(p[3]), int(p[4]) if len(p) > 4 else 115200

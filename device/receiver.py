@@ -72,14 +72,8 @@ def self_test(ctx, app):
     up = ctx.up
     if not (up.st.trial and ctx.self_confirm):
         return
-    check = getattr(app, "selftest", None)
-    try:
-        ok = check() if check else True
-        why = "self-test returned False"
-    except Exception as e:
-        ok = False
-        why = "self-test raised %r" % (e,)
-    if ok:
+    why = updater.app_selftest(app)
+    if why is None:
         up.confirm("self-test passed")
     else:
         up.fail_trial(why)

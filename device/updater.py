@@ -198,3 +198,15 @@ class Updater:
                     e["confirmed"] = True
             out.append(e)
         return out
+
+
+def app_selftest(app):
+    """Run the application's selftest(), if it has one; None when it passed,
+    else why it failed (a trial boot's verdict on a self-confirming device)."""
+    check = getattr(app, "selftest", None)
+    try:
+        if check is None or check():
+            return None
+        return "self-test returned False"
+    except Exception as e:
+        return "self-test raised %r" % (e,)

@@ -17,7 +17,9 @@ sys.path.insert(0, str(REPO / "host"))
 
 from meterota import image as img  # noqa: E402
 from meterota.boards import unix_slot_size  # noqa: E402
+from meterota.client import SMPClient  # noqa: E402
 from meterota.sim import SimDevice  # noqa: E402
+from meterota.transport import from_address  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MICROPYTHON = BIN / "micropython"
@@ -179,6 +181,19 @@ def make_device(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
     yield make
     for d in devs:
         d.stop() if isinstance(d, SimDevice) else d.close()
+
+
+def sim_client(dev: SimDevice, *, timeout: float = 3.0, negotiate: bool = True) -> SMPClient:
+    """An SMPClient connected to a simulated device's address; the caller closes `c.t`."""
+    t = from_address(port=dev.address)
+    t.open()
+    c = SMPClient(t, timeout=timeout)
+    try:
+        c.connect(negotiate=negotiate)
+    except BaseException:
+        t.close()
+        raise
+    return c
 
 
 def port_of(dev: SimDevice) -> list[str]:

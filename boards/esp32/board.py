@@ -139,26 +139,20 @@ class Board:
         return link.open_links(self, frame_max)
 
     def _serial(self, spec, rx):
+        import link
+
         if spec == "stdin":
-            import micropython
             import os
 
             try:
                 os.dupterm(None)  # detach a WebREPL/UART mirror from the console
             except (AttributeError, OSError):
                 pass
-            micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
-            from stdin_stream import StdinStream
-
-            return StdinStream()
-        # "uart:ID:TX:RX[:BAUD]"
+            return link.stdin_stream()
         import machine
 
-        p = spec.split(":")
-        if p[0] != "uart" or len(p) < 4:
-            raise ValueError("serial: 'stdin' or 'uart:ID:TX:RX[:BAUD]'")
-        baud = int(p[4]) if len(p) > 4 else 115200
-        return machine.UART(int(p[1]), baudrate=baud, tx=int(p[2]), rx=int(p[3]),
+        uid, tx, rx_pin, baud = link.uart_spec(spec)
+        return machine.UART(uid, baudrate=baud, tx=tx, rx=rx_pin,
                             rxbuf=max(256, rx), txbuf=1024, timeout=0, timeout_char=0)
 
     def _udp(self):

@@ -185,24 +185,17 @@ class Board:
         return link.open_links(self, frame_max)
 
     def _serial(self, spec, rx):
+        import link
+
         if spec == "stdin":
-            import micropython
-
-            micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
-            from stdin_stream import StdinStream
-
-            return StdinStream()
+            return link.stdin_stream()
         import machine
 
-        p = spec.split(":")
-        if p[0] != "uart" or len(p) < 4:
-            raise ValueError("serial: 'stdin' or 'uart:ID:TX:RX[:BAUD]'")
-        baud = int(p[4]) if len(p) > 4 else 115200
+        uid, tx, rx_pin, baud = link.uart_spec(spec)
         # Flash erase/program stalls IRQs for tens of ms; the ring buffer must
         # absorb what arrives meanwhile only if the host paces its frames.
-        return machine.UART(int(p[1]), baudrate=baud, tx=machine.Pin(int(p[2])),
-                            rx=machine.Pin(int(p[3])), rxbuf=min(32766, max(256, rx)),
-                            txbuf=1024, timeout=0, timeout_char=0)
+        return machine.UART(uid, baudrate=baud, tx=machine.Pin(tx), rx=machine.Pin(rx_pin),
+                            rxbuf=min(32766, max(256, rx)), txbuf=1024, timeout=0, timeout_char=0)
 
     def _udp(self):
         import wifi

@@ -403,3 +403,21 @@ def test_checker_catches_a_wrong_api(port: str, tmp_path: Path) -> None:
     other = tmp_path / "bad_module.py"
     other.write_text("import rp2\n" if port == "esp32" else "import esp32\n")
     assert any(c == "import-not-found" for _l, _m, c in api_errors(mypy(port, [other])))
+
+
+def test_uart_spec_under_micropython(tmp_path: Path) -> None:
+    """The serial spec both MCU boards read from their configuration."""
+    run_mpy(f"""
+import sys
+sys.path.insert(0, {str(BOARDS.parent / 'device')!r})
+import link
+assert link.uart_spec("uart:1:4:5") == (1, 4, 5, 115200)
+assert link.uart_spec("uart:0:0:1:921600") == (0, 0, 1, 921600)
+for bad in ("uart:1:4", "usb:1:2:3"):
+    try:
+        link.uart_spec(bad)
+        raise SystemExit("accepted " + bad)
+    except ValueError:
+        pass
+print("ok")
+""", tmp_path)

@@ -14,15 +14,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import BIN, Images, run_cli
-from meterota.client import SMPClient
+from conftest import BIN, Images, run_cli, sim_client
+from meterota.concentrator import Concentrator
 from meterota.confirm import verify
 from meterota.fleet import Fleet, FleetOptions, concentrator_id, meter_id
 from meterota.image import parse
 from meterota.ledger import Ledger
 from meterota.sim import SimDevice
 from meterota.store import Store
-from meterota.transport import from_address
 
 
 @pytest.fixture(autouse=True)
@@ -38,14 +37,11 @@ def register(db: Path, devices: list[SimDevice]) -> None:
 
 
 def device_info(dev: SimDevice) -> dict[str, Any]:
-    t = from_address(port=dev.address)
-    t.open()
+    c = sim_client(dev, negotiate=False)
     try:
-        c = SMPClient(t, timeout=3.0)
-        c.connect(negotiate=False)
         return dict(c.device_info or {})
     finally:
-        t.close()
+        c.t.close()
 
 
 def write_plan(path: Path, image: Path, groups: list[dict[str, Any]], **campaign: Any) -> Path:
@@ -216,16 +212,11 @@ def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Image
     rows = ledger_rows(db, "ab")
     assert {r["state"] for r in rows.values()} <= {"OK", "KO", "CANCELLED"} and any(
         r["state"] == "CANCELLED" for r in rows.values()), rows
-    t = from_address(port=conc.address)
-    t.open()
+    c = sim_client(conc)
     try:
-        c = SMPClient(t, timeout=3.0)
-        c.connect()
-        from meterota.concentrator import Concentrator
-
         assert Concentrator(c).status()[-1]["state"] == "cancelled"
     finally:
-        t.close()
+        c.t.close()
 
 
 def test_ctrl_c_leaves_the_campaign_resumable(fleet: Fleet, images: Images, tmp_path: Path) -> None:
@@ -370,14 +361,9 @@ def test_host_killed_mid_campaign_resumes_without_upgrading_twice(images: Images
         with Store(db) as st:
             jobs = Ledger(st).jobs("k")
         assert [(j["round"], j["job"]) for j in jobs] == [(0, 1)]
-        t = from_address(port=f.concentrators[0].address)
-        t.open()
-        c = SMPClient(t, timeout=3.0)
-        c.connect()
-        from meterota.concentrator import Concentrator
-
+        c = sim_client(f.concentrators[0])
         assert [j["job"] for j in Concentrator(c).status()] == [1]
-        t.close()
+        c.t.close()
     finally:
         f.stop()
         for d in directs:

@@ -8,14 +8,13 @@ from typing import Iterator
 
 import pytest
 
-from conftest import Images
+from conftest import Images, sim_client
 from meterota.client import SMPClient
 from meterota.concentrator import Concentrator, JobSpec, record_results
 from meterota.fleet import Fleet, FleetOptions, meter_id
 from meterota.image import parse
 from meterota.sim import SimDevice
 from meterota.store import Store
-from meterota.transport import from_address
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +24,7 @@ def _sim_only(request: pytest.FixtureRequest) -> None:
 
 
 def connect(dev: SimDevice) -> SMPClient:
-    t = from_address(port=dev.address)
-    t.open()
-    c = SMPClient(t, timeout=3.0)
-    c.connect()
-    return c
+    return sim_client(dev)
 
 
 def meter_client(fleet: Fleet, mid: str) -> SMPClient:

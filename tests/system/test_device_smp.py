@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 import serial
 
-from conftest import VECTORS, Images, run_cli, smpmgr_target
+from conftest import VECTORS, Images, run_cli, smpmgr_target, sim_client
 from meterota import protocol as P
 from meterota.client import SMPClient, SMPError
 from meterota.image import parse
@@ -22,11 +22,7 @@ TRANSPORTS = ["serial", "udp"]
 
 
 def client(dev: SimDevice) -> SMPClient:
-    t = from_address(port=dev.address)
-    t.open()
-    c = SMPClient(t, timeout=2.0)
-    c.connect(negotiate=False)
-    return c
+    return sim_client(dev, timeout=2.0, negotiate=False)
 
 
 def state(dev: SimDevice) -> dict[int, dict[str, Any]]:

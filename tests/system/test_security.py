@@ -8,14 +8,13 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import VECTORS, port_of, run_cli
+from conftest import VECTORS, port_of, run_cli, sim_client
 from meterota import image as img
 from meterota.boards import unix_slot_size
 from meterota.client import SMPClient, SMPError
 from meterota.image import parse
 from meterota.sim import SimDevice
 from meterota.store import Store
-from meterota.transport import from_address
 
 IMAGES = VECTORS / "images"
 
@@ -26,11 +25,7 @@ def test_pubkey(image_vectors: dict[str, Any]) -> str:
 
 
 def client(dev: SimDevice) -> SMPClient:
-    t = from_address(port=dev.address)
-    t.open()
-    c = SMPClient(t)
-    c.connect()
-    return c
+    return sim_client(dev, timeout=2.0)
 
 
 def upload_err(dev: SimDevice, data: bytes) -> tuple[int, int]:
