@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "host"))
 from meterota import image as img  # noqa: E402
 from meterota.boards import unix_slot_size  # noqa: E402
 from meterota.client import SMPClient  # noqa: E402
-from meterota.sim import SimDevice  # noqa: E402
+from meterota.lab.sim import SimDevice  # noqa: E402
 from meterota.transport import from_address  # noqa: E402
 
 BIN = Path(sys.executable).parent

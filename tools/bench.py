@@ -14,8 +14,8 @@ One run measures, on the same links and with the same image:
     paced pty bridge (serial links only).
 Links: pty pairs paced like a UART (8N1: baud/10 bytes/s each way) at 115200 and
 921600 baud, an unpaced pty (USB-CDC-like) and UDP on loopback. Devices are
-meterota.sim.SimDevice (the device code under MicroPython); the simulator paces
-like a real UART, where idle line time is lost (meterota.sim._Direction).
+meterota.lab.sim.SimDevice (the device code under MicroPython); the simulator paces
+like a real UART, where idle line time is lost (meterota.lab.sim._Direction).
 
 Also measured: the device's CPU time per MiB (utime+stime of its process),
 the smallest MicroPython heap at which a full upload still works (bisection on
@@ -57,7 +57,7 @@ from meterota import image as img  # noqa: E402
 from meterota import protocol as P  # noqa: E402
 from meterota.boards import unix_slot_size  # noqa: E402
 from meterota.client import SMPClient, _Plan  # noqa: E402
-from meterota.sim import SimDevice, SimError  # noqa: E402
+from meterota.lab.sim import SimDevice, SimError  # noqa: E402
 from meterota.transport import SerialTransport, Transport, UDPTransport  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -76,7 +76,7 @@ IMAGE_TARGET = {"big": 256 * 1024, "small": 64 * 1024}
 HEAP_BUDGETS_WK = {"ESP32": 64, "Pico": 160}
 HEAP_TARGET_KIB = 32
 
-PACING = ("meterota.sim UART pacing: a byte goes out no earlier than it was written and than the "
+PACING = ("meterota.lab.sim UART pacing: a byte goes out no earlier than it was written and than the "
           "previous byte finished; idle line time is lost")
 
 TOOLS = {  # tool id -> label

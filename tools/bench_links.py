@@ -1,10 +1,10 @@
-"""Links for tools/bench.py that meterota.sim does not provide itself.
+"""Links for tools/bench.py that meterota.lab.sim does not provide itself.
 
 * ReplLink -- the unix MicroPython REPL on pty A, bridged to pty B for mpremote
   (reference micropython.md 4.6: one pty does not work, two bridged ptys with
   `resume` do), paced exactly like SimDevice's serial bridge: the same
-  meterota.sim pacing class, so mpremote and the SMP tools see the same UART.
-* CountingShaper -- a meterota.sim.LinkShaper that counts the bytes each way, so
+  meterota.lab.sim pacing class, so mpremote and the SMP tools see the same UART.
+* CountingShaper -- a meterota.lab.sim.LinkShaper that counts the bytes each way, so
   the benchmark can report what a tool really put on the wire.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "host"))
 
-from meterota.sim import LinkShaper, _Direction  # noqa: E402  (the simulator's own UART pacing)
+from meterota.lab.sim import LinkShaper, _Direction  # noqa: E402  (the simulator's own UART pacing)
 
 
 class CountingShaper(LinkShaper):

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "host"))
 
 from meterota import cli  # noqa: E402
-from meterota.fleet import Fleet, FleetOptions, meter_id  # noqa: E402
-from meterota.sim import SimDevice  # noqa: E402
+from meterota.lab.fleet import Fleet, FleetOptions, meter_id  # noqa: E402
+from meterota.lab.sim import SimDevice  # noqa: E402
 from meterota.store import Store  # noqa: E402
 
 WORK = REPO / ".meterota" / "demo"

@@ -20,7 +20,7 @@ from meterota import image as img  # noqa: E402
 from meterota.boards import unix_slot_size  # noqa: E402
 from meterota.client import SMPClient  # noqa: E402
 from meterota.concentrator import Concentrator, JobSpec  # noqa: E402
-from meterota.fleet import Fleet, FleetOptions  # noqa: E402
+from meterota.lab.fleet import Fleet, FleetOptions  # noqa: E402
 from meterota.transport import from_address  # noqa: E402
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "host"))
 
 from meterota import image as img  # noqa: E402
 from meterota.boards import unix_slot_size  # noqa: E402
-from meterota.fleet import Fleet, FleetOptions  # noqa: E402
+from meterota.lab.fleet import Fleet, FleetOptions  # noqa: E402
 from meterota.store import Store  # noqa: E402
 
 BIN = Path(sys.executable).parent

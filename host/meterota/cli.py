@@ -129,7 +129,7 @@ def _hexkey(s: str) -> bytes:
 # -- commands ---------------------------------------------------------------------------------
 def cmd_sim(args: argparse.Namespace) -> int:
     from .boards import provision_unix
-    from .sim import run_sim_cli
+    from .lab.sim import run_sim_cli
 
     if args.concentrators:
         return _sim_fleet(args)
@@ -150,7 +150,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .fleet import Fleet, FleetOptions
+    from .lab.fleet import Fleet, FleetOptions
 
     opts = FleetOptions(unreachable=_ids(args.unreachable), lossy=_ids(args.lossy), fail_trial=_ids(args.fail_trial),
                         slow=_ids(args.slow), transport=args.transport, heap=args.heap)
@@ -402,7 +402,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def _check_campaign(args: argparse.Namespace, cid: str) -> None:
-    from .ledger import Ledger
+    from .campaign.ledger import Ledger
 
     with _store(args) as st:
         if Ledger(st).campaign(cid) is None:
@@ -411,8 +411,8 @@ def _check_campaign(args: argparse.Namespace, cid: str) -> None:
 
 def _field_result(args: argparse.Namespace, cid: str, res: Any, out: Out) -> None:
     """A technician's upgrade under --campaign: into the ledger; an OK closes the work order."""
-    from .campaign import record_field_upgrade
-    from .ledger import Ledger
+    from .campaign.runner import record_field_upgrade
+    from .campaign.ledger import Ledger
 
     with _store(args) as st:
         closed = record_field_upgrade(Ledger(st), cid, res)
@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.local/share/meterota/meterota.db)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .sim import add_sim_arguments
+    from .lab.sim import add_sim_arguments
 
     s = sub.add_parser("sim", help="run simulated devices under MicroPython")
     add_sim_arguments(s)
@@ -753,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     kl = ks.add_parser("list", help="devices with a registered key")
     kl.set_defaults(fn=cmd_keys_list)
 
-    from .cli_campaign import add_parsers, campaign_device_defaults
+    from .campaign.cli import add_parsers, campaign_device_defaults
 
     add_parsers(sub, campaign_device_defaults)
 

@@ -410,7 +410,7 @@ class ConsoleDevice:
     again in the same process (fwdrv.serve), like a reset behind the bridge."""
 
     def __init__(self, run: Run, prelude: str = ""):
-        from meterota.sim import _SerialLink
+        from meterota.lab.sim import _SerialLink
 
         self.run = run
         cfg = json.loads((run.tmp / "config.json").read_text())

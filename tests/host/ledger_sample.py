@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from meterota import ledger as ledger_mod
-from meterota.ledger import Ledger
+from meterota.campaign import ledger as ledger_mod
+from meterota.campaign.ledger import Ledger
 from meterota.store import Store
 
 CID = "c-20240611-1"

@@ -1,4 +1,4 @@
-"""meterota.export over a real SQLite ledger: the CSV parses with the csv module,
+"""meterota.campaign.export over a real SQLite ledger: the CSV parses with the csv module,
 the JSON round-trips, and the CIM EndDeviceEvents XML validates against the
 shipped XSD, which in turn rejects documents that break the profile."""
 
@@ -17,8 +17,8 @@ import pytest
 import xmlschema
 from ledger_sample import CID, HASH, NASTY, NASTY_DEVICE, VERSION, Sample, build
 
-from meterota import export as ex
-from meterota.ledger import FINAL, Ledger
+from meterota.campaign import export as ex
+from meterota.campaign.ledger import FINAL, Ledger
 from meterota.store import Store
 
 NS = {"m": ex.CIM_NS}
@@ -209,6 +209,6 @@ def test_export_dispatches_on_the_format_name(sample: Sample) -> None:
 def test_the_schema_ships_as_package_data() -> None:
     root = Path(__file__).resolve().parents[2]
     pyproject = (root / "pyproject.toml").read_text()
-    assert '"schemas/*.xsd"' in pyproject
+    assert '"campaign/schemas/*.xsd"' in pyproject
     assert ex.schema_path().is_file()
     assert ET.fromstring(ex.schema_path().read_text()).get("targetNamespace") == ex.CIM_NS

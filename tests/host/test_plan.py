@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from meterota.plan import Plan, PlanError, load, parse
+from meterota.campaign.plan import Plan, PlanError, load, parse
 
 
 def utc(*a: int) -> float:

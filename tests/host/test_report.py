@@ -1,4 +1,4 @@
-"""meterota.report rendered by a real browser: headless Chromium (Debian's
+"""meterota.campaign.report rendered by a real browser: headless Chromium (Debian's
 package, installed by `make chromium`) loads the report from a file:// URL, and
 its DOM after the inline script ran, and a screenshot, are checked: one table
 row per device, the charts' numbers, the hostile reason shown as text and never
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from ledger_sample import CID, NASTY, NASTY_DEVICE, Sample, build, merged
 
-from meterota import report
+from meterota.campaign import report
 
 CHROMIUM = Path("/usr/bin/chromium")
 OKABE_ITO_OK = (0x00, 0x9E, 0x73)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import serial
 
-from meterota.sim import DEFAULT_MAIN, LinkShaper, SimCluster, SimDevice, SimError, _is_ready_line
+from meterota.lab.sim import DEFAULT_MAIN, LinkShaper, SimCluster, SimDevice, SimError, _is_ready_line
 
 FIXTURE = Path(__file__).parent / "sim_fixtures" / "echo_main.py"
 PY = Path(sys.executable)
@@ -266,7 +266,7 @@ def test_stop_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_cli_json_serves_until_sigterm(tmp_path: Path) -> None:
     base = tmp_path / "sim"
     proc = subprocess.Popen(
-        [str(PY), "-m", "meterota.sim", "--count", "2", "--transport", "udp", "--json",
+        [str(PY), "-m", "meterota.lab.sim", "--count", "2", "--transport", "udp", "--json",
          "--dir", str(base), "--main", str(FIXTURE), "--set", "self_confirm=true"],
         stdout=subprocess.PIPE,
         text=True,

@@ -17,10 +17,10 @@ import pytest
 from conftest import BIN, Images, run_cli, sim_client
 from meterota.concentrator import Concentrator
 from meterota.confirm import verify
-from meterota.fleet import Fleet, FleetOptions, concentrator_id, meter_id
+from meterota.lab.fleet import Fleet, FleetOptions, concentrator_id, meter_id
 from meterota.image import parse
-from meterota.ledger import Ledger
-from meterota.sim import SimDevice
+from meterota.campaign.ledger import Ledger
+from meterota.lab.sim import SimDevice
 from meterota.store import Store
 
 
@@ -172,7 +172,7 @@ def test_campaign_with_workorder_closed_by_a_field_upgrade(fleet: Fleet, directs
     # one event per device; the report is written where asked.
     import xmlschema
 
-    from meterota.export import schema_path
+    from meterota.campaign.export import schema_path
 
     cim = tmp_path / "c1.xml"
     run_cli("meterota", "--db", str(db), "export", "c1", "--format", "cim", "-o", str(cim), check=True)

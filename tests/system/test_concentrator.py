@@ -11,9 +11,9 @@ import pytest
 from conftest import Images, sim_client
 from meterota.client import SMPClient
 from meterota.concentrator import Concentrator, JobSpec, record_results
-from meterota.fleet import Fleet, FleetOptions, meter_id
+from meterota.lab.fleet import Fleet, FleetOptions, meter_id
 from meterota.image import parse
-from meterota.sim import SimDevice
+from meterota.lab.sim import SimDevice
 from meterota.store import Store
 
 

@@ -15,7 +15,7 @@ from conftest import VECTORS, Images, run_cli, smpmgr_target, sim_client
 from meterota import protocol as P
 from meterota.client import SMPClient, SMPError
 from meterota.image import parse
-from meterota.sim import SimDevice
+from meterota.lab.sim import SimDevice
 from meterota.transport import from_address
 
 TRANSPORTS = ["serial", "udp"]

@@ -1,4 +1,4 @@
-"""`meterota upgrade` and smpmgr through a faulty link (meterota.faults) against simulated devices.
+"""`meterota upgrade` and smpmgr through a faulty link (meterota.lab.faults) against simulated devices.
 
 For every fault configuration: the run either completes with the right image or fails cleanly
 (non-zero, one `meterota: error:` line, no traceback) in bounded time; the device never reports a
@@ -25,9 +25,9 @@ from conftest import Images, port_of, run_cli, smpmgr_target
 from meterota import protocol as P
 from meterota.boards import layout
 from meterota.client import SMPClient
-from meterota.faults import FaultShaper, LoseFrames, UDPFaultProxy, make_shaper
+from meterota.lab.faults import FaultShaper, LoseFrames, UDPFaultProxy, make_shaper
 from meterota.image import parse
-from meterota.sim import SimDevice
+from meterota.lab.sim import SimDevice
 from meterota.store import Store
 from meterota.transport import from_address
 

@@ -13,7 +13,7 @@ from meterota import image as img
 from meterota.boards import unix_slot_size
 from meterota.client import SMPClient, SMPError
 from meterota.image import parse
-from meterota.sim import SimDevice
+from meterota.lab.sim import SimDevice
 from meterota.store import Store
 
 IMAGES = VECTORS / "images"

@@ -17,7 +17,7 @@ from meterota import protocol as P
 from meterota.confirm import verify
 from meterota.errors import ConfirmationError
 from meterota.image import parse
-from meterota.sim import LinkShaper, SimDevice
+from meterota.lab.sim import LinkShaper, SimDevice
 from meterota.store import Store
 
 

@@ -1,6 +1,6 @@
 """Fault injection between a host and a (simulated) device.
 
-Serial faults are :class:`~meterota.sim.LinkShaper` subclasses for the simulator's pty bridge
+Serial faults are :class:`~meterota.lab.sim.LinkShaper` subclasses for the simulator's pty bridge
 (``SimDevice(..., shaper=...)``); each gets every chunk the bridge reads and returns the bytes to
 forward. UDP faults come from :class:`UDPFaultProxy`, a small datagram relay that a client talks
 to instead of the device.
@@ -559,7 +559,7 @@ class LoseFrames(FaultShaper):
         return data
 
     def _apply(self, d: str, data: bytes, pos: int) -> bytes:
-        from .protocol import Header
+        from ..protocol import Header
 
         b = self.buf[d]
         b += data

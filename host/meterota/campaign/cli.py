@@ -15,9 +15,9 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from . import errors
+from .. import errors
 from .ledger import Ledger
-from .store import Store
+from ..store import Store
 
 STATES = ("OK", "KO", "UNREACHABLE", "ERROR", "CANCELLED", "running", "pending")
 
@@ -118,7 +118,7 @@ class Progress:
 
 
 def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
-    from .campaign import Runner
+    from .runner import Runner
 
     as_json = bool(getattr(args, "json", False))
     try:
@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
 
 def cmd_campaign_run(args: argparse.Namespace) -> int:
     from . import plan as pl
-    from .campaign import create
+    from .runner import create
 
     plan = pl.load(args.plan)
     with _ledger(args) as (st, led):
@@ -159,7 +159,7 @@ def cmd_campaign_resume(args: argparse.Namespace) -> int:
         c = led.campaign(args.id)
         assert c is not None
         if c["pid"] and c["heartbeat"] and time.time() - float(c["heartbeat"]) < 3.0 and c["state"] == "running":
-            from .campaign import _pid_alive
+            from .runner import _pid_alive
 
             if _pid_alive(int(c["pid"])):
                 raise errors.MeterotaError(f"campaign {args.id} is being run by process {c['pid']}")
@@ -220,7 +220,7 @@ def cmd_campaign_list(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign_abort(args: argparse.Namespace) -> int:
-    from .campaign import abort
+    from .runner import abort
 
     with _ledger(args) as (st, led):
         for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MeterotaError, EXIT_USAGE
+from ..errors import MeterotaError, EXIT_USAGE
 
 FAILURE_CLASSES = ("UNREACHABLE", "KO", "ERROR")
 

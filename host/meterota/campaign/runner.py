@@ -30,16 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import image as img
-from .client import SMPClient
-from .concentrator import Concentrator, JobSpec, verify_result
-from .errors import (ConfirmationError, MeterotaError, SilentAfterReset, TransportError, UpgradeKO,
+from .. import image as img
+from ..client import SMPClient
+from ..concentrator import Concentrator, JobSpec, verify_result
+from ..errors import (ConfirmationError, MeterotaError, SilentAfterReset, TransportError, UpgradeKO,
                      EXIT_KO, EXIT_OK, EXIT_STOPPED)
 from .ledger import FAILED, FINAL, Ledger
 from .plan import ConcentratorTarget, Group, Plan, PlanError
-from .store import Outcome, Store
-from .transport import from_address
-from .upgrade import Upgrader
+from ..store import Outcome, Store
+from ..transport import from_address
+from ..upgrade import Upgrader
 
 log = logging.getLogger("meterota.campaign")
 

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
-from .errors import EXIT_USAGE, MeterotaError
+from ..errors import EXIT_USAGE, MeterotaError
 from .ledger import FINAL, Ledger
 
 FORMAT = "meterota.campaign-export"
@@ -245,7 +245,7 @@ def export_cim(ledger: Ledger, cid: str) -> str:
 
 def schema_path() -> Any:
     """The XSD of export_cim's profile, shipped as package data (a Traversable; str() it for a path)."""
-    return resources.files("meterota") / "schemas" / "end_device_events.xsd"
+    return resources.files("meterota.campaign") / "schemas" / "end_device_events.xsd"
 
 
 def export(ledger: Ledger, cid: str, fmt: str) -> str:

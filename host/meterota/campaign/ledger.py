@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any, Iterable
 
-from .store import Store
+from ..store import Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS campaigns (

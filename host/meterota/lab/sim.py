@@ -53,7 +53,7 @@ __all__ = [
 
 Transport = Literal["serial", "udp"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MAIN = REPO_ROOT / "boards" / "unix" / "main.py"
 DEFAULT_HEAP = "128wK"
 READY_LINE = b"meterota: ready"
@@ -495,7 +495,7 @@ class SimDevice:
         self.main_script = Path(main_script) if main_script is not None else DEFAULT_MAIN
         if self.main_script == DEFAULT_MAIN:
             # The real device program needs its flash map and a factory image.
-            from . import boards
+            from .. import boards
 
             for k, v in boards.unix_config_extra().items():
                 self.extra.setdefault(k, v)
@@ -1075,8 +1075,8 @@ def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m meterota.sim ...`: the same as `meterota sim`, without provisioning."""
-    p = argparse.ArgumentParser(prog="python -m meterota.sim", description=__doc__.splitlines()[0])
+    """`python -m meterota.lab.sim ...`: the same as `meterota sim`, without provisioning."""
+    p = argparse.ArgumentParser(prog="python -m meterota.lab.sim", description=__doc__.splitlines()[0])
     add_sim_arguments(p)
     return run_sim_cli(p.parse_args(argv))
 
