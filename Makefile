@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium test demo bench powercut fuzz scale hil clean
+.PHONY: all venv chromium postgresql test test-pg demo bench powercut fuzz scale scale-workers hil clean
 
 all: test
 
@@ -28,8 +28,20 @@ chromium:
 	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	then :; else echo "make chromium: could not install Debian's chromium (need root and apt); tests/host/test_report.py will skip (fail under CI)"; fi
 
-test: venv chromium
-	$(BIN)/pytest -q
+# A real PostgreSQL server (Debian's package) for the tests of the shared ledger: the tests run
+# initdb + pg_ctl themselves in a temporary folder (tests/pg.py); no system cluster is used.
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	then :; else echo "make postgresql: could not install Debian's postgresql (need root and apt)"; exit 1; fi
+
+# Every test on SQLite; of the PostgreSQL variants, those marked pg_core (make test-pg runs all).
+test: venv chromium postgresql
+	$(BIN)/pytest -q -m "not pg or pg_core"
+
+# The campaign suite on both backends and the multi-worker tests.
+test-pg: venv postgresql
+	$(BIN)/pytest -q tests/system/test_campaign.py tests/system/test_workers.py tests/host/test_db.py
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py

@@ -574,7 +574,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _store(args) as st:
-        for row in st.db.execute("SELECT id, board, address FROM devices ORDER BY id"):
+        for row in st.db.rows("SELECT id, board, address FROM devices ORDER BY id"):
             print(f"{row['id']:<16} {row['board'] or '-':<8} {row['address'] or ''}")
     return 0
 
@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"meterota {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v steps, -vv protocol traces")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--db", type=Path, default=None, help="SQLite records file (default $METEROTA_DB or "
+    p.add_argument("--db", default=None, metavar="FILE|URL", help="records database: a SQLite file or a "
+                   "postgresql://user:password@host/db URL (default $METEROTA_DB or "
                    "~/.local/share/meterota/meterota.db)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

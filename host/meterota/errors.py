@@ -12,6 +12,7 @@ EXIT_CONFIRMATION = 6  # the confirmation record did not verify
 EXIT_PROTOCOL = 7  # the device answered something meaningless
 EXIT_IMAGE = 8  # the image file is missing or not an MCUboot image
 EXIT_STOPPED = 9  # a campaign ended before its end: aborted, halted at a group's threshold, or expired
+EXIT_DATABASE = 10  # the records database is unreachable, refused the credentials, or has a schema we cannot use
 
 
 class MeterotaError(Exception):

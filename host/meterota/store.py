@@ -1,17 +1,33 @@
-"""The host's records: a SQLite file (the embedded default) holding every
-upgrade outcome with its raw confirmation record, and the device key registry."""
+"""The host's records: every upgrade outcome with its raw confirmation record,
+and the device key registry. In a SQLite file (the embedded default) or on a
+PostgreSQL server (``postgresql://...``, for head-ends of several hosts): the
+same schema and the same methods over db.Database.
+
+``store.transaction()`` groups writes of the store and the ledger (and of
+anything else on the same database) into one transaction:
+
+    with store.transaction():
+        store.add(outcome)
+        ledger.finish_device(...)
+"""
 
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA = """
+from . import db as dbm
+from .db import Database, atomic, reading
+
+# Migrations of the records tables: index i takes schema version i to i + 1.
+# Version 1 is the layout from before versioning (CREATE ... IF NOT EXISTS, so
+# an unversioned file of that layout is adopted as it is).
+MIGRATIONS = [
+    """
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
     key BLOB NOT NULL,
@@ -38,14 +54,17 @@ CREATE TABLE IF NOT EXISTS upgrades (
     campaign TEXT
 );
 CREATE INDEX IF NOT EXISTS upgrades_device ON upgrades(device);
-"""
+""",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def default_path() -> Path:
+def default_path() -> Path | str:
+    """$METEROTA_DB (a file or a postgresql:// URL), else the user's SQLite file."""
     env = os.environ.get("METEROTA_DB")
     if env:
-        return Path(env)
-    return Path.home() / ".local" / "share" / "meterota" / "meterota.db"
+        return env if dbm.is_url(env) else Path(env)
+    return dbm.default_path()
 
 
 @dataclass
@@ -67,16 +86,26 @@ class Outcome:
 
 
 class Store:
-    def __init__(self, path: Path | str | None = None):
-        self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by a campaign's worker threads, serialised here.
-        self.db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.lock = threading.RLock()
-        with self.lock, self.db:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
+    """The records. `target`: a SQLite path or a postgresql:// URL (default: default_path())."""
+
+    def __init__(self, path: Path | str | None = None, *, reconnect_s: float = dbm.RECONNECT_S):
+        target = path if path not in (None, "") else default_path()
+        self.db = Database(target, reconnect_s=reconnect_s)
+        self.path = self.db.where  # where the records are, for messages (a URL without its password)
+        self.lock = self.db.lock
+        try:
+            self.db.migrate("store", MIGRATIONS)
+        except BaseException:
+            self.db.close()
+            raise
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    def transaction(self) -> AbstractContextManager[Database]:
+        """One transaction over the store, the ledger and any table of this database."""
+        return self.db.transaction()
 
     def close(self) -> None:
         self.db.close()
@@ -88,45 +117,43 @@ class Store:
         self.close()
 
     # -- key registry ------------------------------------------------------
+    @atomic
     def set_key(self, device: str, key: bytes, board: str | None = None, address: str | None = None) -> None:
-        with self.lock, self.db:
-            self.db.execute(
-                "INSERT INTO devices(id, key, board, address, updated) VALUES(?,?,?,?,?) "
-                "ON CONFLICT(id) DO UPDATE SET key=excluded.key, board=COALESCE(excluded.board, board), "
-                "address=COALESCE(excluded.address, address), updated=excluded.updated",
-                (device, key, board, address, time.time()))
+        self.db.execute(
+            "INSERT INTO devices(id, key, board, address, updated) VALUES(?,?,?,?,?) "
+            "ON CONFLICT(id) DO UPDATE SET key=excluded.key, board=COALESCE(excluded.board, devices.board), "
+            "address=COALESCE(excluded.address, devices.address), updated=excluded.updated",
+            (device, key, board, address, time.time()))
 
+    @reading
     def key(self, device: str) -> bytes | None:
-        with self.lock:
-            row = self.db.execute("SELECT key FROM devices WHERE id=?", (device,)).fetchone()
+        row = self.db.execute("SELECT key FROM devices WHERE id=?", (device,)).one()
         return bytes(row["key"]) if row else None
 
+    @reading
     def last_seq(self, device: str) -> int:
-        with self.lock:
-            row = self.db.execute("SELECT last_seq FROM devices WHERE id=?", (device,)).fetchone()
+        row = self.db.execute("SELECT last_seq FROM devices WHERE id=?", (device,)).one()
         return int(row["last_seq"]) if row else 0
 
+    @atomic
     def note_seq(self, device: str, seq: int) -> None:
-        with self.lock, self.db:
-            self.db.execute("UPDATE devices SET last_seq=MAX(last_seq, ?) WHERE id=?", (seq, device))
+        self.db.execute("UPDATE devices SET last_seq=? WHERE id=? AND last_seq<?", (seq, device, seq))
 
     # -- outcomes ------------------------------------------------------------
+    @atomic
     def add(self, o: Outcome) -> int:
-        with self.lock, self.db:
-            cur = self.db.execute(
-                "INSERT INTO upgrades(device, address, from_version, to_version, image_hash, result, reason, "
-                "attempts, started, finished, record, mac, verified, campaign) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (o.device, o.address, o.from_version, o.to_version, o.image_hash, o.result, o.reason, o.attempts,
-                 o.started, o.finished, o.record, o.mac, int(o.verified), o.campaign))
-            return int(cur.lastrowid or 0)
+        row = self.db.execute(
+            "INSERT INTO upgrades(device, address, from_version, to_version, image_hash, result, reason, "
+            "attempts, started, finished, record, mac, verified, campaign) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "RETURNING id",
+            (o.device, o.address, o.from_version, o.to_version, o.image_hash, o.result, o.reason, o.attempts,
+             o.started, o.finished, o.record, o.mac, int(o.verified), o.campaign)).one()
+        return int(row["id"]) if row else 0
 
     def outcomes(self, device: str | None = None, limit: int = 100) -> Iterator[dict[str, Any]]:
         q = "SELECT * FROM upgrades" + (" WHERE device=?" if device else "") + " ORDER BY id DESC LIMIT ?"
         args: tuple[Any, ...] = (device, limit) if device else (limit,)
-        with self.lock:
-            rows = self.db.execute(q, args).fetchall()
-        for row in rows:
-            d = dict(row)
+        for d in self.db.rows(q, args):
             for k in ("record", "mac"):
                 if d[k] is not None:
                     d[k] = bytes(d[k]).hex()
