@@ -112,6 +112,7 @@ def directs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SimDevice
             d.stop()
 
 
+@pytest.mark.pg_core
 def test_campaign_with_workorder_closed_by_a_field_upgrade(fleet: Fleet, directs: list[SimDevice],
                                                           images: Images, tmp_path: Path, db: str) -> None:
     register(db, fleet.meters + fleet.concentrators + directs)
@@ -317,6 +318,7 @@ def test_time_window_is_respected(directs: list[SimDevice], images: Images, tmp_
     assert row["state"] == "OK" and row["first_attempt"] >= opens
 
 
+@pytest.mark.pg_core
 def test_host_killed_mid_campaign_resumes_without_upgrading_twice(images: Images, tmp_path: Path, db: str) -> None:
     f = Fleet(tmp_path / "f", 1, 5, FleetOptions(meter_reset_s=8))
     directs = [SimDevice(tmp_path / f"k{i}", device_id=f"direct-k{i}", transport="udp") for i in (1, 2)]
