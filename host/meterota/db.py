@@ -99,7 +99,7 @@ class Database:
 
     dialect: str  # "sqlite" | "postgresql"
 
-    def __init__(self, target: str | Path | None, *, reconnect_s: float = RECONNECT_S):
+    def __init__(self, target: str | Path | None, *, reconnect_s: float = RECONNECT_S, busy_s: float = 30.0):
         self.lock = threading.RLock()
         self._depth = 0
         self.reconnect_s = reconnect_s
@@ -115,9 +115,10 @@ class Database:
             path = Path(target) if target else default_path()
             path.parent.mkdir(parents=True, exist_ok=True)
             self.where = str(path)
-            self._conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+            self._conn = sqlite3.connect(str(path), timeout=busy_s, check_same_thread=False, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._conn.execute("PRAGMA journal_mode=WAL")
         self.connected_at = time.monotonic()
 
     # -- connections -----------------------------------------------------------
@@ -261,9 +262,24 @@ class Database:
                     raise
 
     # -- schema --------------------------------------------------------------------
-    def migrate(self, component: str, migrations: list[str]) -> int:
+    def columns(self, table: str) -> set[str]:
+        if self.dialect == "postgresql":
+            return {r["column_name"] for r in self.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name=? "
+                "AND table_schema=current_schema()", (table,)).rows}
+        return {r["name"] for r in self.execute(f"PRAGMA table_info({table})").rows}
+
+    def add_columns(self, table: str, cols: list[str]) -> None:
+        """ALTER TABLE ADD COLUMN for each "name TYPE" the table does not have yet."""
+        have = self.columns(table)
+        for col in cols:
+            if col.split()[0] not in have:
+                self.execute(f"ALTER TABLE {table} ADD COLUMN {_pg_ddl(col) if self.dialect == 'postgresql' else col}")
+
+    def migrate(self, component: str, migrations: list[Any]) -> int:
         """Bring `component`'s tables to the newest of `migrations` (index i takes
-        version i to i + 1); refuse a database newer than this program. Several
+        version i to i + 1: a DDL script, or a function of the database for a
+        step that must look first); refuse a database newer than this program. Several
         hosts starting at once: on PostgreSQL an advisory lock makes one of them
         migrate, the others see the result."""
         want = len(migrations)
@@ -279,7 +295,11 @@ class Database:
                 raise DatabaseError(f"{self.where}: the {component} schema is version {have}, newer than this "
                                     f"meterota knows ({want}): upgrade meterota on this host")
             for i in range(have, want):
-                self.script(migrations[i])
+                step = migrations[i]
+                if callable(step):
+                    step(self)
+                else:
+                    self.script(step)
             if have < want:
                 self.execute("INSERT INTO meterota_schema(component, version, updated) VALUES(?,?,?) "
                              "ON CONFLICT(component) DO UPDATE SET version=excluded.version, "

@@ -1,6 +1,6 @@
 """The records database on its two backends: selection by --db and
 $METEROTA_DB, schema versions (an older database migrated, a newer one
-refused), and the one-line refusals with exit code 10 (unreachable server,
+refused), and the one-line refusals with exit code 12 (unreachable server,
 wrong credentials)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from meterota.db import Database
 from meterota.store import MIGRATIONS as STORE_MIGRATIONS
 from meterota.store import Outcome, Store
 
-EXIT_DATABASE = 10
+EXIT_DATABASE = 12
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -67,12 +67,12 @@ def test_store_and_ledger_same_on_both_backends(db_target: str) -> None:
         # One transaction over the store and the ledger: all or nothing.
         with pytest.raises(RuntimeError):
             with st.transaction():
-                st.add(Outcome("t1", "t1", None, "1.0.0", "ab" * 32, "OK", "", 1, 1.0, 2.0, b"r", b"m", True, "c"))
+                st.add(Outcome("t1", "t1", None, "1.0.0", "ab" * 32, "ERROR", "cut", 1, 1.0, 2.0, None, None, False, "c"))
                 led.finish_device("c", "t1", "OK", "", final=True, record=b"r", mac=b"m", verified=True)
                 raise RuntimeError("cut")
         assert list(st.outcomes()) == [] and led.device_row("c", "t1")["state"] == "pending"  # type: ignore[index]
         with st.transaction():
-            st.add(Outcome("t1", "t1", None, "1.0.0", "ab" * 32, "OK", "", 1, 1.0, 2.0, b"r", b"m", True, "c"))
+            st.add(Outcome("t1", "t1", None, "1.0.0", "ab" * 32, "ERROR", "cut", 1, 1.0, 2.0, None, None, False, "c"))
             led.finish_device("c", "t1", "OK", "", final=True, record=b"r", mac=b"m", verified=True)
         row = led.device_row("c", "t1")
         assert row is not None and row["state"] == "OK" and bytes(row["record"]) == b"r"

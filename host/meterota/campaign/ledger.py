@@ -16,7 +16,12 @@ import time
 from typing import Any, Iterable
 
 from ..db import atomic
+from ..errors import CampaignBusy
 from ..store import Store
+
+
+class LeaseLost(CampaignBusy):
+    """This worker no longer holds the unit's lease (another took it over): it stops, writing nothing more."""
 
 # Migrations: index i takes the ledger schema from version i to i + 1 (db.migrate).
 MIGRATIONS = ["""
@@ -149,9 +154,10 @@ class Ledger:
     # -- campaigns ---------------------------------------------------------
     def create_campaign(self, cid: str, name: str, plan: dict[str, Any], plan_file: str | None, image_hash: str,
                         version: str) -> None:
-        self._write("INSERT INTO campaigns(id, name, plan, plan_file, image_hash, version, state, created) "
-                    "VALUES(?,?,?,?,?,?,'running',?)",
-                    (cid, name, json.dumps(plan, sort_keys=True), plan_file, image_hash, version, time.time()))
+        if not self._write("INSERT INTO campaigns(id, name, plan, plan_file, image_hash, version, state, created) "
+                           "VALUES(?,?,?,?,?,?,'running',?) ON CONFLICT(id) DO NOTHING",
+                           (cid, name, json.dumps(plan, sort_keys=True), plan_file, image_hash, version, time.time())):
+            raise CampaignBusy(f"campaign {cid} was just created by another process")
 
     def campaign(self, cid: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM campaigns WHERE id=?", (cid,))
@@ -275,6 +281,24 @@ class Ledger:
             "INSERT INTO campaign_devices(campaign, target, device, grp, kind, via, address, state, "
             "to_version, image_hash) VALUES(?,?,?,?,?,?,?,'pending',?,?) ON CONFLICT(campaign, target) DO NOTHING",
             (cid, target, device, grp, kind, via, address, version, image_hash)) > 0
+
+    @atomic
+    def claim_device(self, cid: str, target: str, device: str) -> str | None:
+        """Note that `target` answers as `device`, unless another target of the
+        campaign is that device already: then return that target (one device
+        named two ways, or two addresses of one device: never flashed twice)."""
+        row = self.db.execute("SELECT target FROM campaign_devices WHERE campaign=? AND device=? AND target<>?",
+                              (cid, device, target)).one()
+        if row is not None:
+            return str(row["target"])
+        self.db.execute("UPDATE campaign_devices SET device=? WHERE campaign=? AND target=?", (device, cid, target))
+        return None
+
+    @atomic
+    def holds(self, cid: str, unit: str, owner: str) -> bool:
+        """Whether `owner` still holds the unit's lease (the fence before acting on a device)."""
+        return self.db.execute("SELECT 1 AS x FROM campaign_units WHERE campaign=? AND unit=? AND owner=? AND "
+                               "state='leased'", (cid, unit, owner)).one() is not None
 
     def devices(self, cid: str, grp: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM campaign_devices WHERE campaign=?"
