@@ -57,6 +57,12 @@ fuzz: $(STAMP)
 scale: $(STAMP)
 	$(BIN)/python tools/scale.py 10 100
 
+# Campaign workers over a PostgreSQL ledger: 10 concentrators x 100 meters + 50 direct devices with 1, 2
+# and 4 workers (wall time, CPU and PostgreSQL transactions per device), then 2 with one killed at half.
+scale-workers: $(STAMP) postgresql
+	$(BIN)/python tools/scale.py --workers 1,2,4 10 100 50
+	$(BIN)/python tools/scale.py --workers 2 --kill 10 100 50
+
 # End-to-end tests against a real board: make hil PORT=/dev/ttyACM0 BOARD=rp2
 hil: venv
 	$(BIN)/pytest -q tests/system --port $(PORT) --board $(BOARD)

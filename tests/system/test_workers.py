@@ -174,6 +174,7 @@ def test_two_workers_share_a_campaign_and_a_killed_one_is_taken_over(
     assert rows
 
 
+@pytest.mark.pg_core
 def test_database_restarted_mid_campaign(rig: tuple[Fleet, list[SimDevice]], images: Images, tmp_path: Path,
                                          pg_server: Any, pg_url: str) -> None:
     f, directs = rig
