@@ -221,3 +221,29 @@ def test_a_worker_with_another_image_is_refused(images: Images, tmp_path: Path, 
     assert len(line) == 1 and "refusing campaign img" in line[0] and "1.5.0" in line[0] and "1.1.0" in line[0]
     # It took nothing.
     assert [(u["state"], u["leases"]) for u in units(pg_url, "img")] == [("pending", 0)]
+
+
+@pytest.mark.pg_core
+def test_sigterm_hands_the_units_back(images: Images, tmp_path: Path, pg_url: str) -> None:
+    """A worker stopped by SIGTERM (a host being patched) gives its units back at
+    once: another worker need not wait for the lease to run out."""
+    plan_path = write_plan(tmp_path / "plan.toml", images.app("1.1.0"), [
+        {"name": "g", "devices": ["udp:127.0.0.251"]}], retry_delay=60, retries={"unreachable": 5})
+    with Store(pg_url) as st:
+        create(Ledger(st), load(plan_path), str(plan_path), "t")
+    w = spawn("--db", pg_url, "campaign", "worker", "--lease", "60", "--timeout", "0.2", "--retries", "0")
+    try:
+        wait_for("the worker to try the device", lambda: ledger_rows(pg_url, "t")["udp:127.0.0.251"]["attempts"] >= 1,
+                 [w])
+        [u] = units(pg_url, "t")
+        assert u["state"] == "leased" and owner_pid(u["owner"]) == w.pid
+        w.send_signal(signal.SIGTERM)
+        out, err = w.communicate(timeout=60)
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+            w.communicate()
+    assert w.returncode == 0 and "its units were handed back" in err, err
+    [u] = units(pg_url, "t")
+    assert u["state"] == "pending" and u["owner"] is None
+    assert ledger_rows(pg_url, "t")["udp:127.0.0.251"]["state"] == "pending"  # to be retried, not ended

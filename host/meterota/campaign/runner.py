@@ -836,7 +836,10 @@ def abort(ledger: Ledger, cid: str, reason: str, timeout: float = 3.0, retries: 
     if c["state"] != "running":
         raise PlanError(f"campaign {cid} is {c['state']}, not running")
     ledger.stop_campaign(cid, "aborted", reason)
-    live = ledger.live_leases(cid)
+    here = socket.gethostname()
+    # Live leases, less those of processes of this host that are gone (killed): nobody would wind it up.
+    live = [u for u in ledger.live_leases(cid) if not (str(u["owner"]).split(":")[0] == here
+                                                       and not _pid_alive(int(str(u["owner"]).split(":")[1])))]
     done = [f"campaign {cid} marked aborted"]
     if live:
         owners = sorted({str(u["owner"]) for u in live})
