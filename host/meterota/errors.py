@@ -12,10 +12,23 @@ EXIT_CONFIRMATION = 6  # the confirmation record did not verify
 EXIT_PROTOCOL = 7  # the device answered something meaningless
 EXIT_IMAGE = 8  # the image file is missing or not an MCUboot image
 EXIT_STOPPED = 9  # a campaign ended before its end: aborted, halted at a group's threshold, or expired
+EXIT_RECORDS = 10  # the records database cannot be opened, read or written
 
 
 class MeterotaError(Exception):
     exit_code = EXIT_FAILURE
+
+
+class UsageError(MeterotaError):
+    """A bad command line found after parsing: no device given, an unknown campaign."""
+
+    exit_code = EXIT_USAGE
+
+
+class StoreError(MeterotaError):
+    """The records database (--db, $METEROTA_DB) cannot be opened or used."""
+
+    exit_code = EXIT_RECORDS
 
 
 class ImageError(MeterotaError):
