@@ -44,7 +44,7 @@ from typing import Any, Callable
 from .. import image as img
 from ..client import SMPClient
 from ..concentrator import Concentrator, JobSpec, record_relayed
-from ..errors import (CampaignBusy, MeterotaError, NotRecorded, SilentAfterReset, TransportError, UpgradeKO,
+from ..errors import (CampaignBusy, ImageError, MeterotaError, NotRecorded, SilentAfterReset, TransportError, UpgradeKO,
                       EXIT_KO, EXIT_OK, EXIT_STOPPED)
 from .ledger import FAILED, FINAL, LeaseLost, Ledger
 from .plan import ConcentratorTarget, Group, Plan, PlanError
@@ -80,11 +80,8 @@ def read_image(path: str) -> tuple[bytes, img.ImageInfo]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise PlanError(f"cannot read the plan's image {path}: {e.strerror}") from None
-    info = img.parse(data)
-    if not info.hash_ok:
-        raise PlanError(f"{path}: image hash TLV does not match its contents: the file is corrupt")
-    return data, info
+        raise ImageError(f"cannot read the plan's image {path}: {e.strerror}") from None
+    return data, img.checked(data, path)
 
 
 def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = None) -> str:
@@ -196,7 +193,7 @@ class Runner:
         counts = self.ledger.counts(self.cid).get("", {})
         finished = sum(counts.get(s, 0) for s in ("OK", "KO", "UNREACHABLE", "ERROR"))
         failed = sum(counts.get(s, 0) for s in a.count)
-        if finished >= a.min_finished and finished and failed / finished >= a.threshold:
+        if a.tripped(failed, finished):
             self.halt("aborted", f"{failed} of {finished} finished devices failed ({', '.join(a.count)}), "
                                  f"at or over the abort threshold of {a.threshold:.0%}")
 
