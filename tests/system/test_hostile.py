@@ -384,6 +384,50 @@ def test_abort_during_a_job_keeps_what_the_job_did(fleet: Fleet, images: Images,
         assert ledger[m.device_id]["state"] == "OK" and ledger[m.device_id]["verified"] == 1, ledger[m.device_id]
 
 
+def test_abort_after_the_runner_died_takes_in_what_the_job_did(fleet: Fleet, images: Images, tmp_path: Path,
+                                                               db: Path) -> None:
+    """No campaign process left (killed): `campaign abort` cancels the job itself, waits for the meter
+    in flight, and records what the job did before the rest become CANCELLED."""
+    register(db, fleet.meters)
+    app = images.app("1.8.0")
+    h = parse(app.read_bytes()).hash
+    conc = fleet.concentrators[0]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[campaign]\nname = "x"\nimage = "{app}"\n[[group]]\nname = "a"\n[[group.concentrators]]\n'
+                    f'address = "{conc.address}"\nmeters = ["{meter_id(1, 1)}", "{meter_id(1, 2)}"]\n')
+    proc = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "campaign", "run", str(plan), "--id", "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with Store(db) as st:
+                if any(j["job"] is not None for j in Ledger(st).jobs("k")):
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)  # polling the ledger for the job's id; not synchronisation
+    finally:
+        proc.kill()
+        proc.wait()
+    a = meterota(db, "campaign", "abort", "k", check=True)
+    assert "cancelled" in a.stdout and "running campaign process" not in a.stdout, a.stdout
+    with Store(db) as st:
+        ledger = {r["target"]: r for r in Ledger(st).devices("k")}
+    first = fleet.meters[0]  # the job's first meter was in flight when the host died
+    c = sim_client(first)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            info = c.info()
+            if not info.get("trial") and any(s.get("active") and s.get("hash") == h for s in info["slots"]):
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)  # polling the meter until the cancelled job's attempt is over; not synchronisation
+    finally:
+        c.t.close()
+    assert ledger[first.device_id]["state"] == "OK" and ledger[first.device_id]["verified"] == 1, ledger
+    assert [r["result"] for r in rows(db, "device=? AND to_version='1.8.0+0'", (first.device_id,))] == ["OK"]
+
+
 # -- 8. `meterota sim` never loses its device lines --------------------------------------------------------
 def test_image_signing_in_threads_keeps_stdout(tmp_path: Path) -> None:
     bundle = img.build_bundle({"app.py": b"print('x')\n"})
@@ -414,18 +458,23 @@ def test_image_signing_in_threads_keeps_stdout(tmp_path: Path) -> None:
 
 def test_sim_prints_every_device_line(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(BIN / "meterota"), "sim", "--transport", "udp", "--count", "4", "--dir",
-                             str(tmp_path / "sim")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
+                             str(tmp_path / "sim")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
     try:
         assert proc.stdout is not None
+        fd = proc.stdout.fileno()
         deadline = time.monotonic() + 60
-        while len(lines) < 4 and time.monotonic() < deadline:
-            if select.select([proc.stdout], [], [], deadline - time.monotonic())[0]:
-                lines.append(proc.stdout.readline())  # the sim prints whole lines, flushed
+        while out.count(b"\n") < 4 and time.monotonic() < deadline:
+            if select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                out += chunk
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
-    assert all(len(ln.split()) == 3 and ln.split()[1].startswith("udp:") for ln in lines), lines
+    lines = out.decode().splitlines()
+    assert len(lines) == 4 and all(len(ln.split()) == 3 and ln.split()[1].startswith("udp:") for ln in lines), lines
 
 
 # -- 9. one process runs a campaign -------------------------------------------------------------------
