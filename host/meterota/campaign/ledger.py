@@ -280,9 +280,6 @@ class Ledger:
         cols = ", ".join(f"{k}=?" for k in fields)
         self._write(f"UPDATE campaigns SET {cols} WHERE id=?", (*fields.values(), cid))
 
-    def heartbeat(self, cid: str, pid: int) -> None:
-        self._write("UPDATE campaigns SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), cid))
-
     # -- devices -------------------------------------------------------------
     def add_target(self, cid: str, target: str, grp: str, kind: str, *, device: str | None = None,
                    via: str | None = None, address: str | None = None, image_hash: str, version: str) -> bool:
