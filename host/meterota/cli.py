@@ -845,12 +845,14 @@ class _QuietPipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not isinstance(sys.stdout, _QuietPipe):
-        sys.stdout = _QuietPipe(sys.stdout)  # type: ignore[assignment]
+    saved = sys.stdout
+    guard = saved if isinstance(saved, _QuietPipe) else _QuietPipe(saved)
+    sys.stdout = guard  # type: ignore[assignment]
     try:
         return _main(argv)
     finally:
-        sys.stdout.flush()
+        guard.flush()
+        sys.stdout = saved
 
 
 def _main(argv: list[str] | None) -> int:
