@@ -109,7 +109,7 @@ def _connected(args: argparse.Namespace) -> Iterator[SMPClient]:
 
 
 def open_store(path: Path | None) -> Store:
-    """The records database, or one line saying why it cannot be opened (exit 10)."""
+    """The records database, or one line saying why it cannot be opened (exit 12)."""
     from .store import default_path
 
     where = Path(path) if path else default_path()
@@ -518,7 +518,8 @@ def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
     info = conc.store_info() or {}
     version = str(info.get("version", "?")) if info.get("hash") == h else "?"
     with _store(args) as db:
-        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None))
+        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None),
+                              conc_id=str((conc.c.device_info or {}).get("id") or conc.c.t.name), job=job)
     out.result({"job": job, "status": st, "results": rows}, lambda: _print_results(job, st, rows))
     bad = [r for r in rows if r["result"] != "OK" or not r["verified"]]
     if any(r["result"] == "ERROR" for r in rows):
@@ -603,9 +604,45 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_spool(args: argparse.Namespace) -> int:
+    """`records import [SPOOL]`: outcomes a locked database could not take."""
+    import types
+
+    from .campaign.ledger import Ledger
+    from .campaign.runner import record_field_upgrade
+
+    with _store(args) as st:
+        spool = Path(args.spool) if args.spool else st.spool_path()
+        led: list[Any] = []
+
+        def field(o: Any, conf: Any, got: Any) -> None:
+            if not led:
+                led.append(Ledger(st))
+            if led[0].campaign(o.campaign) is None:
+                return
+            res = types.SimpleNamespace(device=o.device, address=o.address, image_hash=o.image_hash,
+                                        to_version=o.to_version, result=o.result, reason=o.reason,
+                                        from_version=o.from_version, record_id=got.id,
+                                        confirmation=conf.as_dict() if conf else None)
+            for w in record_field_upgrade(led[0], o.campaign, res):
+                print(f"work order {w['id']} for {w['device']} closed", file=sys.stderr)
+
+        taken, problems = st.import_spool(spool, key=args.key, on_field=field)
+    for p in problems:
+        print(f"meterota: {p}", file=sys.stderr)
+    print(f"{taken} outcomes imported from {spool} into {st.path}" + (f"; {len(problems)} left in the spool"
+                                                                       if problems else ""))
+    return errors.EXIT_CONFIRMATION if problems else 0
+
+
 def cmd_records(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        return _import_spool(args)
     with _store(args) as st:
         rows = list(st.outcomes(args.device, args.limit))
+        if st.spool_path().exists():
+            print(f"meterota: outcomes wait in {st.spool_path()} (the database was locked): "
+                  "`meterota records import` records them", file=sys.stderr)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -798,7 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, campaign_device_defaults)
 
-    r = sub.add_parser("records", help="list recorded upgrade outcomes")
+    r = sub.add_parser("records", help="list recorded upgrade outcomes; `records import [SPOOL]` records the "
+                       "outcomes a locked database could not take")
+    r.add_argument("action", nargs="?", choices=["import"])
+    r.add_argument("spool", nargs="?", help="the spool file (default: beside the database, DB.spool)")
+    r.add_argument("--key", type=_hexkey, help="HMAC key to verify spooled records with (default: the registry)")
     r.add_argument("--device")
     r.add_argument("--limit", type=at.positive_int, default=50)
     r.set_defaults(fn=cmd_records)
