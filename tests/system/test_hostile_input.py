@@ -238,3 +238,12 @@ def test_abort_threshold_zero_aborts_on_a_failure_not_on_a_success(tmp_path: Pat
     # The same rule for every threshold: at or over it, and never without a failure.
     assert not pl.Abort(threshold=0.0).tripped(0, 5) and pl.Abort(threshold=0.0).tripped(1, 5)
     assert pl.Abort(threshold=0.5, min_finished=4).tripped(2, 4) and not pl.Abort(0.5, 4).tripped(2, 3)
+
+
+def test_a_file_that_cannot_be_written_is_one_line(db: Path, tmp_path: Path) -> None:
+    """What only fails when written (here: /proc takes no new files, even from root) reaches the
+    top-level handler: one line naming the file, the code for a file on this host."""
+    for args in (["image", "keygen", "-o", "/proc/meterota-k.pem"],
+                 ["image", "build", "--version", "1.0.0", "-o", "/proc/meterota-x.bin"],
+                 ["workorders", "-o", "/proc/meterota-w.csv"]):
+        one_line(cli(db, *args, cwd=tmp_path), FAILURE, "/proc/meterota-")
