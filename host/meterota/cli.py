@@ -395,7 +395,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     if args.via:
         if not args.meter:
-            raise errors.MeterotaError("--via needs --meter ID")
+            raise errors.UsageError("--via needs --meter ID")
+        if args.campaign:
+            _check_campaign(args, args.campaign)
         args.port, args.udp = (args.via, None) if not args.via.startswith("udp:") else (None, args.via[4:])
         return cmd_upgrade_via(args)
     out = Out(args.json)
@@ -539,6 +541,8 @@ def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> 
 def cmd_job(args: argparse.Namespace) -> int:
     out = Out(args.json)
     image = _image(args.image) if args.job_cmd == "create" else None  # a bad file before the device
+    if getattr(args, "campaign", None):
+        _check_campaign(args, args.campaign)  # an unknown campaign before the device, as everywhere
     for c in _connected(args):
         conc = _conc(c)
         if args.job_cmd == "create":
