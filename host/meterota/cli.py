@@ -395,7 +395,9 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     if args.via:
         if not args.meter:
-            raise errors.MeterotaError("--via needs --meter ID")
+            raise errors.UsageError("--via needs --meter ID")
+        if args.campaign:
+            _check_campaign(args, args.campaign)
         args.port, args.udp = (args.via, None) if not args.via.startswith("udp:") else (None, args.via[4:])
         return cmd_upgrade_via(args)
     out = Out(args.json)
@@ -539,6 +541,8 @@ def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> 
 def cmd_job(args: argparse.Namespace) -> int:
     out = Out(args.json)
     image = _image(args.image) if args.job_cmd == "create" else None  # a bad file before the device
+    if getattr(args, "campaign", None):
+        _check_campaign(args, args.campaign)  # an unknown campaign before the device, as everywhere
     for c in _connected(args):
         conc = _conc(c)
         if args.job_cmd == "create":
@@ -692,8 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="run simulated devices under MicroPython")
     add_sim_arguments(s)
     f = s.add_argument_group("fan-out (concentrators with meters)")
-    f.add_argument("--concentrators", type=int, default=0, help="start N concentrators ...")
-    f.add_argument("--meters", type=int, default=4, help="... each with M meters on UDP links (default 4)")
+    f.add_argument("--concentrators", type=at.count, default=0, help="start N concentrators ...")
+    f.add_argument("--meters", type=at.positive_int, default=4, help="... each with M meters on UDP links (default 4)")
     f.add_argument("--unreachable", metavar="IDS", help="meters listed but never started (e.g. meter-0103)")
     f.add_argument("--lossy", metavar="IDS", help="meters behind a proxy that loses 15%% of datagrams")
     f.add_argument("--slow", metavar="IDS", help="meters with 50 ms added to every datagram each way")
@@ -886,12 +890,14 @@ class _QuietPipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not isinstance(sys.stdout, _QuietPipe):
-        sys.stdout = _QuietPipe(sys.stdout)  # type: ignore[assignment]
+    saved = sys.stdout
+    guard = saved if isinstance(saved, _QuietPipe) else _QuietPipe(saved)
+    sys.stdout = guard  # type: ignore[assignment]
     try:
         return _main(argv)
     finally:
-        sys.stdout.flush()
+        guard.flush()
+        sys.stdout = saved
 
 
 def _main(argv: list[str] | None) -> int:

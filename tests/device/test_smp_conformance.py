@@ -92,10 +92,16 @@ print(binascii.hexlify(r).decode())
 
 @pytest.mark.parametrize("allow_downgrade", [False, True])
 def test_bootloader_information_is_mcuboots_direct_xip_with_revert(tmp_path: Path, allow_downgrade: bool) -> None:
+    from smp import os_management as osm
+
     d = _state_dir(tmp_path)
     out = run_mp(tmp_path, BOOTINFO % (str(d), allow_downgrade)).stdout.split()
     intro, mode, nope, info = (cbor2.loads(bytes.fromhex(x)[8:]) for x in out)
     assert intro == {"bootloader": "MCUboot"}
+    # What a standard client (smpclient's `smp` models) makes of the replies.
+    assert osm.BootloaderInformationReadResponse.loads(bytes.fromhex(out[0])).bootloader == "MCUboot"
+    q = osm.MCUbootModeQueryResponse(**mode)
+    assert q.mode == osm.MCUbootMode.DIRECT_XIP_WITH_REVERT and bool(q.no_downgrade) is not allow_downgrade
     # MCUboot's enum mcuboot_mode: 5 = direct-XIP with revert; "no-downgrade" is sent, true, only
     # when downgrades are refused (Zephyr's os_mgmt and its group 0 documentation).
     assert mode == ({"mode": 5} if allow_downgrade else {"mode": 5, "no-downgrade": True})

@@ -164,6 +164,7 @@ def test_wrong_values_are_refused_before_anything_is_opened(tmp_path: Path, db: 
 def test_no_device_given_is_a_usage_error(db: Path, images: Images) -> None:
     for args in (["info"], ["images"], ["confirm"], ["upgrade", str(images.app("1.1.0"))], ["meters"]):
         one_line(cli(db, *args), USAGE, "no device given: use --port PORT or --udp HOST[:PORT]")
+    one_line(cli(db, "upgrade", "--via", "/dev/null", str(images.app("1.1.0"))), USAGE, "--via needs --meter")
 
 
 def test_an_unknown_campaign_is_the_same_code_for_every_command(tmp_path: Path, db: Path, images: Images) -> None:
@@ -172,7 +173,10 @@ def test_an_unknown_campaign_is_the_same_code_for_every_command(tmp_path: Path, 
         pass  # a records database without that campaign
     for args in (["campaign", "status", "nope"], ["campaign", "abort", "nope"], ["campaign", "resume", "nope"],
                  ["export", "nope"], ["report", "nope", "-o", str(tmp_path / "r.html")],
-                 ["workorders", "--campaign", "nope"], ["upgrade", "--port", "/dev/null", app, "--campaign", "nope"]):
+                 ["workorders", "--campaign", "nope"], ["upgrade", "--port", "/dev/null", app, "--campaign", "nope"],
+                 ["upgrade", "--via", "/dev/null", "--meter", "m", app, "--campaign", "nope"],
+                 ["job", "create", "--port", "/dev/null", app, "--campaign", "nope"],
+                 ["job", "results", "--port", "/dev/null", "1", "--campaign", "nope"]):
         one_line(cli(db, *args), USAGE, "no campaign nope")
 
 
@@ -238,3 +242,12 @@ def test_abort_threshold_zero_aborts_on_a_failure_not_on_a_success(tmp_path: Pat
     # The same rule for every threshold: at or over it, and never without a failure.
     assert not pl.Abort(threshold=0.0).tripped(0, 5) and pl.Abort(threshold=0.0).tripped(1, 5)
     assert pl.Abort(threshold=0.5, min_finished=4).tripped(2, 4) and not pl.Abort(0.5, 4).tripped(2, 3)
+
+
+def test_a_file_that_cannot_be_written_is_one_line(db: Path, tmp_path: Path) -> None:
+    """What only fails when written (here: /proc takes no new files, even from root) reaches the
+    top-level handler: one line naming the file, the code for a file on this host."""
+    for args in (["image", "keygen", "-o", "/proc/meterota-k.pem"],
+                 ["image", "build", "--version", "1.0.0", "-o", "/proc/meterota-x.bin"],
+                 ["workorders", "-o", "/proc/meterota-w.csv"]):
+        one_line(cli(db, *args, cwd=tmp_path), FAILURE, "/proc/meterota-")
