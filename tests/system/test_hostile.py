@@ -521,9 +521,7 @@ def test_stopped_runner_taken_over_stops_when_continued(make_device: Callable[..
             if "uploading" in line:
                 break
         a.send_signal(signal.SIGSTOP)
-        # While A's lease lasts, nobody else may run the campaign.
-        busy = meterota(db, "campaign", "resume", "s", env=env)
-        assert busy.returncode == EXIT_BUSY and "being run by" in one_line_error(busy)
+        # (While A's lease lasts nobody else may run it: test_three_runs_of_one_campaign_id_one_owner.)
         deadline = time.monotonic() + 30
         while True:
             with Store(db) as st:
