@@ -56,6 +56,7 @@ def test_environment_selects_postgresql(pg_server: Any) -> None:
         assert st.dialect == "postgresql" and st.key("meter-9") == bytes.fromhex("11" * 32)
 
 
+@pytest.mark.pg_core
 def test_store_and_ledger_same_on_both_backends(db_target: str) -> None:
     with Store(db_target) as st:
         led = Ledger(st)
@@ -107,6 +108,7 @@ def test_older_sqlite_database_is_migrated(tmp_path: Path) -> None:
     assert db.rows("SELECT COUNT(*) AS n FROM campaign_units") == [{"n": 0}]
 
 
+@pytest.mark.pg_core
 def test_newer_schema_is_refused(db_target: str) -> None:
     with Store(db_target) as st:
         Ledger(st)

@@ -24,7 +24,7 @@ from meterota.campaign.runner import create
 from meterota.concentrator import Concentrator
 from meterota.confirm import verify
 from meterota.lab.fleet import Fleet, FleetOptions
-from meterota.lab.sim import SimDevice
+from meterota.lab.sim import SimDevice, _claim_udp, _release_udp
 from meterota.store import Store
 from test_campaign import device_info, ledger_rows, register, write_plan
 
@@ -212,7 +212,7 @@ def _exists(url: str, cid: str) -> bool:
 @pytest.mark.pg_core
 def test_a_worker_with_another_image_is_refused(images: Images, tmp_path: Path, pg_url: str) -> None:
     plan_path = write_plan(tmp_path / "plan.toml", images.app("1.1.0"), [
-        {"name": "g", "devices": ["udp:127.0.0.250"]}])
+        {"name": "g", "devices": ["udp:127.0.0.250"]}])  # never contacted: the worker is refused first
     with Store(pg_url) as st:
         create(Ledger(st), load(plan_path), str(plan_path), "img")
     other = images.app("1.5.0")
@@ -229,14 +229,15 @@ def test_a_worker_with_another_image_is_refused(images: Images, tmp_path: Path, 
 def test_sigterm_hands_the_units_back(images: Images, tmp_path: Path, pg_url: str) -> None:
     """A worker stopped by SIGTERM (a host being patched) gives its units back at
     once: another worker need not wait for the lease to run out."""
+    silent = _claim_udp(None)  # a loopback address reserved for us and never answered: a device off the network
+    addr = f"udp:{silent}"
     plan_path = write_plan(tmp_path / "plan.toml", images.app("1.1.0"), [
-        {"name": "g", "devices": ["udp:127.0.0.251"]}], retry_delay=60, retries={"unreachable": 5})
+        {"name": "g", "devices": [addr]}], retry_delay=60, retries={"unreachable": 5})
     with Store(pg_url) as st:
         create(Ledger(st), load(plan_path), str(plan_path), "t")
     w = spawn("--db", pg_url, "campaign", "worker", "--lease", "60", "--timeout", "0.2", "--retries", "0")
     try:
-        wait_for("the worker to try the device", lambda: ledger_rows(pg_url, "t")["udp:127.0.0.251"]["attempts"] >= 1,
-                 [w])
+        wait_for("the worker to try the device", lambda: ledger_rows(pg_url, "t")[addr]["attempts"] >= 1, [w])
         [u] = units(pg_url, "t")
         assert u["state"] == "leased" and owner_pid(u["owner"]) == w.pid
         w.send_signal(signal.SIGTERM)
@@ -245,7 +246,8 @@ def test_sigterm_hands_the_units_back(images: Images, tmp_path: Path, pg_url: st
         if w.poll() is None:
             os.killpg(w.pid, signal.SIGKILL)
             w.communicate()
+        _release_udp(silent)
     assert w.returncode == 0 and "its units were handed back" in err, err
     [u] = units(pg_url, "t")
     assert u["state"] == "pending" and u["owner"] is None
-    assert ledger_rows(pg_url, "t")["udp:127.0.0.251"]["state"] == "pending"  # to be retried, not ended
+    assert ledger_rows(pg_url, "t")[addr]["state"] == "pending"  # to be retried, not ended
