@@ -137,7 +137,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     def register(cluster: Any) -> None:
         with _store(args) as st:
             for d in cluster:
-                st.set_key(d.device_id, d.key, "unix", d.address)
+                st.set_key(d.device_id, d.key, d.board, d.address)
 
     return run_sim_cli(args, provision=provision_unix, on_started=register)
 
@@ -159,7 +159,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        fleet.start(timeout=max(args.timeout, 60.0))
+        fleet.start(timeout=max(args.timeout or 20.0, 60.0))
         with _store(args) as st:
             for d in fleet.meters + fleet.concentrators:
                 st.set_key(d.device_id, d.key, "unix", d.address)
