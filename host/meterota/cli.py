@@ -668,7 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("image", type=Path)
     u.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
     u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
-    u.add_argument("--reset-timeout", type=float, default=30.0, help="seconds to wait for the device after reset")
+    u.add_argument("--reset-timeout", type=float, default=None,
+                   help="seconds to wait for the device after reset (default: by its board, 30 s for the "
+                        "simulator, 120 s for rp2/esp32, at least five reply waits of the link)")
     u.add_argument("--campaign", help="a field upgrade for this campaign: its verified result goes into the "
                    "campaign's ledger and an OK closes the device's work order")
     u.add_argument("--via", metavar="CONCENTRATOR", help="upgrade a meter through this concentrator "

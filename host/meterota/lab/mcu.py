@@ -233,9 +233,13 @@ def _proc_cpu_clock(pid: int) -> int:
 
 class Throttle:
     """Keep a device process at `duty` of one host CPU: SIGCONT while it has credit, SIGSTOP when
-    its CPU time (the kernel's per-process clock, so other load on the host does not count as
-    device work) has used it up. Credit accrues at `duty` per second of wall time, at most one
-    burst's worth while the device idles (an idle MCU banks no cycles)."""
+    its CPU time has used it up. Credit accrues at `duty` per second of wall time, at most one
+    burst's worth while the device idles (an idle MCU banks no cycles).
+
+    What is charged: the process's user CPU time (the kernel's precise per-process clock, scaled
+    by its user share), from `begin()` on. So other load on the host does not count as device
+    work, the interpreter's own start-up (the board's ROM and bootloader time is modelled apart)
+    and the system time of the file-backed flash model (hardware, not CPU work) are free."""
 
     BURST_S = 0.0005  # host CPU per burst; the device runs in bursts of this, stopped in between
 
@@ -246,15 +250,25 @@ class Throttle:
         self.duty = duty
         self._clock = _proc_cpu_clock(pid)
         self._stop = threading.Event()
+        self._begin = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"throttle-{pid}", daemon=True)
         self.stopped_s = 0.0
+        self.charged_s = 0.0
         self._thread.start()
 
-    def _cpu(self) -> float | None:
+    def begin(self) -> None:
+        """The firmware starts (lab boot's first note): charge CPU from now on."""
+        self._begin.set()
+
+    def _charged(self) -> float | None:
         try:
-            return time.clock_gettime(self._clock)
-        except OSError:
+            sched = time.clock_gettime(self._clock)
+            with open(f"/proc/{self.pid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             return None
+        u, s = int(st[11]), int(st[12])  # utime, stime in clock ticks (sampled; their ratio is fine)
+        return sched * (u / (u + s)) if u + s else sched
 
     def _signal(self, sig: int) -> bool:
         try:
@@ -264,10 +278,13 @@ class Throttle:
             return False
 
     def _run(self) -> None:
+        while not self._begin.wait(0.05):
+            if self._stop.is_set():
+                return
         cap = self.BURST_S
         credit = cap
         last = time.monotonic()
-        used_at = self._cpu()
+        used_at = self._charged()
         if used_at is None:
             return
         running = True
@@ -275,11 +292,13 @@ class Throttle:
             now = time.monotonic()
             credit = min(cap, credit + (now - last) * self.duty)
             last = now
-            cpu = self._cpu()
+            cpu = self._charged()
             if cpu is None:
                 return  # the process is gone
-            credit -= cpu - used_at
-            used_at = cpu
+            used = max(0.0, cpu - used_at)
+            self.charged_s += used
+            credit -= used
+            used_at = max(used_at, cpu)
             if credit > 0:
                 if not running:
                     if not self._signal(signal.SIGCONT):
@@ -300,6 +319,7 @@ class Throttle:
 
     def close(self) -> None:
         self._stop.set()
+        self._begin.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
         self._signal(signal.SIGCONT)

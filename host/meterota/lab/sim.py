@@ -994,6 +994,9 @@ class SimDevice:
         elif ln.startswith("O") and ln[1:].isdigit():
             self.overruns += int(ln[1:])
             self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
+        elif ln == "B":
+            if self._throttle is not None:
+                self._throttle.begin()
         elif ln in ("R", "S"):
             pass
         elif ln:

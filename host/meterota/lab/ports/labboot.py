@@ -7,10 +7,12 @@
 # Then the host's filesystem is gone: sys.path is the board's ('', '/lib'),
 # the stand-ins stay loaded (frozen in the real firmware), and main.py runs
 # from the device filesystem as pyexec_file("main.py") would.
+import _hw
+
+_hw.note("B")  # the firmware starts: the supervisor charges CPU time to the board from here
 import sys
 import os
 import vfs
-import _hw
 import machine
 import _nor
 

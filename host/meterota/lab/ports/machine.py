@@ -117,8 +117,9 @@ _FIFO = 32  # PL011 (RP2040) and ESP32 UART hardware RX FIFOs hold 32 bytes (ESP
 
 
 class UART(io.IOBase):
-    def __init__(self, id, baudrate=9600, bits=8, parity=None, stop=1, *, tx=None, rx=None, txbuf=None,
-                 rxbuf=None, timeout=None, timeout_char=None, invert=None, flow=None, rts=None, cts=None):
+    def __init__(self, id=0, baudrate=9600, bits=8, parity=None, stop=1, *, tx=None, rx=None, txbuf=None,
+                 rxbuf=None, timeout=None, timeout_char=None, invert=None, flow=None, rts=None, cts=None,
+                 pins=None):
         p = _hw.params()
         ports = p.get("uart_ids", [0, 1])
         if id not in ports:
