@@ -126,6 +126,16 @@ def hil_mode(config: pytest.Config) -> bool:
     return bool(config.getoption("--port") or config.getoption("--sim-board"))
 
 
+HIL_TEST_TIMEOUT = 1800  # s: a Pico's upgrade takes ~100 s, and each test starts with a return to factory
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hil_mode(config):
+        for item in items:
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(HIL_TEST_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def hil(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HilTarget]:
     cfg = request.config
