@@ -918,8 +918,8 @@ class SimDevice:
         try:
             proc = subprocess.Popen(
                 cmd,
-                stdin=theirs,
-                stdout=theirs if usb else subprocess.PIPE,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno() if usb else subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self._env(powerfail),
                 cwd=self.state_dir,
