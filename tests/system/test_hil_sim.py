@@ -104,3 +104,29 @@ def test_a_hung_trial_image_is_reset_by_the_picos_watchdog_and_rolls_back(tmp_pa
         assert "watchdog: no feed within 8000 ms" in dev.log_tail(200)
     finally:
         dev.stop()
+
+
+@pytest.mark.timeout(300)
+def test_meterota_sim_board_cli_serves_a_board_that_answers(tmp_path: Path) -> None:
+    """`meterota sim --board esp32 --count 2` prints one line per board and each answers as that board."""
+    import json
+    import signal
+
+    from conftest import run_cli
+
+    db = tmp_path / "r.db"
+    p = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "sim", "--board", "esp32", "--count", "2",
+                          "--speed", "0", "--dir", str(tmp_path / "sim"), "--json", "--set", "grace_ms=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        docs = [json.loads(p.stdout.readline()) for _ in range(2)]
+        for doc in docs:
+            r = run_cli("meterota", "--db", str(db), "--json", "info", "--port", doc["address"][len("serial:"):],
+                        check=True)
+            info = json.loads(r.stdout)
+            assert info["id"] == doc["id"] and info["board"] == "esp32", info
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    assert p.returncode == 0, p.stderr.read() if p.stderr else ""
