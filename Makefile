@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium postgresql test test-pg demo bench powercut fuzz scale scale-workers hil clean
+.PHONY: all venv chromium postgresql test test-pg demo bench powercut fuzz scale scale-workers hil hil-sim clean
 
 all: test
 
@@ -71,6 +71,13 @@ scale-workers: $(STAMP) postgresql
 # End-to-end tests against a real board: make hil PORT=/dev/ttyACM0 BOARD=rp2
 hil: venv
 	$(BIN)/pytest -q tests/system --port $(PORT) --board $(BOARD)
+
+# The same suite in HIL mode against simulated boards (meterota sim --board: the board's own code,
+# flash timing, watchdog, heap and CPU speed), one board per run: make hil-sim [SIM_SPEED=1.0]
+SIM_SPEED ?= 1.0
+hil-sim: venv
+	$(BIN)/pytest -q tests/system --sim-board rp2 --sim-speed $(SIM_SPEED)
+	$(BIN)/pytest -q tests/system --sim-board esp32 --sim-speed $(SIM_SPEED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info host/*.egg-info .meterota

@@ -166,7 +166,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     def register(cluster: Any) -> None:
         with _store(args) as st:
             for d in cluster:
-                st.set_key(d.device_id, d.key, "unix", d.address)
+                st.set_key(d.device_id, d.key, d.board, d.address)
 
     return run_sim_cli(args, provision=provision_unix, on_started=register)
 
@@ -188,7 +188,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        fleet.start(timeout=max(args.timeout, 60.0))
+        fleet.start(timeout=max(args.timeout or 20.0, 60.0))
         with _store(args) as st:
             for d in fleet.meters + fleet.concentrators:
                 st.set_key(d.device_id, d.key, "unix", d.address)
@@ -752,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("image", type=Path)
     u.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
     u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
-    u.add_argument("--reset-timeout", type=at.positive_float, default=30.0,
-                   help="seconds to wait for the device after reset")
+    u.add_argument("--reset-timeout", type=at.positive_float, default=None,
+                   help="seconds to wait for the device after reset (default: by its board, 30 s for the "
+                        "simulator, 120 s for rp2/esp32, at least five reply waits of the link)")
     u.add_argument("--campaign", help="a field upgrade for this campaign: its verified result goes into the "
                    "campaign's ledger and an OK closes the device's work order")
     u.add_argument("--via", metavar="CONCENTRATOR", type=_via_address, help="upgrade a meter through this concentrator "
