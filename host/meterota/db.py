@@ -45,6 +45,10 @@ class DatabaseError(StoreError):
     """The records database is unreachable, refused us, or has a schema we cannot use (exit 12)."""
 
 
+class TransactionLost(DatabaseError):
+    """The server connection broke inside a caller's `with transaction():` block."""
+
+
 class _Lost(Exception):
     """The connection broke inside a transaction: the caller's `run` retries."""
 
@@ -212,7 +216,26 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator["Database"]:
         """One transaction; a nested block joins the outer one. Yields the database
-        (``tx.execute(...)``); an exception rolls everything back."""
+        (``tx.execute(...)``); an exception rolls everything back. A server
+        connection lost inside it (PostgreSQL) is waited back and raised as
+        TransactionLost: use ``run(fn)`` (or an @atomic method) for work that is
+        to be retried by itself."""
+        with self.lock:
+            if self._depth:
+                with self._transaction() as tx:
+                    yield tx
+                return
+            try:
+                with self._transaction() as tx:
+                    yield tx
+            except _Lost as e:
+                self._reconnect(e.__cause__ or e)
+                raise TransactionLost(f"records database {self.where}: the connection was lost inside a "
+                                      "transaction (rolled back, or committed if the loss came at its commit)"
+                                      ) from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator["Database"]:
         with self.lock:
             if self._depth:
                 self._depth += 1
@@ -249,7 +272,7 @@ class Database:
                 try:
                     if not write:
                         return fn()
-                    with self.transaction():
+                    with self._transaction():
                         return fn()
                 except _Lost as e:
                     self._reconnect(e.__cause__ or e)

@@ -117,3 +117,24 @@ def test_newer_schema_is_refused(db_target: str) -> None:
     assert p.returncode == EXIT_DATABASE
     lines = error_lines(p.stderr)
     assert len(lines) == 1 and "ledger schema is version 99, newer than this meterota knows" in lines[0]
+
+
+@pytest.mark.pg_core
+def test_a_lost_server_connection_is_waited_back(pg_server: Any) -> None:
+    """A method of the store runs again once the server is back; a caller's own
+    transaction cut by the loss is rolled back and says so (TransactionLost)."""
+    from meterota.db import TransactionLost
+
+    url = pg_server.new_database()
+    with Store(url) as st:
+        st.set_key("m", b"k" * 32)
+        pg_server.stop("fast")
+        pg_server.start()
+        assert st.key("m") == b"k" * 32  # the broken connection is replaced, the read runs again
+        with pytest.raises(TransactionLost, match="lost inside a transaction"):
+            with st.transaction() as tx:
+                tx.execute("UPDATE devices SET board='x' WHERE id=?", ("m",))
+                pg_server.stop("fast")
+                pg_server.start()
+                tx.execute("SELECT 1")
+        assert st.db.rows("SELECT board FROM devices") == [{"board": None}]  # nothing of it committed
