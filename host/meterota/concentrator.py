@@ -122,7 +122,8 @@ def record_results(results: list[dict[str, Any]], store: Store, image_hash: byte
         t = float(e.get("t", time.time()))
         store.add(Outcome(str(e["meter"]), via, conf.previous_version if conf else None, version,
                           image_hash.hex(), result, reason, int(e.get("attempts", 1)), t, t,
-                          conf.raw if conf else None, conf.mac if conf else None, verified, campaign))
+                          conf.raw if conf else None, conf.mac if conf else None, verified, campaign),
+                  publish=True)  # no ledger records these, even under --campaign: the record is the outcome
         rows.append({"meter": e["meter"], "result": result, "reason": reason, "attempts": e.get("attempts"),
                      "verified": verified})
     return rows

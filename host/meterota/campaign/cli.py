@@ -61,6 +61,14 @@ class Progress:
             else:
                 print(f"  {text}", file=sys.stderr, flush=True)
 
+    def warn(self, text: str) -> None:
+        """One line even with --json (on stderr): the operator must see it."""
+        with self._print:
+            if self._live is not None:
+                self._live.console.print(f"meterota: warning: {text}", markup=False, highlight=False)
+            else:
+                print(f"meterota: warning: {text}", file=sys.stderr, flush=True)
+
     def _table(self) -> Any:
         from rich.table import Table
 
@@ -117,12 +125,26 @@ class Progress:
             self._live.stop()
 
 
+def _publish_url(args: argparse.Namespace, led: Ledger, cid: str) -> tuple[Any, float]:
+    """--publish, else the plan's [publish] table; and how long to wait for the broker at the end."""
+    from ..events import parse_url
+
+    c = led.campaign(cid) or {}
+    plan = c.get("plan", {})
+    url = args.publish or (parse_url(plan["publish"]) if plan.get("publish") else None)
+    wait = args.publish_wait if args.publish_wait is not None else float(plan.get("publish_wait", 10.0))
+    return url, wait
+
+
 def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
+    from ..cli_events import warn
+    from ..publish import publishing
     from .runner import Runner
 
     as_json = bool(getattr(args, "json", False))
+    url, wait = _publish_url(args, led, cid)
     try:
-        with Progress(led, cid, as_json) as prog:
+        with Progress(led, cid, as_json) as prog, publishing(st, url, wait=wait, warn=prog.warn, note=prog.step):
             runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
             summary = runner.run()
     except KeyboardInterrupt:
@@ -296,8 +318,11 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     rs = cs.add_parser("resume", help="continue a campaign whose host process was stopped")
     rs.add_argument("id")
     rs.set_defaults(fn=cmd_campaign_resume)
+    from ..cli_events import add_publish_arguments
+
     for p in (r, rs):
         device_defaults(p)
+        add_publish_arguments(p, plan=True)
     s = cs.add_parser("status", help="counts overall, per group and per concentrator")
     s.add_argument("id")
     s.add_argument("--devices", action="store_true", help="one line per device")

@@ -119,7 +119,7 @@ class Ledger:
             self.db.executescript(SCHEMA)
 
     def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
-        with self.lock, self.db:
+        with self.store.transaction():  # joins the caller's transaction, if any
             cur = self.db.execute(sql, tuple(args))
             return int(cur.lastrowid or 0)
 
@@ -150,7 +150,10 @@ class Ledger:
 
     def set_campaign(self, cid: str, **fields: Any) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
-        self._write(f"UPDATE campaigns SET {cols} WHERE id=?", (*fields.values(), cid))
+        with self.store.transaction():
+            self._write(f"UPDATE campaigns SET {cols} WHERE id=?", (*fields.values(), cid))
+            if "state" in fields:
+                self._publish(cid)
 
     def heartbeat(self, cid: str, pid: int) -> None:
         self._write("UPDATE campaigns SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), cid))
@@ -209,6 +212,14 @@ class Ledger:
         """Record one attempt's outcome. A failure that will be retried goes back
         to pending (final=False) with its class counter raised (unless count is
         False: the device was not actually tried)."""
+        with self.store.transaction():  # the outcome, its timeline event and its messages: all or none
+            self._finish_device(cid, target, result, reason, final, device, from_version, record, mac, verified,
+                                last_seen, attempts, source, count, t, kind)
+
+    def _finish_device(self, cid: str, target: str, result: str, reason: str, final: bool, device: str | None,
+                       from_version: str | None, record: bytes | None, mac: bytes | None, verified: bool,
+                       last_seen: float | None, attempts: int | None, source: str, count: bool, t: float | None,
+                       kind: str | None) -> None:
         row = self.device_row(cid, target)
         assert row is not None, target
         now = t or time.time()
@@ -231,6 +242,31 @@ class Ledger:
         self.update_device(cid, target, **fields)
         self.event(cid, kind or ("result" if final else "retry"), target=target, grp=row["grp"], via=row["via"],
                    result=result, reason=reason, t=now)
+        if count or final:  # a meter the job never tried is no outcome
+            self._publish(cid, target=target, result=result, final=final, t=now)
+
+    # -- the event stream (events.py): messages in the transaction of what they tell ---------
+    def _head(self, cid: str) -> dict[str, Any]:
+        return self._rows("SELECT id, name, state, reason, version, image_hash, created FROM campaigns WHERE id=?",
+                          (cid,))[0]
+
+    def _publish(self, cid: str, *, target: str | None = None, result: str = "", final: bool = True,
+                 t: float | None = None, workorders: Iterable[tuple[dict[str, Any], str]] = ()) -> None:
+        """Outbox messages for a device outcome (target), work orders opened/closed, and the
+        campaign's progress after them; nothing when no publisher is configured."""
+        if not self.store.outbox_enabled:
+            return
+        from .. import events
+
+        c = self._head(cid)
+        msgs = []
+        if target is not None:
+            row = self.device_row(cid, target)
+            assert row is not None
+            msgs.append(events.campaign_outcome(c, row, final=final, result=result, t=t or time.time()))
+        msgs += [events.workorder(w, state) for w, state in workorders]
+        msgs.append(events.progress(c, self.counts(cid).get("", {})))
+        self.store.outbox_put(msgs)
 
     def counts(self, cid: str, by: str | None = None) -> dict[str, dict[str, int]]:
         """{key: {state: n}}; key is the group, the concentrator or '' for all."""
@@ -273,13 +309,17 @@ class Ledger:
     # -- work orders -----------------------------------------------------------
     def open_workorder(self, cid: str, row: dict[str, Any], version: str) -> bool:
         """A work order for a target that ended KO / UNREACHABLE / ERROR; once per campaign and device."""
-        with self.lock, self.db:
+        with self.store.transaction():
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO workorders(campaign, device, concentrator, address, image_hash, version, "
                 "result, reason, last_seen, created, state) VALUES(?,?,?,?,?,?,?,?,?,?,'open')",
                 (cid, row["device"] or row["target"], row["via"], row["address"], row["image_hash"], version,
                  row["state"], row["reason"], row["last_seen"], time.time()))
-            return cur.rowcount > 0
+            opened = cur.rowcount > 0
+            if opened and self.store.outbox_enabled:
+                w = self._rows("SELECT * FROM workorders WHERE id=?", (cur.lastrowid,))[0]
+                self._publish(cid, workorders=[(w, "open")])
+            return opened
 
     def workorders(self, cid: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM workorders WHERE 1=1"
@@ -294,11 +334,14 @@ class Ledger:
 
     def close_workorders(self, device: str, image_hash: str, upgrade_id: int | None) -> list[dict[str, Any]]:
         """A verified field upgrade of `device` to `image_hash` closes its open work orders."""
-        with self.lock:
+        with self.store.transaction():
             rows = self._rows("SELECT * FROM workorders WHERE device=? AND image_hash=? AND state='open'",
                               (device, image_hash))
+            now = time.time()
             for w in rows:
                 self._write("UPDATE workorders SET state='closed', closed=?, closed_by=? WHERE id=?",
-                            (time.time(), upgrade_id, w["id"]))
+                            (now, upgrade_id, w["id"]))
+                self._publish(w["campaign"], workorders=[(dict(w, state="closed", closed=now, closed_by=upgrade_id),
+                                                          "closed")])
         return rows
 
