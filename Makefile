@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium test demo bench powercut fuzz scale hil clean
+.PHONY: all venv chromium mosquitto test demo bench powercut fuzz scale hil clean
 
 all: test
 
@@ -28,7 +28,14 @@ chromium:
 	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	then :; else echo "make chromium: could not install Debian's chromium (need root and apt); tests/host/test_report.py will skip (fail under CI)"; fi
 
-test: venv chromium
+# A real MQTT broker for tests/system/test_mqtt.py (Debian's package; the tests start their own
+# instances on free loopback ports with their own configuration, never the system service).
+mosquitto:
+	@if [ -x /usr/sbin/mosquitto ] && command -v mosquitto_passwd >/dev/null && command -v openssl >/dev/null; then :; \
+	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto openssl; \
+	then :; else echo "make mosquitto: could not install Debian's mosquitto (need root and apt); tests/system/test_mqtt.py will fail"; fi
+
+test: venv chromium mosquitto
 	$(BIN)/pytest -q
 
 demo: $(STAMP)

@@ -68,6 +68,8 @@ def parse_url(text: str) -> BrokerURL:
         raise BadURL(f"{text!r} is not a broker URL: use mqtt://[user:pass@]host[:port]/PREFIX (or mqtts://)")
     if not u.hostname:
         raise BadURL(f"{text!r}: no broker host")
+    if "#" in text:
+        raise BadURL(f"{text!r}: the topic prefix may not hold '+', '#' or empty levels")
     prefix = unquote(u.path.strip("/")) or DEFAULT_PREFIX
     if any(c in prefix for c in "+#\0") or "//" in prefix:
         raise BadURL(f"{text!r}: the topic prefix {prefix!r} may not hold '+', '#' or empty levels")

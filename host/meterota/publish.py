@@ -49,7 +49,7 @@ class PublishError(Exception):
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, ssl.SSLCertVerificationError):
-        return f"TLS failure: {e.verify_message or e.reason}"
+        return f"TLS failure: certificate verify failed ({e.verify_message or e.reason})"
     if isinstance(e, ssl.SSLError):
         return f"TLS failure: {e.reason or e}"
     if isinstance(e, ConnectionRefusedError):

@@ -7,6 +7,7 @@ what it had not delivered is gone, as after a real crash without a disk)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -40,7 +41,10 @@ class Mosquitto:
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         self.cert: Path | None = None
-        lines = ["per_listener_settings false", "persistence false", "log_dest stderr",
+        import pwd
+
+        # As root, mosquitto would switch to its own user, who cannot read files in our test directory.
+        lines = [f"user {pwd.getpwuid(os.geteuid()).pw_name}", "per_listener_settings false", "persistence false", "log_dest stderr",
                  "log_type error", "log_type warning", "log_type notice", "log_type information",
                  "max_queued_messages 100000", "max_inflight_messages 1000",
                  f"listener {self.port} 127.0.0.1"]
@@ -70,6 +74,7 @@ class Mosquitto:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stderr=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, text=True)
         ready = threading.Event()
+        running = threading.Event()
         proc = self.proc
 
         def read() -> None:
@@ -77,11 +82,12 @@ class Mosquitto:
             for line in proc.stderr:
                 self.log.append(line.rstrip())
                 if " running" in line:
+                    running.set()
                     ready.set()
             ready.set()  # exited
 
         threading.Thread(target=read, daemon=True, name="mosquitto-log").start()
-        if not ready.wait(timeout) or proc.poll() is not None:
+        if not ready.wait(timeout) or not running.is_set():
             self.stop()
             raise RuntimeError("mosquitto did not start:\n" + "\n".join(self.log[-20:]))
         return self
@@ -107,3 +113,97 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class TCPCut:
+    """A TCP relay on a loopback port to `target`, for network cuts: cut() drops every
+    connection through it and refuses new ones (accepted, then closed at once) until
+    restore(). `cuts` counts the connections it dropped."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1"):
+        import selectors
+
+        self.target = (host, target_port)
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind((host, 0))
+        self.lsock.listen(16)
+        self.port = int(self.lsock.getsockname()[1])
+        self._open = True
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._sel = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self.cuts = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel.register(self.lsock, selectors.EVENT_READ, "accept")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tcp-cut")
+        self._thread.start()
+
+    def _run(self) -> None:
+        import selectors
+
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(0.5):
+                if key.data == "wake":
+                    self._wake_r.recv(64)
+                    continue
+                if key.data == "accept":
+                    c, _ = self.lsock.accept()
+                    if not self._open:
+                        c.close()
+                        continue
+                    try:
+                        u = socket.create_connection(self.target, timeout=5)
+                    except OSError:
+                        c.close()
+                        continue
+                    with self._lock:
+                        self._pairs.append((c, u))
+                    self._sel.register(c, selectors.EVENT_READ, u)
+                    self._sel.register(u, selectors.EVENT_READ, c)
+                    continue
+                src: socket.socket = key.fileobj  # type: ignore[assignment]
+                dst: socket.socket = key.data
+                try:
+                    data = src.recv(65536)
+                    if data:
+                        dst.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                self._drop(src)
+
+    def _drop(self, s: socket.socket) -> None:
+        with self._lock:
+            for pair in list(self._pairs):
+                if s in pair:
+                    self._pairs.remove(pair)
+                    for x in pair:
+                        try:
+                            self._sel.unregister(x)
+                        except (KeyError, ValueError):
+                            pass
+                        x.close()
+
+    def cut(self) -> None:
+        self._open = False
+        with self._lock:
+            pairs = list(self._pairs)
+        for c, _ in pairs:
+            self.cuts += 1
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # the relay thread sees EOF and drops the pair
+            except OSError:
+                pass
+        self._wake_w.send(b"x")
+
+    def restore(self) -> None:
+        self._open = True
+
+    def close(self) -> None:
+        self._stop.set()
+        self.cut()
+        self._thread.join()
+        self.lsock.close()
