@@ -230,12 +230,15 @@ class Publisher:
 
     # -- one window ------------------------------------------------------------------------
     def _outage(self, reason: str) -> None:
-        if self._down != reason:
-            if self._down is None:
-                self.outages += 1
-            self._down = reason
-            self.warn(f"MQTT {self.url.safe()}: {reason}; outcomes wait in the outbox and are sent "
-                      "when the broker takes them")
+        """One warning per outage (its first reason); the rest of it goes to the log."""
+        if self._down is not None:
+            if reason != self._down:
+                log.info("MQTT %s: %s", self.url.safe(), reason)
+            return
+        self.outages += 1
+        self._down = reason
+        self.warn(f"MQTT {self.url.safe()}: {reason}; outcomes wait in the outbox and are sent "
+                  "when the broker takes them")
 
     def _drop(self) -> None:
         if self._client is not None:

@@ -253,6 +253,12 @@ def test_a_campaign_publishes_every_outcome_and_its_progress(images: Images, bro
             p = run_cli("meterota", "--db", str(db), "campaign", "run", str(plan), "--id", "c1", "--json", timeout=300)
             assert p.returncode == 5, p.stderr  # done, with a failure (the unreachable meter)
             assert not warnings(p.stderr)
+            # The same job's results read again outside the campaign (job results --publish): records too.
+            with Store(db) as st:
+                (job,) = Ledger(st).jobs("c1")
+            j = run_cli("meterota", "--db", str(db), "job", "results", *port_of(fleet.concentrators[0]),
+                        str(job["job"]), "--publish", broker.url("he/east"))
+            assert j.returncode == 3, j.stderr  # one meter unreachable
         finally:
             direct.stop()
     finally:
@@ -264,6 +270,11 @@ def test_a_campaign_publishes_every_outcome_and_its_progress(images: Images, bro
         schema.validate(d)
         if d.get("cim"):
             xsd.validate(d["cim"])
+    rec = [d for d in docs if d["campaign"] is None]
+    assert sorted((d["device"], d["result"], d["verified"], d["source"]) for d in rec) == [
+        (meter_id(1, 1), "OK", True, "field"), (meter_id(1, 2), "OK", True, "field"),
+        (meter_id(1, 3), "UNREACHABLE", False, "field")]
+    docs = [d for d in docs if d["campaign"] is not None]
     final = {d["device"]: d["result"] for d in docs if d["type"] == "upgrade" and d["final"]}
     assert final == {"direct-1": "OK", meter_id(1, 1): "OK", meter_id(1, 2): "OK", meter_id(1, 3): "UNREACHABLE"}
     assert all(d["campaign"] == "c1" for d in docs)
