@@ -440,3 +440,19 @@ def test_a_killed_host_delays_but_loses_nothing(tmp_path: Path, broker: Mosquitt
     assert f.returncode == 0, f.stderr
     stats = assert_all_in_order(db, col)
     assert stats["messages"] >= 200
+
+
+def test_an_abort_with_no_campaign_process_publishes_the_cancelled_devices(
+        tmp_path: Path, broker: Mosquitto, collect: Callable[[str], Collector], schema: Any) -> None:
+    db = tmp_path / "db"
+    w = Writer(db, 3)
+    w.st.close()
+    col = collect(broker.url("he"))
+    p = run_cli("meterota", "--db", str(db), "campaign", "abort", "c1", "--publish", broker.url("he"))
+    assert p.returncode == 0, p.stderr
+    assert_all_in_order(db, col)
+    docs = col.first_seen()
+    assert sorted((d["device"], d["result"], d["final"]) for d in docs) == [
+        (t, "CANCELLED", True) for t in w.targets]
+    for d in docs:
+        schema.validate(d)

@@ -244,9 +244,15 @@ def cmd_campaign_list(args: argparse.Namespace) -> int:
 def cmd_campaign_abort(args: argparse.Namespace) -> int:
     from .runner import abort
 
+    from ..cli_events import note, warn
+    from ..publish import publishing
+
     with _ledger(args) as (st, led):
-        for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
-            print(line)
+        url, wait = _publish_url(args, led, args.id)
+        # With no campaign process left, the CANCELLED outcomes are recorded here: published from here.
+        with publishing(st, url, wait=wait, warn=warn, note=note):
+            for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
+                print(line)
         return 0
 
 
@@ -309,6 +315,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], None]) -> None:
+    from ..cli_events import add_publish_arguments
+
     cp = sub.add_parser("campaign", help="batch upgrades over devices and concentrators (PLAN.toml)")
     cs = cp.add_subparsers(dest="campaign_cmd", required=True, metavar="ACTION")
     r = cs.add_parser("run", help="create a campaign from PLAN.toml and run it")
@@ -318,8 +326,6 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     rs = cs.add_parser("resume", help="continue a campaign whose host process was stopped")
     rs.add_argument("id")
     rs.set_defaults(fn=cmd_campaign_resume)
-    from ..cli_events import add_publish_arguments
-
     for p in (r, rs):
         device_defaults(p)
         add_publish_arguments(p, plan=True)
@@ -333,6 +339,7 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     a.add_argument("id")
     a.add_argument("--reason", default="aborted by the operator")
     device_defaults(a)
+    add_publish_arguments(a, plan=True)
     a.set_defaults(fn=cmd_campaign_abort)
     for p in (s, li, a, r, rs):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
