@@ -4,6 +4,14 @@ one `meterota campaign run` host process over all of them.
     python tools/scale.py [CONCENTRATORS] [METERS]      (default 10 100: 1000 meters)
     python tools/scale.py 10 100 --publish [--outage]   the same with every outcome on a Mosquitto
     python tools/scale.py --publisher-only 1000 [--outage]   the publisher alone over a ledger of N outcomes
+    python tools/scale.py --workers 1,2,4 [C] [M] [DIRECT]  (make scale-workers)
+
+With --workers, the ledger is on a real PostgreSQL (tests/pg.py starts one in a
+temporary folder) and each count of workers runs its own campaign (a new image
+version each time) over the same fleet plus DIRECT direct devices: wall time
+(and its ratio to one worker), the workers' CPU per device, PostgreSQL write
+transactions per device; with --kill, the second worker is SIGKILLed at half
+the campaign and the takeover time (kill to the first takeover event) is given.
 
 Prints the outcome counts, the wall time, and the campaign process's own CPU
 time and peak memory (from wait4's rusage: the simulated devices are other
@@ -202,6 +210,8 @@ def publisher_only(n: int, outage: bool) -> int:
 
 
 def main() -> int:
+    if "--workers" in sys.argv:
+        return workers_main()
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,6 +297,96 @@ def main() -> int:
           f"peak RSS {rss_mib:.0f} MiB ({rss_mib * 1024 / meters:.0f} KiB per meter), "
           f"exit {os.waitstatus_to_exitcode(status)}")
     return 0 if doc["counts"].get("OK") == meters else 1
+
+
+def workers_main() -> int:
+    import signal
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from pg import PgServer  # noqa: E402
+
+    from meterota.campaign.ledger import Ledger  # noqa: E402
+    from meterota.lab.sim import SimDevice  # noqa: E402
+
+    argv = [a for a in sys.argv[1:]]
+    counts = [int(x) for x in argv[argv.index("--workers") + 1].split(",")]
+    kill = "--kill" in argv
+    rest = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--workers")]
+    n, m, nd = (int(rest[0]) if rest else 10), (int(rest[1]) if len(rest) > 1 else 100), (
+        int(rest[2]) if len(rest) > 2 else 50)
+    total = n * m + nd
+    pg = PgServer()
+    pg.init()
+    rc = 0
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SCALE_DIR")) as tmp:
+        base = Path(tmp)
+        fleet = Fleet(base / "fleet", n, m, FleetOptions(meter_reset_s=10))
+        directs = [SimDevice(base / f"d{i}", device_id=f"direct-{i:03d}", transport="udp") for i in range(nd)]
+        t0 = time.monotonic()
+        fleet.start(timeout=600)
+        for d in directs:
+            d.start(timeout=600)
+        print(f"{n} concentrators x {m} meters + {nd} direct devices ({total}) up in {time.monotonic() - t0:.0f} s",
+              flush=True)
+        base_wall = None
+        try:
+            for k, workers in enumerate(counts):
+                url = pg.new_database()
+                with Store(url) as st:
+                    for d in fleet.meters + fleet.concentrators + directs:
+                        st.set_key(d.device_id, d.key)
+                image = base / f"fw{k}.img"
+                image.write_bytes(img.build_image(None, f"1.{k + 1}.0", slot_size=unix_slot_size()))
+                plan = base / f"plan{k}.toml"
+                concs = "\n".join(f'[[group.concentrators]]\naddress = "{c.address}"' for c in fleet.concentrators)
+                devs = json.dumps([d.address for d in directs])
+                plan.write_text(f'[campaign]\nname = "scale"\nimage = "{image}"\nconcurrency = 4\n'
+                                f'duration = "2h"\n\n[[group]]\nname = "all"\ndevices = {devs}\n{concs}\n')
+                x0 = int(pg.psql("SELECT pg_current_xact_id()::text::bigint"))
+                log = open(os.environ.get("SCALE_LOG", os.devnull), "a")
+                t1 = time.monotonic()
+                procs = [subprocess.Popen([str(BIN / "meterota"), "--db", url, "campaign", "run", str(plan), "--id",
+                                           f"s{k}", "--json", "--lease", "5"], stdout=subprocess.PIPE, stderr=log)]
+                for _ in range(workers - 1):
+                    procs.append(subprocess.Popen([str(BIN / "meterota"), "--db", url, "campaign", "worker",
+                                                   "--concurrency", "4", "--lease", "5", "--until-idle"],
+                                                  stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+                killed_at = None
+                if kill and workers > 1:
+                    with Store(url) as st:
+                        led = Ledger(st)
+                        while killed_at is None:
+                            c = led.counts(f"s{k}").get("", {}) if led.campaign(f"s{k}") else {}
+                            if c.get("OK", 0) >= total // 2:
+                                os.killpg(procs[1].pid, signal.SIGKILL)
+                                killed_at = time.time()
+                            time.sleep(0.2)  # polling the ledger for the moment to kill
+                cpu = 0.0
+                for p in procs:
+                    _, _, ru = os.wait4(p.pid, 0)
+                    cpu += ru.ru_utime + ru.ru_stime
+                wall = time.monotonic() - t1
+                x1 = int(pg.psql("SELECT pg_current_xact_id()::text::bigint"))
+                assert procs[0].stdout is not None
+                doc = json.loads(procs[0].stdout.read())
+                base_wall = base_wall or wall
+                line = (f"{workers} worker(s): {doc['state']} {doc['counts']} in {wall:.0f} s wall "
+                        f"(x{base_wall / wall:.2f} vs the first), CPU {cpu / total * 1000:.1f} ms per device, "
+                        f"{(x1 - x0) / total:.1f} PostgreSQL write transactions per device")
+                if killed_at is not None:
+                    with Store(url) as st:
+                        tk = [e["t"] for e in Ledger(st).events(f"s{k}") if e["kind"] == "takeover"]
+                    line += f"; a worker killed at half: takeover after {min(tk) - killed_at:.1f} s" if tk else \
+                        "; a worker killed at half: no unit of it to take over"
+                print(line, flush=True)
+                if doc["counts"].get("OK") != total:
+                    rc = 1
+        finally:
+            fleet.stop()
+            for d in directs:
+                d.stop()
+            pg.destroy()
+    return rc
 
 
 if __name__ == "__main__":

@@ -503,7 +503,8 @@ def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
     info = conc.store_info() or {}
     version = str(info.get("version", "?")) if info.get("hash") == h else "?"
     with _store(args) as db, _publishing(args, db):
-        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None))
+        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None),
+                              conc_id=str((conc.c.device_info or {}).get("id") or conc.c.t.name), job=job)
     out.result({"job": job, "status": st, "results": rows}, lambda: _print_results(job, st, rows))
     bad = [r for r in rows if r["result"] != "OK" or not r["verified"]]
     if any(r["result"] == "ERROR" for r in rows):
@@ -583,14 +584,50 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _store(args) as st:
-        for row in st.db.execute("SELECT id, board, address FROM devices ORDER BY id"):
+        for row in st.db.rows("SELECT id, board, address FROM devices ORDER BY id"):
             print(f"{row['id']:<16} {row['board'] or '-':<8} {row['address'] or ''}")
     return 0
 
 
+def _import_spool(args: argparse.Namespace) -> int:
+    """`records import [SPOOL]`: outcomes a locked database could not take."""
+    import types
+
+    from .campaign.ledger import Ledger
+    from .campaign.runner import record_field_upgrade
+
+    with _store(args) as st:
+        spool = Path(args.spool) if args.spool else st.spool_path()
+        led: list[Any] = []
+
+        def field(o: Any, conf: Any, got: Any) -> None:
+            if not led:
+                led.append(Ledger(st))
+            if led[0].campaign(o.campaign) is None:
+                return
+            res = types.SimpleNamespace(device=o.device, address=o.address, image_hash=o.image_hash,
+                                        to_version=o.to_version, result=o.result, reason=o.reason,
+                                        from_version=o.from_version, record_id=got.id,
+                                        confirmation=conf.as_dict() if conf else None)
+            for w in record_field_upgrade(led[0], o.campaign, res):
+                print(f"work order {w['id']} for {w['device']} closed", file=sys.stderr)
+
+        taken, problems = st.import_spool(spool, key=args.key, on_field=field)
+    for p in problems:
+        print(f"meterota: {p}", file=sys.stderr)
+    print(f"{taken} outcomes imported from {spool} into {st.path}" + (f"; {len(problems)} left in the spool"
+                                                                       if problems else ""))
+    return errors.EXIT_CONFIRMATION if problems else 0
+
+
 def cmd_records(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        return _import_spool(args)
     with _store(args) as st:
         rows = list(st.outcomes(args.device, args.limit))
+        if st.spool_path().exists():
+            print(f"meterota: outcomes wait in {st.spool_path()} (the database was locked): "
+                  "`meterota records import` records them", file=sys.stderr)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -620,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"meterota {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v steps, -vv protocol traces")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--db", type=Path, default=None, help="SQLite records file (default $METEROTA_DB or "
+    p.add_argument("--db", default=None, metavar="FILE|URL", help="records database: a SQLite file or a "
+                   "postgresql://user:password@host/db URL (default $METEROTA_DB or "
                    "~/.local/share/meterota/meterota.db)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -776,7 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_events_parser(sub)
 
-    r = sub.add_parser("records", help="list recorded upgrade outcomes")
+    r = sub.add_parser("records", help="list recorded upgrade outcomes; `records import [SPOOL]` records the "
+                       "outcomes a locked database could not take")
+    r.add_argument("action", nargs="?", choices=["import"])
+    r.add_argument("spool", nargs="?", help="the spool file (default: beside the database, DB.spool)")
+    r.add_argument("--key", type=_hexkey, help="HMAC key to verify spooled records with (default: the registry)")
     r.add_argument("--device")
     r.add_argument("--limit", type=int, default=50)
     r.set_defaults(fn=cmd_records)

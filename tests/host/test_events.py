@@ -35,8 +35,8 @@ def xsd() -> xmlschema.XMLSchema:
     return xmlschema.XMLSchema(str(ex.schema_path()))
 
 
-def campaign(tmp_path: Path, n: int = 3, *, outbox: bool = True) -> tuple[Store, Ledger]:
-    st = Store(tmp_path / "db")
+def campaign(target: str, n: int = 3, *, outbox: bool = True) -> tuple[Store, Ledger]:
+    st = Store(target)
     if outbox:
         st.enable_outbox()
     led = Ledger(st)
@@ -50,7 +50,7 @@ def campaign(tmp_path: Path, n: int = 3, *, outbox: bool = True) -> tuple[Store,
 
 def payloads(st: Store) -> list[dict[str, Any]]:
     return [dict(json.loads(r["payload"]), _topic=r["topic"], _retain=r["retain"])
-            for r in st.db.execute("SELECT * FROM outbox ORDER BY id")]
+            for r in st.db.rows("SELECT * FROM outbox ORDER BY id")]
 
 
 @pytest.mark.parametrize("url, want", [
@@ -99,8 +99,9 @@ def test_a_plan_publish_table_is_checked(tmp_path: Path) -> None:
     assert p.returncode == 2 and "[publish] url" in p.stderr
 
 
-def test_every_outcome_is_a_message_in_its_own_transaction(tmp_path: Path, schema: Any, xsd: Any) -> None:
-    st, led = campaign(tmp_path)
+@pytest.mark.pg_core
+def test_every_outcome_is_a_message_in_its_own_transaction(db_target: str, schema: Any, xsd: Any) -> None:
+    st, led = campaign(db_target)
     led.start_attempt("c1", "meter-0", "g1", via="conc-1")
     led.finish_device("c1", "meter-0", "OK", "confirmed", final=True, from_version="1.0.0+0", record=b"\xa1",
                       mac=b"\x01" * 32, verified=True)
@@ -137,9 +138,10 @@ def test_every_outcome_is_a_message_in_its_own_transaction(tmp_path: Path, schem
     assert len({d["id"] for d in docs}) == len(docs)
 
 
-def test_an_outcome_and_its_message_commit_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.pg_core
+def test_an_outcome_and_its_message_commit_together(db_target: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while queueing the message rolls the outcome back too: never one without the other."""
-    st, led = campaign(tmp_path)
+    st, led = campaign(db_target)
 
     def broken(*a: Any, **k: Any) -> Any:
         raise RuntimeError("disk full")
@@ -155,11 +157,11 @@ def test_an_outcome_and_its_message_commit_together(tmp_path: Path, monkeypatch:
     assert led.device_row("c1", "meter-0")["state"] == "OK" and st.outbox_counts()["unsent"] == 2
 
 
-def test_upgrade_records_outside_campaigns_are_messages(tmp_path: Path, schema: Any, xsd: Any) -> None:
-    st = Store(tmp_path / "db")
+def test_upgrade_records_outside_campaigns_are_messages(db_target: str, schema: Any, xsd: Any) -> None:
+    st = Store(db_target)
     st.enable_outbox()
-    o = Outcome("meter-9", "udp:127.0.0.9", "1.0.0+0", "1.1.0+0", HASH, "OK", "confirmed", 1, 1.0e9, 1.0e9 + 5,
-                b"\xa0", b"\x02" * 32, True)
+    o = Outcome("meter-9", "udp:127.0.0.9", "1.0.0+0", "1.1.0+0", HASH, "KO", "reverted: boot failed", 1, 1.0e9,
+                1.0e9 + 5)
     rid = st.add(o)
     st.add(Outcome(**{**o.__dict__, "campaign": "c1"}))  # its campaign's ledger publishes that one
     st.add(Outcome(**{**o.__dict__, "campaign": "c1"}), publish=True)  # job results --campaign: no ledger
@@ -168,12 +170,26 @@ def test_upgrade_records_outside_campaigns_are_messages(tmp_path: Path, schema: 
     d = docs[0]
     schema.validate({k: v for k, v in d.items() if not k.startswith("_")})
     xsd.validate(d["cim"])
-    assert d["record_id"] == rid and d["campaign"] is None and d["result"] == "OK" and d["source"] == "field"
+    assert d["record_id"] == rid and d["campaign"] is None and d["result"] == "KO" and d["source"] == "field"
     assert d["t"] == "2001-09-09T01:46:45.000Z" and d["_topic"] == "devices/meter-9/upgrade"
 
 
 def test_no_outbox_without_a_publisher(tmp_path: Path) -> None:
-    st, led = campaign(tmp_path, outbox=False)
+    st, led = campaign(str(tmp_path / "db"), outbox=False)
     led.finish_device("c1", "meter-0", "OK", "confirmed", final=True)
     st.add(Outcome("meter-9", "x", None, "1.1.0", HASH, "KO", "r", 1, 1.0, 2.0))
     assert st.outbox_counts() == {"sent": 0, "unsent": 0}
+
+
+def test_an_older_records_database_gains_the_outbox(tmp_path: Path) -> None:
+    """A records file of store schema 2 (before the event stream) is migrated forward, its rows kept."""
+    from meterota import store as store_mod
+    from meterota.db import Database
+
+    db = Database(tmp_path / "db")
+    db.migrate("store", store_mod.MIGRATIONS[:2])
+    db.run(lambda: db.execute("INSERT INTO devices(id, key) VALUES(?, ?)", ("meter-1", b"k" * 32)))
+    db.close()
+    with Store(tmp_path / "db") as st:
+        assert st.db.schema_version("store") == len(store_mod.MIGRATIONS) == 3
+        assert st.key("meter-1") == b"k" * 32 and st.outbox_counts() == {"sent": 0, "unsent": 0}

@@ -23,6 +23,7 @@ import xmlschema
 from conftest import BIN, REPO, Images, port_of, run_cli
 from meterota.campaign import export as ex
 from meterota.campaign.ledger import Ledger
+from meterota.campaign.plan import ConcentratorTarget, Group, Plan
 from meterota.events import BrokerURL, parse_url
 from meterota.lab.broker import MOSQUITTO, Mosquitto, TCPCut, free_port
 from meterota.lab.sim import SimDevice
@@ -137,9 +138,9 @@ def collect() -> Iterator[Callable[[str], Collector]]:
         c.close()
 
 
-def outbox(db: Path) -> list[dict[str, Any]]:
+def outbox(db: Path | str) -> list[dict[str, Any]]:
     with Store(db) as st:
-        return [dict(r) for r in st.db.execute("SELECT * FROM outbox ORDER BY id")]
+        return st.db.rows("SELECT * FROM outbox ORDER BY id")
 
 
 def device_order(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -160,7 +161,7 @@ def received_order(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-def assert_all_in_order(db: Path, col: Collector, pub: Publisher | None = None) -> dict[str, int]:
+def assert_all_in_order(db: Path | str, col: Collector, pub: Publisher | None = None) -> dict[str, int]:
     """Every device message of the outbox received, once each after de-duplication, in each
     device's order; the outbox empty (once `pub` has its last PUBACKs). Returns delivery counts."""
     want = device_order(outbox(db))
@@ -217,7 +218,7 @@ def test_an_upgrade_is_published_and_dropped_as_cim_once(make_device: Callable[.
     doc = json.loads(p.stdout)
     assert d["record"] == doc["confirmation"]["record"] and d["mac"] == doc["confirmation"]["mac"]
     # The same message again (a redelivery after an outage): the drop folder keeps one file.
-    with Store(db) as st, st.db:
+    with Store(db) as st, st.transaction():
         st.db.execute("UPDATE outbox SET sent=NULL")
     sub2 = subprocess.Popen([str(BIN / "meterota"), "events", "--subscribe", broker.url("he"), "--format", "cim",
                              "--to-dir", str(drop), "--timeout", "120"], stderr=subprocess.PIPE, text=True)
@@ -253,12 +254,19 @@ def test_a_campaign_publishes_every_outcome_and_its_progress(images: Images, bro
             p = run_cli("meterota", "--db", str(db), "campaign", "run", str(plan), "--id", "c1", "--json", timeout=300)
             assert p.returncode == 5, p.stderr  # done, with a failure (the unreachable meter)
             assert not warnings(p.stderr)
-            # The same job's results read again outside the campaign (job results --publish): records too.
+            # The same job's results read again (job results --publish): recorded once, so published once.
             with Store(db) as st:
                 (job,) = Ledger(st).jobs("c1")
+            before = len(outbox(db))
             j = run_cli("meterota", "--db", str(db), "job", "results", *port_of(fleet.concentrators[0]),
                         str(job["job"]), "--publish", broker.url("he/east"))
             assert j.returncode == 3, j.stderr  # one meter unreachable
+            assert len(outbox(db)) == before
+            # A new job outside the campaign: what it newly records is published (the two meters on the
+            # image already keep their standing records, recorded before).
+            j = run_cli("meterota", "--db", str(db), "job", "create", *port_of(fleet.concentrators[0]),
+                        str(images.app("1.1.0")), "--job-retries", "0", "--wait", "--publish", broker.url("he/east"))
+            assert j.returncode == 3, j.stderr
         finally:
             direct.stop()
     finally:
@@ -271,8 +279,7 @@ def test_a_campaign_publishes_every_outcome_and_its_progress(images: Images, bro
         if d.get("cim"):
             xsd.validate(d["cim"])
     rec = [d for d in docs if d["campaign"] is None]
-    assert sorted((d["device"], d["result"], d["verified"], d["source"]) for d in rec) == [
-        (meter_id(1, 1), "OK", True, "field"), (meter_id(1, 2), "OK", True, "field"),
+    assert [(d["device"], d["result"], d["verified"], d["source"]) for d in rec] == [
         (meter_id(1, 3), "UNREACHABLE", False, "field")]
     docs = [d for d in docs if d["campaign"] is not None]
     final = {d["device"]: d["result"] for d in docs if d["type"] == "upgrade" and d["final"]}
@@ -331,12 +338,14 @@ class Writer:
     """Outcomes recorded through the real ledger, as a campaign's runner records them:
     devices retried (final=False) before their final result, in bursts."""
 
-    def __init__(self, db: Path, devices: int):
+    def __init__(self, db: Path | str, devices: int):
         self.st = Store(db)
         self.st.enable_outbox()
         self.led = Ledger(self.st)
-        self.led.create_campaign("c1", "outage", {}, None, HASH, "1.1.0+0")
         self.targets = [f"meter-{i:04d}" for i in range(devices)]
+        plan = Plan("outage", "/nonexistent.img", [Group("g", [], [ConcentratorTarget("udp:127.0.0.9",
+                                                                                     self.targets)])])
+        self.led.create_campaign("c1", "outage", plan.as_dict(), None, HASH, "1.1.0+0")
         for t in self.targets:
             self.led.add_target("c1", t, "g", "meter", device=t, via="conc-1", address="udp:127.0.0.9",
                                 image_hash=HASH, version="1.1.0+0")
@@ -381,12 +390,14 @@ def test_broker_killed_and_restarted_mid_campaign(tmp_path: Path, collect: Calla
         b.stop()
 
 
-def test_network_cut_in_flight_loses_and_reorders_nothing(tmp_path: Path, broker: Mosquitto,
+@pytest.mark.pg_core
+def test_network_cut_in_flight_loses_and_reorders_nothing(db_target: str, broker: Mosquitto,
                                                           collect: Callable[[str], Collector]) -> None:
+    """On both backends: the outbox is a table of the records database, SQLite or PostgreSQL."""
     cut = TCPCut(broker.port)
     try:
         col = collect(broker.url("he"))
-        w = Writer(tmp_path / "db", 100)
+        w = Writer(db_target, 100)
         pub = w.publisher(f"mqtt://127.0.0.1:{cut.port}/he")
 
         def campaign() -> None:
@@ -400,7 +411,7 @@ def test_network_cut_in_flight_loses_and_reorders_nothing(tmp_path: Path, broker
         cut.cut()  # mid-stream, while outcomes are still being recorded: what was in flight is lost
         cut.restore()
         writer.join()
-        stats = assert_all_in_order(tmp_path / "db", col, pub)
+        stats = assert_all_in_order(db_target, col, pub)
         assert stats["messages"] == 400
         assert cut.cuts >= 1 and len(w.warned) <= 1  # at most one warning for the one outage
     finally:
@@ -413,6 +424,7 @@ sys.path.insert(0, {host!r})
 from pathlib import Path
 from meterota.store import Store
 from meterota.campaign.ledger import Ledger
+from meterota.campaign.plan import ConcentratorTarget, Group, Plan
 from meterota.events import parse_url
 from meterota.publish import Publisher
 st = Store(Path({db!r})); st.enable_outbox(); led = Ledger(st)

@@ -1,4 +1,4 @@
-"""The campaign commands of the CLI: campaign run|resume|status|list|abort,
+"""The campaign commands of the CLI: campaign run|resume|worker|status|list|abort,
 workorders, export, report. Thin: the work is in campaign.py, ledger.py,
 export.py and report.py."""
 
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
     try:
         with Progress(led, cid, as_json) as prog, publishing(st, url, wait=wait, warn=prog.warn, note=prog.step):
             runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
-            summary = runner.run()
+            summary = runner.run(lease=args.lease)
     except KeyboardInterrupt:
         print(f"meterota: campaign {cid} interrupted; `meterota campaign resume {cid}` carries on", file=sys.stderr)
         return 130
@@ -178,14 +178,54 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
 
 def cmd_campaign_resume(args: argparse.Namespace) -> int:
     with _ledger(args, args.id) as (st, led):
-        c = led.campaign(args.id)
-        assert c is not None
-        if c["pid"] and c["heartbeat"] and time.time() - float(c["heartbeat"]) < 3.0 and c["state"] == "running":
-            from .runner import _pid_alive
-
-            if _pid_alive(int(c["pid"])):
-                raise errors.MeterotaError(f"campaign {args.id} is being run by process {c['pid']}")
+        # Other processes working it (here or on other hosts) are fine: units are leased.
         return _run(args, args.id, st, led)
+
+
+def cmd_campaign_worker(args: argparse.Namespace) -> int:
+    """Take units of running campaigns until stopped (Ctrl-C, SIGTERM) or, with
+    --until-idle, until no campaign is left unfinished."""
+    import signal
+
+    from .runner import Worker
+
+    def term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, term)
+    quiet = bool(getattr(args, "json", False))
+    lock = threading.Lock()
+
+    def step(text: str) -> None:
+        if not quiet:
+            with lock:
+                print(f"  {text}", file=sys.stderr, flush=True)
+
+    from ..cli_events import warn
+    from ..publish import publishing
+
+    with _ledger(args) as (st, led):
+        for cid in args.campaign or []:
+            if led.campaign(cid) is None:
+                raise errors.MeterotaError(f"no campaign {cid} in {st.path}")
+        w = Worker(st, led, concurrency=args.concurrency, lease=args.lease, campaigns=args.campaign or None,
+                   timeout=args.timeout, retries=args.retries, step=step,
+                   image=str(args.image) if args.image else None, until_idle=args.until_idle)
+        if not quiet:
+            print(f"worker {w.owner}: {args.concurrency} units at a time, leases of {args.lease:g} s, "
+                  f"ledger {st.path}", file=sys.stderr, flush=True)
+        # --publish, or the [publish] table of the one campaign it was given.
+        url, wait = _publish_url(args, led, args.campaign[0]) if len(args.campaign or []) == 1 else \
+            (args.publish, 10.0 if args.publish_wait is None else args.publish_wait)
+        try:
+            with publishing(st, url, wait=wait, warn=warn, note=step):
+                w.run()
+        except KeyboardInterrupt:
+            print(f"meterota: worker {w.owner} stopped; its units were handed back", file=sys.stderr)
+            return 0
+        if quiet:
+            print(json.dumps({"worker": w.owner, "units": w.took}, sort_keys=True))
+        return 0
 
 
 def cmd_campaign_status(args: argparse.Namespace) -> int:
@@ -326,9 +366,19 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     rs = cs.add_parser("resume", help="continue a campaign whose host process was stopped")
     rs.add_argument("id")
     rs.set_defaults(fn=cmd_campaign_resume)
-    for p in (r, rs):
+    wk = cs.add_parser("worker", help="take units of running campaigns (any number of workers on any hosts "
+                       "sharing a PostgreSQL ledger)")
+    wk.add_argument("--concurrency", type=int, default=4, help="units worked at once (default 4)")
+    wk.add_argument("--campaign", action="append", metavar="ID", help="only this campaign (repeatable)")
+    wk.add_argument("--image", type=Path, help="the campaign's image file on this host (default: the plan's path)")
+    wk.add_argument("--until-idle", action="store_true", help="exit when no campaign is left unfinished")
+    wk.set_defaults(fn=cmd_campaign_worker)
+    for p in (r, rs, wk):
         device_defaults(p)
         add_publish_arguments(p, plan=True)
+        p.add_argument("--lease", type=float, default=15.0, metavar="S",
+                       help="seconds a unit stays leased without renewal: the takeover time of a dead worker "
+                            "(default 15)")
     s = cs.add_parser("status", help="counts overall, per group and per concentrator")
     s.add_argument("id")
     s.add_argument("--devices", action="store_true", help="one line per device")
@@ -341,7 +391,7 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     device_defaults(a)
     add_publish_arguments(a, plan=True)
     a.set_defaults(fn=cmd_campaign_abort)
-    for p in (s, li, a, r, rs):
+    for p in (s, li, a, r, rs, wk):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
 
     w = sub.add_parser("workorders", help="field work orders: meters KO or unreachable after all retries")

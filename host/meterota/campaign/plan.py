@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MeterotaError, EXIT_USAGE
+from ..transport import canonical_address
 
 FAILURE_CLASSES = ("UNREACHABLE", "KO", "ERROR")
 
@@ -233,7 +234,7 @@ def parse(doc: dict[str, Any], base: Path) -> Plan:
     if not isinstance(raw_groups, list) or not raw_groups:
         raise PlanError("plan: at least one [[group]] is required")
     groups: list[Group] = []
-    seen_targets: set[str] = set()
+    seen_targets: dict[str, str] = {}
     for i, g in enumerate(raw_groups):
         where = f"group {i + 1}"
         _known(g, {"name", "devices", "concentrators", "success_threshold"}, where)
@@ -257,9 +258,11 @@ def parse(doc: dict[str, Any], base: Path) -> Plan:
                 raise PlanError(f"group {name}: concentrator {cc['address']}: meters must be \"all\" or a list of ids")
             concs.append(ConcentratorTarget(cc["address"], mlist))
         for t in devices + [x.address for x in concs]:
-            if t in seen_targets:
-                raise PlanError(f"group {name}: {t} is already a target of this plan")
-            seen_targets.add(t)
+            same = canonical_address(t)  # one device named two ways is one target
+            if same in seen_targets:
+                raise PlanError(f"group {name}: {t} is already a target of this plan ({seen_targets[same]}: both "
+                                f"are {same})")
+            seen_targets[same] = t
         if not devices and not concs:
             raise PlanError(f"group {name}: no devices and no concentrators")
         groups.append(Group(name, list(devices), concs,
