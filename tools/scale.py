@@ -44,49 +44,58 @@ from meterota.store import Store  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
+CONSUMER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from meterota.events import parse_url
+from meterota.publish import PublishError, connect
+url = parse_url(sys.argv[1])
+def on_message(_c, _u, msg):
+    print(f"{time.time()!r} {msg.payload.decode()}", flush=True)
+def on_sub(*_a):
+    print("subscribed", flush=True)
+while True:
+    try:
+        c, state = connect(url, "scale-consumer", on_message=on_message)
+    except PublishError:
+        time.sleep(0.2)
+        continue
+    c.on_subscribe = on_sub
+    c.subscribe([(url.topic("devices/+/upgrade"), 1)])
+    while state["connected"]:
+        c.loop(0.1)
+"""
+
+
 class Consumer:
-    """A subscriber on the broker: every device message with its arrival time (repeats too)."""
+    """A subscriber on the broker, in a process of its own (this one holds the fleet's
+    thousands of descriptors, beyond what paho's select() takes): every device message
+    with its arrival time, repeats included."""
 
     def __init__(self, url: str):
         import threading
 
-        from meterota.events import parse_url
-
-        self.url = parse_url(url)
         self.got: list[tuple[float, dict]] = []  # type: ignore[type-arg]
         self.subscriptions = 0
         self.cv = threading.Condition()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", CONSUMER, url, str(REPO / "host")],
+                                     stdout=subprocess.PIPE, text=True, close_fds=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
         self.wait(lambda: self.subscriptions >= 1)
 
-    def _run(self) -> None:
-        from meterota.publish import PublishError, connect
-
-        def on_message(_c, _u, msg):  # type: ignore[no-untyped-def]
-            doc = json.loads(msg.payload)
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             with self.cv:
-                if doc["type"] != "campaign":
-                    self.got.append((time.time(), doc))
+                if line.startswith("subscribed"):
+                    self.subscriptions += 1
+                else:
+                    t, _, doc = line.partition(" ")
+                    d = json.loads(doc)
+                    if d["type"] != "campaign":
+                        self.got.append((float(t), d))
                 self.cv.notify_all()
-
-        def on_sub(*_a):  # type: ignore[no-untyped-def]
-            with self.cv:
-                self.subscriptions += 1
-                self.cv.notify_all()
-
-        while not self.stop.is_set():
-            try:
-                c, state = connect(self.url, f"scale-consumer-{os.getpid()}", on_message=on_message)
-            except PublishError:
-                self.stop.wait(0.2)
-                continue
-            c.on_subscribe = on_sub
-            c.subscribe([(self.url.topic("devices/+/upgrade"), 1)])
-            while not self.stop.is_set() and state["connected"]:
-                c.loop(0.1)
-            c.disconnect()
 
     def wait(self, pred, timeout: float = 3600) -> bool:  # type: ignore[no-untyped-def]
         with self.cv:
@@ -97,7 +106,8 @@ class Consumer:
             return {d["id"] for _, d in self.got}
 
     def close(self) -> None:
-        self.stop.set()
+        self.proc.kill()
+        self.proc.wait()
         self.thread.join()
 
 

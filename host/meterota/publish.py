@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,6 +42,7 @@ ACK_TIMEOUT = 30.0    # seconds for a window's PUBACKs before the link counts as
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE = 15
 BACKOFF = (0.25, 5.0)  # reconnect delay: doubles from the first to the second
+DRAIN_LEASE = 15.0     # seconds the drain lease holds without renewal (renewed with each window)
 
 
 class PublishError(Exception):
@@ -140,6 +142,21 @@ def _close(c: mqtt.Client) -> None:
         pass
 
 
+def _dead_owner(owner: str) -> bool:
+    """Whether a drain lease holder (host:pid:token) is a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def default_client_id(role: str) -> str:
     return f"meterota-{role}-{socket.gethostname()}-{os.getpid()}"[:64]
 
@@ -156,6 +173,8 @@ class Publisher:
         self.warn = warn or (lambda s: log.warning(s))
         self.note = note or (lambda s: log.info(s))
         self.client_id = url.client_id or default_client_id("pub")
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder: str | None = None  # another publisher draining the outbox now, if any
         self.sent = 0          # rows acknowledged by the broker (this process)
         self.published = 0     # PUBLISH packets sent, repeats after an outage included
         self.outages = 0
@@ -184,6 +203,7 @@ class Publisher:
         if self._thread is not None:
             self._thread.join()
         self._drop()
+        self.store.outbox_release(self.owner)
         return self.store.outbox_counts()["unsent"]
 
     def _run(self) -> None:
@@ -224,8 +244,11 @@ class Publisher:
             while self.step():
                 if deadline is not None and time.monotonic() > deadline:
                     break
+            if self.holder is not None:
+                raise PublishError(f"the outbox is being sent by another publisher ({self.holder})")
         finally:
             self._drop()
+            self.store.outbox_release(self.owner)
         return self.sent - start
 
     # -- one window ------------------------------------------------------------------------
@@ -259,6 +282,8 @@ class Publisher:
         """Publish one window of unsent rows and mark the acknowledged prefix sent.
         False when there was nothing to send."""
         self.store.outbox_changed.clear()
+        if not self._claim():
+            return False  # another publisher drains the outbox (its rows and ours) now
         rows = self.store.outbox_unsent(self.window)
         if not rows:
             return False
@@ -299,6 +324,16 @@ class Publisher:
             c.loop(0.05)
         self._mark(flight)
         return True
+
+    def _claim(self) -> bool:
+        """Hold the drain lease: one publisher at a time sends the outbox, in order."""
+        holder = self.store.outbox_claim(self.owner, DRAIN_LEASE)
+        if holder is not None and _dead_owner(holder):
+            holder = self.store.outbox_claim(self.owner, DRAIN_LEASE, dead=holder)
+        if holder != self.holder and holder is not None:
+            self.note(f"the outbox is being sent by another publisher ({holder}); waiting for its lease")
+        self.holder = holder
+        return holder is None
 
     def _mark(self, flight: list[tuple[int, Any]]) -> None:
         if not flight:

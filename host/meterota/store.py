@@ -92,6 +92,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent REAL                              -- NULL until acknowledged
 );
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox(sent, id);
+-- One publisher drains the outbox at a time (any number of processes and hosts may publish):
+-- the holder of this lease, renewed with each window; a dead holder's lease is taken over.
+CREATE TABLE IF NOT EXISTS outbox_drain (
+    id INTEGER PRIMARY KEY,
+    owner TEXT,                            -- host:pid:token of the publisher
+    expires REAL                           -- epoch seconds, the database's clock
+);
+INSERT INTO outbox_drain(id) VALUES(1) ON CONFLICT(id) DO NOTHING;
 """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -379,6 +387,22 @@ class Store:
         if ids:
             self.db.execute(f"UPDATE outbox SET sent=? WHERE id IN ({','.join('?' * len(ids))})",
                             (time.time(), *ids))
+
+    @atomic
+    def outbox_claim(self, owner: str, ttl: float, dead: str | None = None) -> str | None:
+        """Take or renew the drain lease; None when `owner` holds it now, else its holder.
+        `dead`: a holder known to be gone, whose lease is taken over at once."""
+        n = self.db.execute("UPDATE outbox_drain SET owner=?, expires={NOW} + ? WHERE id=1 AND (owner IS NULL "
+                            "OR owner=? OR owner=? OR expires < {NOW})", (owner, float(ttl), owner, dead or owner)
+                            ).rowcount
+        if n:
+            return None
+        row = self.db.execute("SELECT owner FROM outbox_drain WHERE id=1").one()
+        return str(row["owner"]) if row else "?"
+
+    @atomic
+    def outbox_release(self, owner: str) -> None:
+        self.db.execute("UPDATE outbox_drain SET owner=NULL, expires=NULL WHERE id=1 AND owner=?", (owner,))
 
     @reading
     def outbox_counts(self) -> dict[str, int]:

@@ -473,3 +473,25 @@ def test_an_abort_with_no_campaign_process_publishes_the_cancelled_devices(
         (t, "CANCELLED", True) for t in w.targets]
     for d in docs:
         schema.validate(d)
+
+
+@pytest.mark.pg_core
+def test_publishers_of_several_workers_drain_the_outbox_one_at_a_time(
+        db_target: str, broker: Mosquitto, collect: Callable[[str], Collector]) -> None:
+    """Workers sharing a records database each run a publisher: the drain lease makes one of
+    them send the whole outbox (no message twice), and another takes over when it stops."""
+    col = collect(broker.url("he"))
+    w = Writer(db_target, 50)
+    other = Store(db_target)  # a second worker's own connection
+    other.enable_outbox()
+    a = w.publisher(broker.url("he"))
+    b_noted: list[str] = []
+    b = Publisher(other, parse_url(broker.url("he")), note=b_noted.append).start()
+    w.burst(final=False)
+    col.wait(lambda: len(col.devices()) >= 50)
+    assert a.close(30) == 0  # a hands the lease back ...
+    w.burst(final=True)      # ... and b sends what comes next
+    stats = assert_all_in_order(db_target, col, b)
+    assert stats["messages"] == 100 and stats["duplicates"] == 0
+    assert a.sent > 0 and b.sent > 0  # a drained first, b took over
+    other.close()
