@@ -78,8 +78,13 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             if args.to_dir:
                 if is_device and (fmt == "json" or doc.get("cim")):
                     text = doc["cim"] if fmt == "cim" else json.dumps(doc, indent=2, sort_keys=True) + "\n"
-                    write_atomic(args.to_dir / file_name(doc, "xml" if fmt == "cim" else "json"), text)
-                    seen.commit(str(doc["id"]))
+                    path = args.to_dir / file_name(doc, "xml" if fmt == "cim" else "json")
+                    try:
+                        write_atomic(path, text)
+                        seen.commit(str(doc["id"]))
+                    except OSError as e:  # not acknowledged: a persistent session gets it again
+                        stop.set()
+                        raise errors.MeterotaError(f"cannot write {path}: {e.strerror}") from None
             elif fmt == "json":
                 print(json.dumps(doc, sort_keys=True), flush=True)
             elif fmt == "cim":
