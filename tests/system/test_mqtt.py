@@ -495,3 +495,62 @@ def test_publishers_of_several_workers_drain_the_outbox_one_at_a_time(
     assert stats["messages"] == 100 and stats["duplicates"] == 0
     assert a.sent > 0 and b.sent > 0  # a drained first, b took over
     other.close()
+
+
+def test_a_campaign_rides_out_a_broker_killed_and_restarted(images: Images, tmp_path: Path,
+                                                             collect: Callable[[str], Collector]) -> None:
+    """The real campaign CLI: the broker dies after the first outcome, the campaign goes on
+    (one warning), the broker comes back, the outbox catches up before the process ends."""
+    from meterota.lab.fleet import Fleet, FleetOptions
+
+    b = Mosquitto(tmp_path / "broker").start()
+    cut = TCPCut(b.port)
+    fleet = Fleet(tmp_path / "fleet", 1, 3, FleetOptions(meter_reset_s=4))
+    direct = SimDevice(tmp_path / "d1", device_id="direct-1", transport="udp")
+    proc = None
+    try:
+        fleet.start()
+        direct.start()
+        db = tmp_path / "db"
+        register(db, fleet.meters + fleet.concentrators + [direct])
+        plan = tmp_path / "plan.toml"
+        plan.write_text(f'[campaign]\nname = "restart"\nimage = "{images.app("1.1.0")}"\nconcurrency = 2\n'
+                        f'[[group]]\nname = "all"\ndevices = ["{direct.address}"]\n'
+                        f'[[group.concentrators]]\naddress = "{fleet.concentrators[0].address}"\n')
+        col = collect(b.url("he"))
+        proc = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "campaign", "run", str(plan), "--id", "c1",
+                                 "--json", "--publish", f"mqtt://127.0.0.1:{cut.port}/he", "--publish-wait", "120"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        warned = threading.Event()
+
+        def read() -> None:
+            assert proc is not None and proc.stderr is not None
+            for ln in proc.stderr:
+                lines.append(ln)
+                if ln.startswith("meterota: warning:"):
+                    warned.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        col.wait(lambda: len(col.devices()) >= 1, timeout=120)
+        b.kill()
+        cut.cut()
+        assert warned.wait(120), "".join(lines)  # an outcome recorded while the broker is down
+        b.start()
+        col.wait(lambda: col.subscriptions >= 2)
+        cut.restore()
+        assert proc.wait(300) == 0, "".join(lines)
+        reader.join()
+        assert len([ln for ln in lines if ln.startswith("meterota: warning:")]) == 1, "".join(lines)
+        assert json.loads(proc.stdout.read())["counts"] == {"OK": 4}  # type: ignore[union-attr]
+        stats = assert_all_in_order(db, col)
+        assert stats["messages"] == 4
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        direct.stop()
+        fleet.stop()
+        cut.close()
+        b.stop()
