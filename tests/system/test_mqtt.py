@@ -554,3 +554,30 @@ def test_a_campaign_rides_out_a_broker_killed_and_restarted(images: Images, tmp_
         fleet.stop()
         cut.close()
         b.stop()
+
+
+@pytest.mark.pg_core
+def test_a_worker_publishes_the_outcomes_it_records(db_target: str, make_device: Callable[..., SimDevice],
+                                                     images: Images, tmp_path: Path, broker: Mosquitto,
+                                                     collect: Callable[[str], Collector]) -> None:
+    """`campaign worker --publish`. (Not with `--campaign ID`: issue13's worker then never sees
+    itself idle, so --until-idle would not return.)"""
+    from meterota.campaign.plan import load
+    from meterota.campaign.runner import create
+
+    devs = [make_device("udp", name=f"w-{i}") for i in range(2)]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[campaign]\nname = "w"\nimage = "{images.app("1.1.0")}"\n[[group]]\nname = "g"\n'
+                    f'devices = {json.dumps([d.address for d in devs])}\n')
+    with Store(db_target) as st:
+        for d in devs:
+            st.set_key(d.device_id, d.key)
+        create(Ledger(st), load(plan), str(plan), "w1")
+    col = collect(broker.url("he"))
+    p = run_cli("meterota", "--db", db_target, "campaign", "worker", "--until-idle", "--publish", broker.url("he"),
+                timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert not warnings(p.stderr)
+    assert_all_in_order(db_target, col)
+    assert sorted((d["device"], d["result"], d["verified"]) for d in col.first_seen()) == [
+        ("w-0", "OK", True), ("w-1", "OK", True)]
