@@ -363,13 +363,15 @@ class Writer:
         return Publisher(self.st, parse_url(url), warn=self.warned.append, note=self.noted.append).start()
 
 
-def test_broker_killed_and_restarted_mid_campaign(tmp_path: Path, collect: Callable[[str], Collector]) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_broker_killed_and_restarted_mid_campaign(protocol: str, tmp_path: Path,
+                                                  collect: Callable[[str], Collector]) -> None:
     b = Mosquitto(tmp_path / "broker").start()
     cut = TCPCut(b.port)  # the head-end reaches the broker through this link
     try:
-        col = collect(b.url("he"))
+        col = collect(b.url("he", query=f"protocol={protocol}"))
         w = Writer(tmp_path / "db", 20)
-        pub = w.publisher(f"mqtt://127.0.0.1:{cut.port}/he")
+        pub = w.publisher(f"mqtt://127.0.0.1:{cut.port}/he?protocol={protocol}")
         w.burst(final=False)
         col.wait(lambda: len(col.devices()) == 20)
         b.kill()
