@@ -203,7 +203,7 @@ class Publisher:
         if self._thread is not None:
             self._thread.join()
         self._drop()
-        self.store.outbox_release(self.owner)
+        self._release()
         return self.store.outbox_counts()["unsent"]
 
     def _run(self) -> None:
@@ -213,15 +213,13 @@ class Publisher:
                 if not self.step():
                     self._idle(1.0)
                 delay = BACKOFF[0]
-            except PublishError as e:
-                self._drop()
-                self._outage(str(e))
-                self._stop.wait(delay)
-                delay = min(delay * 2, BACKOFF[1])
             except Exception as e:  # noqa: BLE001 - the publisher must not die silently under a campaign
-                log.exception("publisher")
+                if not isinstance(e, PublishError):
+                    log.exception("publisher")
                 self._drop()
-                self._outage(f"{type(e).__name__}: {e}")
+                self._outage(str(e) if isinstance(e, PublishError) else f"{type(e).__name__}: {e}")
+                # Let a publisher that can reach its broker drain meanwhile (another worker's).
+                self._release()
                 self._stop.wait(delay)
                 delay = min(delay * 2, BACKOFF[1])
 
@@ -248,7 +246,7 @@ class Publisher:
                 raise PublishError(f"the outbox is being sent by another publisher ({self.holder})")
         finally:
             self._drop()
-            self.store.outbox_release(self.owner)
+            self._release()
         return self.sent - start
 
     # -- one window ------------------------------------------------------------------------
@@ -318,6 +316,9 @@ class Publisher:
             if not self._state["connected"]:
                 self._mark(flight[:done])
                 raise PublishError(f"connection lost ({self._state.get('lost', 'closed')})")
+            if self._stop.is_set():  # closing after its wait: what is unacknowledged stays unsent
+                self._mark(flight[:done])
+                return True
             if time.monotonic() > deadline:
                 self._mark(flight[:done])
                 raise PublishError(f"no PUBACK within {ACK_TIMEOUT:g} s")
@@ -334,6 +335,12 @@ class Publisher:
             self.note(f"the outbox is being sent by another publisher ({holder}); waiting for its lease")
         self.holder = holder
         return holder is None
+
+    def _release(self) -> None:
+        try:
+            self.store.outbox_release(self.owner)
+        except Exception:  # noqa: BLE001 - the database itself gone: the lease runs out by itself
+            log.debug("drain lease not released", exc_info=True)
 
     def _mark(self, flight: list[tuple[int, Any]]) -> None:
         if not flight:
