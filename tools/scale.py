@@ -313,7 +313,7 @@ def workers_main() -> int:
     import signal
 
     sys.path.insert(0, str(REPO / "tests"))
-    from pg import PgServer  # noqa: E402
+    from pg import PgServer  # type: ignore[import-not-found]  # noqa: E402
 
     from meterota.campaign.ledger import Ledger  # noqa: E402
     from meterota.lab.sim import SimDevice  # noqa: E402
@@ -357,10 +357,15 @@ def workers_main() -> int:
                 t1 = time.monotonic()
                 procs = [subprocess.Popen([str(BIN / "meterota"), "--db", url, "campaign", "run", str(plan), "--id",
                                            f"s{k}", "--json", "--lease", "5"], stdout=subprocess.PIPE, stderr=log)]
+                if workers > 1:
+                    with Store(url) as st:  # the workers join once the campaign exists (--until-idle)
+                        led = Ledger(st)
+                        while led.campaign(f"s{k}") is None:
+                            time.sleep(0.1)  # polling the ledger for the campaign; not synchronisation
                 for _ in range(workers - 1):
                     procs.append(subprocess.Popen([str(BIN / "meterota"), "--db", url, "campaign", "worker",
-                                                   "--concurrency", "4", "--lease", "5", "--until-idle"],
-                                                  stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+                                                   "--concurrency", "4", "--lease", "5", "--until-idle", "--json"],
+                                                  stdout=subprocess.PIPE, stderr=log, start_new_session=True))
                 killed_at = None
                 if kill and workers > 1:
                     with Store(url) as st:
@@ -379,15 +384,36 @@ def workers_main() -> int:
                 x1 = int(pg.psql("SELECT pg_current_xact_id()::text::bigint"))
                 assert procs[0].stdout is not None
                 doc = json.loads(procs[0].stdout.read())
+                took = []
+                for p in procs[1:]:
+                    assert p.stdout is not None
+                    got = p.stdout.read()
+                    took.append(str(json.loads(got)["units"]) if got.strip() else "killed")
                 base_wall = base_wall or wall
                 line = (f"{workers} worker(s): {doc['state']} {doc['counts']} in {wall:.0f} s wall "
                         f"(x{base_wall / wall:.2f} vs the first), CPU {cpu / total * 1000:.1f} ms per device, "
-                        f"{(x1 - x0) / total:.1f} PostgreSQL write transactions per device")
+                        f"{(x1 - x0) / total:.1f} PostgreSQL write transactions per device"
+                        + (f"; units taken by the other workers: {', '.join(took)}" if took else ""))
                 if killed_at is not None:
+                    from meterota.confirm import verify  # noqa: E402
+
+                    keys = {d.device_id: d.key for d in fleet.meters + directs}
                     with Store(url) as st:
-                        tk = [e["t"] for e in Ledger(st).events(f"s{k}") if e["kind"] == "takeover"]
+                        led = Ledger(st)
+                        evs = led.events(f"s{k}")
+                        tk = [e["t"] for e in evs if e["kind"] == "takeover"]
+                        ends: dict[str, int] = {}
+                        for e in evs:
+                            if e["kind"] == "result":
+                                ends[e["target"]] = ends.get(e["target"], 0) + 1
+                        rows = led.devices(f"s{k}")
+                        # One upgrade per device: its record is its first since the fleet started (seq 1).
+                        first = sum(r["record"] is not None and verify(bytes(r["record"]), bytes(r["mac"]),
+                                                                       keys[r["device"]]).seq == 1 for r in rows)
                     line += f"; a worker killed at half: takeover after {min(tk) - killed_at:.1f} s" if tk else \
                         "; a worker killed at half: no unit of it to take over"
+                    line += (f"; {sum(v == 1 for v in ends.values())}/{len(rows)} devices ended once, "
+                             f"{first}/{len(rows)} on their first confirmation record (none flashed twice)")
                 print(line, flush=True)
                 if doc["counts"].get("OK") != total:
                     rc = 1

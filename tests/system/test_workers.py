@@ -161,6 +161,8 @@ def test_two_workers_share_a_campaign_and_a_killed_one_is_taken_over(
         took = min(e["t"] for e in takeovers)
         jobs = led.jobs("w")
     assert 0 < took - killed_at < 30  # a lease (3 s) and a poll after the kill, with room for a loaded machine
+    st = json.loads(run_cli("meterota", "--db", pg_url, "campaign", "status", "w", "--json", check=True).stdout)
+    assert st["units"] == {"done": 6} and st["workers"] == [] and st["counts"] == {"OK": 10}
     # Devices finished before the kill were not touched again: they did not even reboot.
     assert {d.device_id: device_info(d)["boots"] for d in everything if d.device_id in done_before} == boots
     # One job per concentrator: a taken-over concentrator's job was followed by its id.

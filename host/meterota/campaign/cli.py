@@ -237,12 +237,19 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
         per_via = led.counts(args.id, "via")
         wos = led.workorders(args.id)
         devices = led.devices(args.id)
+        units = led.units(args.id)
+        unit_counts: dict[str, int] = {}
+        for u in units:
+            unit_counts[u["state"]] = unit_counts.get(u["state"], 0) + 1
+        workers = sorted({str(u["owner"]) for u in units if u["state"] == "leased" and u["expires"] is not None
+                          and float(u["expires"]) >= float(u["now"])})
         if getattr(args, "json", False):
             doc = {k: c[k] for k in ("id", "name", "state", "reason", "version", "image_hash", "created",
                                      "finished", "phase")}
             doc.update(counts=counts.get("", {}), groups=per_group, concentrators=per_via,
                        workorders={"open": sum(w["state"] == "open" for w in wos),
-                                   "closed": sum(w["state"] == "closed" for w in wos)})
+                                   "closed": sum(w["state"] == "closed" for w in wos)},
+                       units=unit_counts, workers=workers)
             if args.devices:
                 doc["devices"] = [{k: v for k, v in d.items() if k not in ("record", "mac")} for d in devices]
             print(json.dumps(doc, sort_keys=True))
@@ -254,6 +261,8 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
         def line(name: str, cc: dict[str, int]) -> None:
             print(f"  {name:<24} " + "  ".join(f"{s} {cc.get(s, 0)}" for s in STATES) + f"  total {sum(cc.values())}")
 
+        print("  units: " + ", ".join(f"{n} {k}" for k, n in sorted(unit_counts.items()))
+              + (f"; leased by {', '.join(workers)}" if workers else ""))
         line("all", counts.get("", {}))
         for k, v in sorted(per_group.items()):
             line(f"group {k}", v)
