@@ -17,8 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import argtypes as at
 from . import errors
 from .events import BrokerURL, url_arg
+
+
+def seconds0(s: str) -> float:
+    """0 or more seconds (0: do not wait)."""
+    return 0.0 if s.strip() in ("0", "0.0") else at.positive_float(s)
 
 
 def warn(text: str) -> None:
@@ -34,7 +40,7 @@ def add_publish_arguments(p: argparse.ArgumentParser, plan: bool = False) -> Non
     p.add_argument("--publish", type=url_arg, metavar="mqtt://[USER:PASS@]HOST[:PORT]/PREFIX",
                    help="publish every outcome to this MQTT broker as it is recorded (mqtts:// for TLS)"
                    + ("; overrides the plan's [publish] table" if plan else ""))
-    p.add_argument("--publish-wait", type=float, default=None, metavar="S",
+    p.add_argument("--publish-wait", type=seconds0, default=None, metavar="S",
                    help="at the end, seconds to wait for the broker to take what is left (default 10)")
 
 
@@ -173,8 +179,8 @@ def add_parser(sub: Any) -> None:
                    "(TIME-DEVICE-ID.json or .xml), written once per message id")
     e.add_argument("--session", metavar="NAME", help="a persistent session under this client id: the broker "
                    "keeps messages for the consumer while it is away")
-    e.add_argument("--count", type=int, default=0, help="stop after N device messages")
-    e.add_argument("--timeout", type=float, default=0.0, help="stop after S seconds")
+    e.add_argument("--count", type=at.count, default=0, help="stop after N device messages")
+    e.add_argument("--timeout", type=at.positive_float, default=None, help="stop after S seconds")
     e.add_argument("--publish", type=url_arg, metavar="URL", help="flush: the broker to send to")
     e.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
     e.set_defaults(fn=cmd_events)

@@ -47,7 +47,7 @@ class Concentrator:
 
     def store(self, data: bytes, progress: Callable[[int, int], None] | None = None) -> UploadStats | None:
         """Put `data` in the concentrator's image store, unless it is already there."""
-        info = img.parse(data)
+        info = img.checked(data)  # refuse a corrupt file before uploading it (ImageError, exit 8)
         have = self.store_info()
         if have and bytes(have["hash"]) == info.hash:
             return None

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .errors import EXIT_DATABASE, MeterotaError
+from .errors import StoreError
 
 log = logging.getLogger("meterota.db")
 T = TypeVar("T")
@@ -41,10 +41,8 @@ T = TypeVar("T")
 RECONNECT_S = 600.0  # how long a lost PostgreSQL server is waited for before giving up
 
 
-class DatabaseError(MeterotaError):
-    """The records database is unreachable, refused us, or has a schema we cannot use."""
-
-    exit_code = EXIT_DATABASE
+class DatabaseError(StoreError):
+    """The records database is unreachable, refused us, or has a schema we cannot use (exit 12)."""
 
 
 class _Lost(Exception):
@@ -292,7 +290,7 @@ class Database:
             row = self.execute("SELECT version FROM meterota_schema WHERE component=?", (component,)).one()
             have = int(row["version"]) if row else 0
             if have > want:
-                raise DatabaseError(f"{self.where}: the {component} schema is version {have}, newer than this "
+                raise DatabaseError(f"records database {self.where}: the {component} schema is version {have}, newer than this "
                                     f"meterota knows ({want}): upgrade meterota on this host")
             for i in range(have, want):
                 step = migrations[i]
@@ -309,6 +307,17 @@ class Database:
             return have
 
         try:
+            # Current already (the usual case): a read, so a database another program
+            # holds the write lock of still opens (its writes then wait or spool).
+            try:
+                row = self.run(lambda: self.execute("SELECT version FROM meterota_schema WHERE component=?",
+                                                    (component,)).one(), write=False)
+            except Exception as e:  # noqa: BLE001 - no version table yet: the write path below sets it up
+                if isinstance(e, DatabaseError):
+                    raise
+                row = None
+            if row is not None and int(row["version"]) == want:
+                return want
             return self.run(go)
         except DatabaseError:
             raise
@@ -317,10 +326,10 @@ class Database:
                 import psycopg
 
                 if isinstance(e, psycopg.Error):
-                    raise DatabaseError(f"{self.where}: cannot set up the {component} schema: "
+                    raise DatabaseError(f"records database {self.where}: cannot set up the {component} schema: "
                                         f"{' '.join(str(e).split())}") from None
             if isinstance(e, sqlite3.Error):
-                raise DatabaseError(f"{self.where}: cannot set up the {component} schema: {e}") from None
+                raise DatabaseError(f"records database {self.where}: cannot set up the {component} schema: {e}") from None
             raise
 
     def schema_version(self, component: str) -> int:

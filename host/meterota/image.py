@@ -328,6 +328,16 @@ def parse(data: bytes) -> ImageInfo:
     return info
 
 
+def checked(data: bytes, source: str = "image") -> ImageInfo:
+    """parse(), and refuse an image whose hash TLV does not match its contents:
+    every path that sends an image (upgrade, --via, job, campaign) refuses a
+    corrupt file the same way (ImageError, exit 8)."""
+    info = parse(data)
+    if not info.hash_ok:
+        raise ImageError(f"{source}: image hash TLV does not match its contents: the file is corrupt")
+    return info
+
+
 def verify_signature(data: bytes, key: Path) -> bool:
     """Check the image's signature against a key file with imgtool's own verifier."""
     from imgtool import image as imgtool_image

@@ -247,9 +247,12 @@ class Store:
         if conf is not None:
             row = self.db.execute("SELECT id, mac FROM upgrades WHERE device=? AND seq=?",
                                   (conf.device_id, conf.seq)).one()
-            if row and bytes(row["mac"]) == conf.mac:
-                return Recorded(int(row["id"]), duplicate=True)
             newest = self.newest_seq(conf.device_id)
+            if row and bytes(row["mac"]) == conf.mac and (conf.seq >= newest or backfill):
+                return Recorded(int(row["id"]), duplicate=True)  # the newest record, recorded already
+            if row and bytes(row["mac"]) == conf.mac:
+                raise StaleRecord(f"{conf.device_id}: confirmation record #{conf.seq} was recorded before, and "
+                                  f"#{newest} since: a replayed record")
             if row:  # the same number with another MAC: not this device's record
                 raise StaleRecord(f"{conf.device_id}: a different confirmation record #{conf.seq} is recorded already")
             if conf.seq <= newest and not backfill:

@@ -161,9 +161,7 @@ class Upgrader:
     def run(self, data: bytes) -> UpgradeResult:
         t0 = time.monotonic()
         started = time.time()
-        info = img.parse(data)
-        if not info.hash_ok:
-            raise RefusedError("image hash TLV does not match its contents: the file is corrupt")
+        info = img.checked(data)  # a corrupt file is ImageError (exit 8) here too, as on every path
         self.c.connect(negotiate=self.negotiate)
         dev = self.c.device_info
         if dev is None:

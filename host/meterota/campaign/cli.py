@@ -8,6 +8,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from .. import argtypes as at
 from .. import errors
 from .ledger import Ledger
 from ..store import Store
@@ -24,12 +26,23 @@ STATES = ("OK", "KO", "UNREACHABLE", "ERROR", "CANCELLED", "running", "pending")
 
 @contextmanager
 def _ledger(args: argparse.Namespace, campaign: str | None = None) -> Iterator[tuple[Store, Ledger]]:
-    """The records database and its ledger; with `campaign`, one that must exist."""
-    with Store(args.db) as st:
+    """The records database and its ledger; with `campaign`, one that must exist
+    (an unknown campaign is a bad command line, exit 2, for every command)."""
+    from ..cli import open_store
+
+    with open_store(args.db) as st:
         led = Ledger(st)
         if campaign is not None and led.campaign(campaign) is None:
-            raise errors.MeterotaError(f"no campaign {campaign} in {st.path}")
+            raise errors.UsageError(f"no campaign {campaign} in {st.path}")
         yield st, led
+
+
+def lease_default() -> float:
+    """--lease's default: $METEROTA_LEASE_S, else 15 s."""
+    try:
+        return max(1.0, float(os.environ.get("METEROTA_LEASE_S", "15")))
+    except ValueError:
+        return 15.0
 
 
 def _when(t: float | None) -> str:
@@ -296,7 +309,7 @@ def cmd_campaign_abort(args: argparse.Namespace) -> int:
     from ..cli_events import note, warn
     from ..publish import publishing
 
-    with _ledger(args) as (st, led):
+    with _ledger(args, args.id) as (st, led):
         url, wait = _publish_url(args, led, args.id)
         # With no campaign process left, the CANCELLED outcomes are recorded here: published from here.
         with publishing(st, url, wait=wait, warn=warn, note=note):
@@ -385,9 +398,9 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     for p in (r, rs, wk):
         device_defaults(p)
         add_publish_arguments(p, plan=True)
-        p.add_argument("--lease", type=float, default=15.0, metavar="S",
+        p.add_argument("--lease", type=at.positive_float, default=lease_default(), metavar="S",
                        help="seconds a unit stays leased without renewal: the takeover time of a dead worker "
-                            "(default 15)")
+                            "(default $METEROTA_LEASE_S or 15)")
     s = cs.add_parser("status", help="counts overall, per group and per concentrator")
     s.add_argument("id")
     s.add_argument("--devices", action="store_true", help="one line per device")
@@ -407,23 +420,24 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     w.add_argument("--campaign", help="one campaign (default: all)")
     w.add_argument("--state", choices=["open", "closed", "all"], default="open")
     w.add_argument("--format", choices=["csv", "json"], default="csv")
-    w.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    w.add_argument("-o", "--output", type=at.output_file, help="write to a file instead of stdout")
     w.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="same as --format json")
     w.set_defaults(fn=cmd_workorders)
 
     e = sub.add_parser("export", help="a campaign's results as CSV, JSON or CIM XML (IEC 61968-9 style)")
     e.add_argument("id")
     e.add_argument("--format", choices=["csv", "json", "cim"], default="csv")
-    e.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    e.add_argument("-o", "--output", type=at.output_file, help="write to a file instead of stdout")
     e.set_defaults(fn=cmd_export)
 
     rp = sub.add_parser("report", help="a self-contained HTML report of a campaign")
     rp.add_argument("id")
-    rp.add_argument("-o", "--output", type=Path, help="the HTML file (default: ID.html)")
+    rp.add_argument("-o", "--output", type=at.output_file, help="the HTML file (default: ID.html)")
     rp.set_defaults(fn=cmd_report)
 
 
 def campaign_device_defaults(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("links")
-    g.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)")
-    g.add_argument("--retries", type=int, default=3, help="retries of a silent request (default 3)")
+    g.add_argument("--timeout", type=at.positive_float, default=2.0,
+                   help="seconds to wait for each reply (default 2)")
+    g.add_argument("--retries", type=at.count, default=3, help="retries of a silent request (default 3)")

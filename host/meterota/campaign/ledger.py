@@ -201,9 +201,6 @@ class Ledger:
             self._publish(cid)
         return n > 0
 
-    def heartbeat(self, cid: str, pid: int) -> None:
-        self._write("UPDATE campaigns SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), cid))
-
     # -- units and leases ------------------------------------------------------
     def add_unit(self, cid: str, unit: str, grp: str, phase: int, kind: str, ord: int = 0) -> None:
         self._write("INSERT INTO campaign_units(campaign, unit, grp, phase, kind, ord) VALUES(?,?,?,?,?,?) "

@@ -51,7 +51,7 @@ from typing import Any, Callable
 from .. import image as img
 from ..client import SMPClient
 from ..concentrator import Concentrator, JobSpec, record_relayed
-from ..errors import (MeterotaError, NotRecorded, SilentAfterReset, TransportError, UpgradeKO,
+from ..errors import (CampaignBusy, ImageError, MeterotaError, NotRecorded, SilentAfterReset, TransportError, UpgradeKO,
                       EXIT_KO, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED)
 from .ledger import FAILED, FINAL, LeaseLost, Ledger
 from .plan import ConcentratorTarget, Group, Plan, PlanError
@@ -87,11 +87,8 @@ def read_image(path: str) -> tuple[bytes, img.ImageInfo]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise PlanError(f"cannot read the plan's image {path}: {e.strerror}") from None
-    info = img.parse(data)
-    if not info.hash_ok:
-        raise PlanError(f"{path}: image hash TLV does not match its contents: the file is corrupt")
-    return data, info
+        raise ImageError(f"cannot read the plan's image {path}: {e.strerror}") from None
+    return data, img.checked(data, path)
 
 
 def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = None) -> str:
@@ -103,7 +100,12 @@ def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = 
         while ledger.campaign(cid) is not None:
             n += 1
             cid = f"{base}-{n}"
-    elif ledger.campaign(cid) is not None:
+    elif (old := ledger.campaign(cid)) is not None:
+        if old["finished"] is None:
+            owners = sorted({str(u["owner"]) for u in ledger.live_leases(cid)})
+            raise CampaignBusy(f"campaign {cid} exists already and is running"
+                               + (f" (worked by {', '.join(owners)})" if owners else "")
+                               + f": `meterota campaign resume {cid}` or `campaign worker` joins it")
         raise PlanError(f"campaign {cid} exists already: use `meterota campaign resume {cid}`")
     with ledger.transaction():
         ledger.create_campaign(cid, plan.name, plan.as_dict(), plan_file, info.hash.hex(), info.version_str)
@@ -169,6 +171,7 @@ class Runner:
         self.end_state: str | None = None
         self.end_reason = ""
         self.interrupted = False  # Ctrl-C: stop without ending the campaign, so it can be resumed
+        self.lost_lease: LeaseLost | None = None  # a unit of ours was taken over (we were stopped past its lease)
         add_units(ledger, cid, self.plan)
 
     # -- control ---------------------------------------------------------------
@@ -223,7 +226,7 @@ class Runner:
         counts = self.ledger.counts(self.cid).get("", {})
         finished = sum(counts.get(s, 0) for s in ("OK", "KO", "UNREACHABLE", "ERROR"))
         failed = sum(counts.get(s, 0) for s in a.count)
-        if finished >= a.min_finished and finished and failed / finished >= a.threshold:
+        if a.tripped(failed, finished):
             self.halt("aborted", f"{failed} of {finished} finished devices failed ({', '.join(a.count)}), "
                                  f"at or over the abort threshold of {a.threshold:.0%}")
 
@@ -261,6 +264,8 @@ class Runner:
         except KeyboardInterrupt:
             self.interrupted = True
             raise
+        if self.lost_lease is not None:
+            raise self.lost_lease  # exit 11: another worker carried our unit on; we stopped
         return self.summary()
 
     def summary(self) -> Summary:
@@ -284,6 +289,7 @@ class Runner:
                 ct = next(c for c in g.concentrators if c.address == unit["unit"])
                 self._concentrator(g, ct)
         except LeaseLost as e:
+            self.lost_lease = self.lost_lease or e
             self.step(str(e))
         except Exception as e:  # noqa: BLE001 - a bug in one unit must not stop the others unrecorded
             log.exception("campaign unit failed")
@@ -423,9 +429,12 @@ class Runner:
             t.close()
             return "CANCELLED", str(e), {"duplicate_of": dup[0], "device": None}
         except NotRecorded as e:
-            # The device reached an outcome the records could not take (spooled):
-            # the ledger keeps it open, the operator imports the spool.
-            result, reason = "ERROR", str(e)
+            # The device reached an outcome (verified, when it is OK) that the records
+            # table could not take: it is spooled for `records import`. The ledger
+            # follows the device, saying where its records row waits.
+            last = up.last
+            result = last.result if last is not None else "ERROR"
+            reason = f"{last.reason if last is not None else ''} ({e})"
         except (UpgradeKO, SilentAfterReset) as e:
             result, reason = "KO", str(e)
         except TransportError as e:
@@ -717,7 +726,7 @@ class Worker:
             try:
                 r = Runner(self.store, self.ledger, cid, timeout=self.timeout, retries=self.retries, step=self.step,
                            image=self.image)
-            except PlanError as e:
+            except (PlanError, ImageError) as e:
                 self.refused[cid] = str(e)
                 self.step(str(e))
                 if self.scope is not None and cid in self.scope:
@@ -818,8 +827,12 @@ class Worker:
         held = self.ledger.renew_leases(self.owner, self.lease)
         for key, (_, lost) in self.active.items():
             if key not in held and not lost.is_set():
-                self.step(f"{key[1]}: lease lost (the database was away longer than the lease); another worker "
-                          "carries it on")
+                msg = (f"campaign {key[0]}: {key[1]} was taken over by another worker (this one was away longer "
+                       "than its lease): this worker stops it")
+                self.step(msg)
+                r = self.runners.get(key[0])
+                if r is not None and r.lost_lease is None:
+                    r.lost_lease = LeaseLost(msg)
                 lost.set()
 
 
