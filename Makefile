@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium postgresql test test-pg demo bench powercut fuzz scale scale-workers hil hil-sim clean
+.PHONY: all venv chromium postgresql mosquitto test test-pg demo bench powercut fuzz scale scale-workers hil hil-sim clean
 
 all: test
 
@@ -28,6 +28,13 @@ chromium:
 	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	then :; else echo "make chromium: could not install Debian's chromium (need root and apt); tests/host/test_report.py will skip (fail under CI)"; fi
 
+# A real MQTT broker for tests/system/test_mqtt.py (Debian's package; the tests start their own
+# instances on free loopback ports with their own configuration, never the system service).
+mosquitto:
+	@if [ -x /usr/sbin/mosquitto ] && command -v mosquitto_passwd >/dev/null && command -v openssl >/dev/null; then :; \
+	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto openssl; \
+	then :; else echo "make mosquitto: could not install Debian's mosquitto (need root and apt); tests/system/test_mqtt.py will fail"; fi
+
 # A real PostgreSQL server (Debian's package) for the tests of the shared ledger: the tests run
 # initdb + pg_ctl themselves in a temporary folder (tests/pg.py); no system cluster is used.
 postgresql:
@@ -36,7 +43,7 @@ postgresql:
 	then :; else echo "make postgresql: could not install Debian's postgresql (need root and apt)"; exit 1; fi
 
 # Every test on SQLite; of the PostgreSQL variants, those marked pg_core (make test-pg runs all).
-test: venv chromium postgresql
+test: venv chromium postgresql mosquitto
 	$(BIN)/pytest -q -m "not pg or pg_core"
 
 # The campaign suite on both backends and the multi-worker tests.

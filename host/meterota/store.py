@@ -25,16 +25,20 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from . import db as dbm
 from .confirm import Confirmation, check_outcome
 from .db import Database, DatabaseError, atomic, reading
 from .errors import MeterotaError, NotRecorded, StaleRecord
+
+if TYPE_CHECKING:
+    from .events import Message
 
 T = TypeVar("T")
 
@@ -74,6 +78,29 @@ CREATE INDEX IF NOT EXISTS upgrades_device ON upgrades(device);
     # relayed result's identity, each unique (files that got the columns before
     # versions existed keep them: the step adds only what is missing).
     lambda db: (db.add_columns("upgrades", ["seq INTEGER", "ref TEXT"]), db.script(INDEXES)),
+    # 3: the event stream's outbox (events.py, publish.py): rows are written in the transaction that
+    # records the outcome, and marked sent only once the broker acknowledged them (PUBACK).
+    """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order of sending
+    msg_id TEXT NOT NULL UNIQUE,           -- the message id consumers de-duplicate by
+    topic TEXT NOT NULL,                   -- relative to the broker URL's prefix
+    kind TEXT NOT NULL,                    -- upgrade | workorder | campaign
+    retain INTEGER NOT NULL DEFAULT 0,
+    payload TEXT NOT NULL,                 -- JSON, docs/events.md
+    created REAL NOT NULL,
+    sent REAL                              -- NULL until acknowledged
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox(sent, id);
+-- One publisher drains the outbox at a time (any number of processes and hosts may publish):
+-- the holder of this lease, renewed with each window; a dead holder's lease is taken over.
+CREATE TABLE IF NOT EXISTS outbox_drain (
+    id INTEGER PRIMARY KEY,
+    owner TEXT,                            -- host:pid:token of the publisher
+    expires REAL                           -- epoch seconds, the database's clock
+);
+INSERT INTO outbox_drain(id) VALUES(1) ON CONFLICT(id) DO NOTHING;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -133,6 +160,9 @@ class Store:
         self.db = Database(target, reconnect_s=reconnect_s, busy_s=self.wait)
         self.path = self.db.where  # where the records are, for messages (a URL without its password)
         self.lock = self.db.lock
+        # Outcomes also become outbox messages while a publisher is configured (enable_outbox).
+        self.outbox_enabled = False
+        self.outbox_changed = threading.Event()
         try:
             self.db.migrate("store", MIGRATIONS)
         except BaseException:
@@ -186,14 +216,19 @@ class Store:
 
     # -- outcomes ------------------------------------------------------------
     def record(self, o: Outcome, conf: Confirmation | None = None, ref: str | None = None,
-               spool_extra: dict[str, Any] | None = None, backfill: bool = False) -> Recorded:
+               spool_extra: dict[str, Any] | None = None, backfill: bool = False,
+               publish: bool | None = None) -> Recorded:
         """Record an outcome: the only way into `upgrades` (see the module doc).
         Raises ConfirmationError (an OK without a verified OK record),
-        StaleRecord (a replay), NotRecorded (database unwritable: spooled)."""
+        StaleRecord (a replay), NotRecorded (database unwritable: spooled).
+        With the outbox enabled a new record is also a message, in the same
+        transaction, when `publish` says so; by default when it belongs to no
+        campaign (a campaign's outcomes are published by its ledger, which
+        records them too)."""
         check_outcome(o.result, conf, o.device, o.image_hash)
         o.record, o.mac, o.verified = (conf.raw, conf.mac, True) if conf else (None, None, False)
         try:
-            return self.db.run(lambda: self._record_in_tx(o, conf, ref, backfill))
+            return self.db.run(lambda: self._record_in_tx(o, conf, ref, backfill, publish))
         except StaleRecord:
             raise
         except (sqlite3.Error, DatabaseError) as e:
@@ -203,7 +238,8 @@ class Store:
             raise NotRecorded(f"{o.device}: {o.result} NOT RECORDED in {self.path}: {e}; saved to {where}: "
                               f"import it with `meterota --db {self.path} records import {where}`") from None
 
-    def _record_in_tx(self, o: Outcome, conf: Confirmation | None, ref: str | None, backfill: bool) -> Recorded:
+    def _record_in_tx(self, o: Outcome, conf: Confirmation | None, ref: str | None, backfill: bool,
+                      publish: bool | None = None) -> Recorded:
         if ref is not None:
             row = self.db.execute("SELECT id FROM upgrades WHERE ref=?", (ref,)).one()
             if row:
@@ -231,10 +267,16 @@ class Store:
             (o.device, o.address, o.from_version, o.to_version, o.image_hash, o.result, o.reason, o.attempts,
              o.started, o.finished, conf.raw if conf else None, conf.mac if conf else None, int(conf is not None),
              o.campaign, conf.seq if conf else None, ref)).one()
-        return Recorded(int(got["id"]) if got else 0)
+        rid = int(got["id"]) if got else 0
+        if self.outbox_enabled and (publish if publish is not None else o.campaign is None):
+            from .events import record_outcome
 
-    def add(self, o: Outcome, conf: Confirmation | None = None, ref: str | None = None) -> int:
-        return self.record(o, conf, ref).id
+            self.outbox_put([record_outcome(o, rid)])
+        return Recorded(rid)
+
+    def add(self, o: Outcome, conf: Confirmation | None = None, ref: str | None = None, *,
+            publish: bool | None = None) -> int:
+        return self.record(o, conf, ref, publish=publish).id
 
     # -- the spool: outcomes the database could not take --------------------------
     def import_spool(self, path: Path, key: bytes | None = None,
@@ -323,3 +365,49 @@ class Store:
                 if d[k] is not None:
                     d[k] = bytes(d[k]).hex()
             yield d
+
+    # -- the event outbox ------------------------------------------------------
+    def enable_outbox(self) -> None:
+        self.outbox_enabled = True
+
+    @atomic
+    def outbox_put(self, messages: "list[Message]") -> None:
+        """Queue messages in the caller's transaction (or one of their own). The
+        publisher is woken at once: it reads behind the lock, so after the commit."""
+        now = time.time()
+        for m in messages:
+            self.db.execute("INSERT INTO outbox(msg_id, topic, kind, retain, payload, created) VALUES(?,?,?,?,?,?)",
+                            (m.msg_id, m.topic, m.kind, int(m.retain), m.payload, now))
+        self.outbox_changed.set()
+
+    @reading
+    def outbox_unsent(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self.db.execute("SELECT id, msg_id, topic, kind, retain, payload FROM outbox WHERE sent IS NULL "
+                               "ORDER BY id LIMIT ?", (limit,)).rows
+
+    @atomic
+    def outbox_mark_sent(self, ids: list[int]) -> None:
+        if ids:
+            self.db.execute(f"UPDATE outbox SET sent=? WHERE id IN ({','.join('?' * len(ids))})",
+                            (time.time(), *ids))
+
+    @atomic
+    def outbox_claim(self, owner: str, ttl: float, dead: str | None = None) -> str | None:
+        """Take or renew the drain lease; None when `owner` holds it now, else its holder.
+        `dead`: a holder known to be gone, whose lease is taken over at once."""
+        n = self.db.execute("UPDATE outbox_drain SET owner=?, expires={NOW} + ? WHERE id=1 AND (owner IS NULL "
+                            "OR owner=? OR owner=? OR expires < {NOW})", (owner, float(ttl), owner, dead or owner)
+                            ).rowcount
+        if n:
+            return None
+        row = self.db.execute("SELECT owner FROM outbox_drain WHERE id=1").one()
+        return str(row["owner"]) if row else "?"
+
+    @atomic
+    def outbox_release(self, owner: str) -> None:
+        self.db.execute("UPDATE outbox_drain SET owner=NULL, expires=NULL WHERE id=1 AND owner=?", (owner,))
+
+    @reading
+    def outbox_counts(self) -> dict[str, int]:
+        r = self.db.execute("SELECT COUNT(*) AS n, COUNT(sent) AS s FROM outbox").one() or {"n": 0, "s": 0}
+        return {"sent": int(r["s"]), "unsent": int(r["n"]) - int(r["s"])}

@@ -74,6 +74,14 @@ class Progress:
             else:
                 print(f"  {text}", file=sys.stderr, flush=True)
 
+    def warn(self, text: str) -> None:
+        """One line even with --json (on stderr): the operator must see it."""
+        with self._print:
+            if self._live is not None:
+                self._live.console.print(f"meterota: warning: {text}", markup=False, highlight=False)
+            else:
+                print(f"meterota: warning: {text}", file=sys.stderr, flush=True)
+
     def _table(self) -> Any:
         from rich.table import Table
 
@@ -130,12 +138,26 @@ class Progress:
             self._live.stop()
 
 
+def _publish_url(args: argparse.Namespace, led: Ledger, cid: str) -> tuple[Any, float]:
+    """--publish, else the plan's [publish] table; and how long to wait for the broker at the end."""
+    from ..events import parse_url
+
+    c = led.campaign(cid) or {}
+    plan = c.get("plan", {})
+    url = args.publish or (parse_url(plan["publish"]) if plan.get("publish") else None)
+    wait = args.publish_wait if args.publish_wait is not None else float(plan.get("publish_wait", 10.0))
+    return url, wait
+
+
 def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
+    from ..cli_events import warn
+    from ..publish import publishing
     from .runner import Runner
 
     as_json = bool(getattr(args, "json", False))
+    url, wait = _publish_url(args, led, cid)
     try:
-        with Progress(led, cid, as_json) as prog:
+        with Progress(led, cid, as_json) as prog, publishing(st, url, wait=wait, warn=prog.warn, note=prog.step):
             runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
             summary = runner.run(lease=args.lease)
     except KeyboardInterrupt:
@@ -192,6 +214,9 @@ def cmd_campaign_worker(args: argparse.Namespace) -> int:
             with lock:
                 print(f"  {text}", file=sys.stderr, flush=True)
 
+    from ..cli_events import warn
+    from ..publish import publishing
+
     with _ledger(args) as (st, led):
         for cid in args.campaign or []:
             if led.campaign(cid) is None:
@@ -202,8 +227,12 @@ def cmd_campaign_worker(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"worker {w.owner}: {args.concurrency} units at a time, leases of {args.lease:g} s, "
                   f"ledger {st.path}", file=sys.stderr, flush=True)
+        # --publish, or the [publish] table of the one campaign it was given.
+        url, wait = _publish_url(args, led, args.campaign[0]) if len(args.campaign or []) == 1 else \
+            (args.publish, 10.0 if args.publish_wait is None else args.publish_wait)
         try:
-            w.run()
+            with publishing(st, url, wait=wait, warn=warn, note=step):
+                w.run()
         except KeyboardInterrupt:
             print(f"meterota: worker {w.owner} stopped; its units were handed back", file=sys.stderr)
             return 0
@@ -277,9 +306,15 @@ def cmd_campaign_list(args: argparse.Namespace) -> int:
 def cmd_campaign_abort(args: argparse.Namespace) -> int:
     from .runner import abort
 
+    from ..cli_events import note, warn
+    from ..publish import publishing
+
     with _ledger(args, args.id) as (st, led):
-        for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
-            print(line)
+        url, wait = _publish_url(args, led, args.id)
+        # With no campaign process left, the CANCELLED outcomes are recorded here: published from here.
+        with publishing(st, url, wait=wait, warn=warn, note=note):
+            for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
+                print(line)
         return 0
 
 
@@ -342,6 +377,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], None]) -> None:
+    from ..cli_events import add_publish_arguments
+
     cp = sub.add_parser("campaign", help="batch upgrades over devices and concentrators (PLAN.toml)")
     cs = cp.add_subparsers(dest="campaign_cmd", required=True, metavar="ACTION")
     r = cs.add_parser("run", help="create a campaign from PLAN.toml and run it")
@@ -360,6 +397,7 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     wk.set_defaults(fn=cmd_campaign_worker)
     for p in (r, rs, wk):
         device_defaults(p)
+        add_publish_arguments(p, plan=True)
         p.add_argument("--lease", type=at.positive_float, default=lease_default(), metavar="S",
                        help="seconds a unit stays leased without renewal: the takeover time of a dead worker "
                             "(default $METEROTA_LEASE_S or 15)")
@@ -373,6 +411,7 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     a.add_argument("id")
     a.add_argument("--reason", default="aborted by the operator")
     device_defaults(a)
+    add_publish_arguments(a, plan=True)
     a.set_defaults(fn=cmd_campaign_abort)
     for p in (s, li, a, r, rs, wk):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")

@@ -183,7 +183,12 @@ class Ledger:
 
     def set_campaign(self, cid: str, **fields: Any) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
-        self._write(f"UPDATE campaigns SET {cols} WHERE id=?", (*fields.values(), cid))
+
+        def go() -> None:
+            self.db.execute(f"UPDATE campaigns SET {cols} WHERE id=?", (*fields.values(), cid))
+            if "state" in fields:
+                self._publish(cid)
+        self.db.run(go)
 
     @atomic
     def stop_campaign(self, cid: str, state: str, reason: str) -> bool:
@@ -193,6 +198,7 @@ class Ledger:
                             (state, reason, cid)).rowcount
         if n:
             self.event(cid, "abort" if state == "aborted" else state, reason=reason)
+            self._publish(cid)
         return n > 0
 
     # -- units and leases ------------------------------------------------------
@@ -341,7 +347,8 @@ class Ledger:
                       t: float | None = None, kind: str | None = None) -> None:
         """Record one attempt's outcome. A failure that will be retried goes back
         to pending (final=False) with its class counter raised (unless count is
-        False: the device was not actually tried)."""
+        False: the device was not actually tried). One transaction with its
+        timeline event and, while publishing, its outbox messages."""
         row = self.device_row(cid, target)
         assert row is not None, target
         now = t or time.time()
@@ -364,6 +371,31 @@ class Ledger:
         self.update_device(cid, target, **fields)
         self.event(cid, kind or ("result" if final else "retry"), target=target, grp=row["grp"], via=row["via"],
                    result=result, reason=reason, t=now)
+        if count or final:  # a meter the job never tried is no outcome
+            self._publish(cid, target=target, result=result, final=final, t=now)
+
+    # -- the event stream (events.py): messages in the transaction of what they tell ---------
+    def _head(self, cid: str) -> dict[str, Any]:
+        return self._rows("SELECT id, name, state, reason, version, image_hash, created FROM campaigns WHERE id=?",
+                          (cid,))[0]
+
+    def _publish(self, cid: str, *, target: str | None = None, result: str = "", final: bool = True,
+                 t: float | None = None, workorders: Iterable[tuple[dict[str, Any], str]] = ()) -> None:
+        """Outbox messages for a device outcome (target), work orders opened/closed, and the
+        campaign's progress after them; nothing when no publisher is configured."""
+        if not self.store.outbox_enabled:
+            return
+        from .. import events
+
+        c = self._head(cid)
+        msgs = []
+        if target is not None:
+            row = self.device_row(cid, target)
+            assert row is not None
+            msgs.append(events.campaign_outcome(c, row, final=final, result=result, t=t or time.time()))
+        msgs += [events.workorder(w, state) for w, state in workorders]
+        msgs.append(events.progress(c, self.counts(cid).get("", {})))
+        self.store.outbox_put(msgs)
 
     def counts(self, cid: str, by: str | None = None) -> dict[str, dict[str, int]]:
         """{key: {state: n}}; key is the group, the concentrator or '' for all."""
@@ -406,12 +438,20 @@ class Ledger:
     # -- work orders -----------------------------------------------------------
     def open_workorder(self, cid: str, row: dict[str, Any], version: str) -> bool:
         """A work order for a target that ended KO / UNREACHABLE / ERROR; once per campaign and device."""
-        return self._write(
-            "INSERT INTO workorders(campaign, device, concentrator, address, image_hash, version, "
-            "result, reason, last_seen, created, state) VALUES(?,?,?,?,?,?,?,?,?,?,'open') "
-            "ON CONFLICT(campaign, device) DO NOTHING",
-            (cid, row["device"] or row["target"], row["via"], row["address"], row["image_hash"], version,
-             row["state"], row["reason"], row["last_seen"], time.time())) > 0
+        def go() -> bool:
+            device = row["device"] or row["target"]
+            opened = self.db.execute(
+                "INSERT INTO workorders(campaign, device, concentrator, address, image_hash, version, "
+                "result, reason, last_seen, created, state) VALUES(?,?,?,?,?,?,?,?,?,?,'open') "
+                "ON CONFLICT(campaign, device) DO NOTHING",
+                (cid, device, row["via"], row["address"], row["image_hash"], version,
+                 row["state"], row["reason"], row["last_seen"], time.time())).rowcount > 0
+            if opened and self.store.outbox_enabled:
+                w = self.db.execute("SELECT * FROM workorders WHERE campaign=? AND device=?", (cid, device)).one()
+                assert w is not None
+                self._publish(cid, workorders=[(w, "open")])
+            return opened
+        return self.db.run(go)
 
     def workorders(self, cid: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM workorders WHERE 1=1"
@@ -429,7 +469,10 @@ class Ledger:
         """A verified field upgrade of `device` to `image_hash` closes its open work orders."""
         rows = self._rows("SELECT * FROM workorders WHERE device=? AND image_hash=? AND state='open'",
                           (device, image_hash))
+        now = time.time()
         for w in rows:
             self._write("UPDATE workorders SET state='closed', closed=?, closed_by=? WHERE id=?",
-                        (time.time(), upgrade_id, w["id"]))
+                        (now, upgrade_id, w["id"]))
+            self._publish(w["campaign"], workorders=[(dict(w, state="closed", closed=now, closed_by=upgrade_id),
+                                                      "closed")])
         return rows
