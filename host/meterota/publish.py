@@ -206,6 +206,11 @@ class Publisher:
         self._release()
         return self.store.outbox_counts()["unsent"]
 
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until every row written so far is acknowledged by the broker and marked sent."""
+        with self._progress:
+            return self._progress.wait_for(lambda: not self.store.outbox_counts()["unsent"], timeout)
+
     def _run(self) -> None:
         delay = BACKOFF[0]
         while not self._stop.is_set():
