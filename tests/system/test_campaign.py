@@ -308,6 +308,9 @@ def test_time_window_is_respected(directs: list[SimDevice], images: Images, tmp_
     p = campaign(db, "run", str(closed), "--id", "late", "--json")
     assert p.returncode == 9 and json.loads(p.stdout)["state"] == "expired"
     assert ledger_rows(db, "late")[d3.address]["attempts"] == 0 and device_info(d3)["boots"] == boots
+    # A worker given that ended campaign has nothing to do: --until-idle returns at once.
+    w = campaign(db, "worker", "--campaign", "late", "--until-idle", timeout=60)
+    assert w.returncode == 0, w.stderr
     # A window opening in 3 s: the campaign waits for it.
     opens = time.time() + 3
     later = write_plan(tmp_path / "later.toml", image, [{"name": "g", "devices": [d3.address]}],

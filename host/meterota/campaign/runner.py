@@ -769,9 +769,9 @@ class Worker:
                         self.refused):
                     return
                 self._claim(pool)
-                if self.until_idle and not self.active and not [c for c in self._campaigns()
-                                                                if c not in self.refused]:
-                    return
+                if self.until_idle and not self.active and not [
+                        c for c in set(self._campaigns()) & set(self.ledger.unfinished()) if c not in self.refused]:
+                    return  # a campaign named with --campaign that has ended leaves nothing to wait for
                 self._wake.wait(POLL_S)
         except KeyboardInterrupt:
             for r in self.runners.values():
