@@ -376,9 +376,12 @@ class Runner:
             t.close()
             return "CANCELLED", str(e), {"duplicate_of": dup[0], "device": None}
         except NotRecorded as e:
-            # The device reached an outcome the records could not take (spooled):
-            # the ledger keeps it open, the operator imports the spool.
-            result, reason = "ERROR", str(e)
+            # The device reached an outcome (verified, when it is OK) that the records
+            # table could not take: it is spooled for `records import`. The ledger
+            # follows the device, saying where its records row waits.
+            last = up.last
+            result = last.result if last is not None else "ERROR"
+            reason = f"{last.reason if last is not None else ''} ({e})"
         except (UpgradeKO, SilentAfterReset) as e:
             result, reason = "KO", str(e)
         except TransportError as e:
