@@ -525,8 +525,8 @@ def test_stopped_runner_taken_over_stops_when_continued(make_device: Callable[..
         deadline = time.monotonic() + 30
         while True:
             with Store(db) as st:
-                c = Ledger(st).campaign("s") or {}
-            if float(c.get("lease_expires") or 0) < time.time():
+                units = Ledger(st).units("s")  # A's lease on the campaign's one unit, on the database's clock
+            if units and all(u["expires"] is not None and float(u["expires"]) < float(u["now"]) for u in units):
                 break
             assert time.monotonic() < deadline
             time.sleep(0.1)  # waiting for A's lease to run out; not synchronisation
