@@ -175,10 +175,20 @@ class BoardDevice:
         self.sim = sim
         # A HIL board is deployed with downgrades allowed: every test starts from the factory 1.0.0.
         self.allows_downgrade = True
+        from meterota.errors import DeviceTimeout
+
         t = from_address(port=port)
         t.open()
         self._c = SMPClient(t, timeout=3.0)
-        self._c.connect()
+        # The last test may have left the board hung until its watchdog resets it (30 s on ESP32).
+        deadline = time.monotonic() + 180.0
+        while True:
+            try:
+                self._c.connect()
+                break
+            except DeviceTimeout:
+                if time.monotonic() > deadline:
+                    raise
         info = self._c.device_info or {}
         self.device_id = str(info.get("id", "?"))
         if key is None:

@@ -163,7 +163,13 @@ class Board:
     # -- native firmware -------------------------------------------------------
     def register(self, disp, ctx, images):
         """receiver.build's board hook: serve the firmware as image 1 of the
-        image group, only when the partition table has OTA app slots."""
+        image group, only when the partition table has OTA app slots. It runs before the
+        application is imported: a trial boot arms the watchdog here, so an application that
+        hangs at import is reset and reverts too."""
+        if not ctx.recovery and ctx.up.st.trial and self._wdt is None:
+            import machine
+
+            self._wdt = machine.WDT(timeout=int(self.config.get("wdt_ms", 30000)))
         self.fw = None
         try:
             running = esp32.Partition(esp32.Partition.RUNNING)

@@ -202,12 +202,22 @@ class Board:
 
         return wifi.udp_socket(self.config)
 
-    def ready(self, ctx):
+    def register(self, disp, ctx, images):
+        """receiver.build's board hook, before the application is imported: a trial boot arms
+        the watchdog here, so an image whose application hangs at import is reset and reverts
+        too (armed in ready(), after the import, such a board hung until power-cycled)."""
+        self._arm(ctx)
+
+    def _arm(self, ctx):
         if not ctx.recovery and ctx.up.st.trial and self._wdt is None:
             import machine
 
             # RP2040's watchdog tops out at about 8.3 s (RP2350: 16.7 s).
             self._wdt = machine.WDT(timeout=min(8300, int(self.config.get("wdt_ms", 8000))))
+
+    def ready(self, ctx):
+        self._arm(ctx)
+        self.feed()
         print("meterota: ready", ctx.device_id, self.variant, self.mode,
               "recovery" if ctx.recovery else "")
 

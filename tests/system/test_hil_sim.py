@@ -74,10 +74,13 @@ def test_uart_fifo_overruns_during_flash_stalls_and_the_upgrade_recovers(tmp_pat
 
 
 @pytest.mark.timeout(300)
-def test_a_hung_trial_image_is_reset_by_the_picos_watchdog_and_rolls_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app_py", ["while True:\n    pass\n"], ids=["hangs-at-import"])
+def test_a_hung_trial_image_is_reset_by_the_picos_watchdog_and_rolls_back(tmp_path: Path, app_py: str) -> None:
     """The Pico arms its watchdog (8 s, under RP2040's 8.3 s ceiling) for a trial boot; an
     application that hangs the receiver stops the feeds, the supervisor resets the board as the
-    watchdog would (reset_cause WDT_RESET), and the unconfirmed image reverts: a KO, not a brick."""
+    watchdog would (reset_cause WDT_RESET), and the unconfirmed image reverts: a KO, not a brick.
+    Hanging at import failed before boards/rp2 armed the watchdog ahead of the import (the HIL
+    run's board hung for good after test_device_that_never_comes_back)."""
     from meterota import boards
     from meterota import image as img
     from meterota.lab.sim import SimDevice
@@ -87,7 +90,7 @@ def test_a_hung_trial_image_is_reset_by_the_picos_watchdog_and_rolls_back(tmp_pa
 
     appd = tmp_path / "app"
     appd.mkdir()
-    (appd / "app.py").write_text("def poll():\n    while True:\n        pass\n")
+    (appd / "app.py").write_text(app_py)
     app = tmp_path / "hang.bin"
     app.write_bytes(img.build_image(appd, "1.1.0", slot_size=boards.slot_size("rp2"), board="rp2"))
     dev = SimDevice(tmp_path / "pico", device_id="pico-wdt", board="rp2", speed=None, extra={"grace_ms": 0})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -156,7 +155,6 @@ def _littlefs(block_count: int, prog_size: int, files: dict[str, bytes]) -> byte
 
 def factory_image(board: str) -> bytes:
     from .. import boards
-    from .. import image
 
     return _factory(board, boards.FACTORY_VERSION, boards.slot_size(board))
 
@@ -368,8 +366,56 @@ def lab_env(board: str, state_dir: Path) -> dict[str, str]:
     return env
 
 
-if __name__ == "__main__":  # pragma: no cover - calibration helper
+def measure(board: str, link: str = "usb", speed: float | None = 1.0) -> dict[str, Any]:
+    """Boot to ready and one default `meterota upgrade` (factory 1.0.0 -> 1.1.0) of a fresh
+    simulated board, as the README's lab-rig figures: `python -m meterota.lab.mcu --measure rp2`."""
+    import shutil
+
+    from .. import boards, image
+    from ..store import Store
+    from .sim import SimDevice
+
+    base = Path(tempfile.mkdtemp(prefix=f"mtr-measure-{board}-"))
+    try:
+        dev = SimDevice(base / "dev", device_id=f"{board}-measure", board=board, link=link, speed=speed,
+                        extra={"grace_ms": 0})
+        t0 = time.monotonic()
+        dev.start(timeout=600)
+        boot = time.monotonic() - t0
+        app = base / "app.bin"
+        app.write_bytes(image.build_image(None, "1.1.0", slot_size=boards.slot_size(board), board=board))
+        db = base / "r.db"
+        with Store(db) as st:
+            st.set_key(dev.device_id, dev.key)
+        t0 = time.monotonic()
+        r = subprocess.run([str(Path(sys.executable).parent / "meterota"), "--db", str(db), "--json", "upgrade",
+                            "--port", dev.address[len("serial:"):], str(app)], capture_output=True, text=True)
+        took = time.monotonic() - t0
+        dev.stop()
+        doc = json.loads(r.stdout) if r.returncode == 0 else {}
+        up = doc.get("upload", {})
+        return {"board": board, "link": link, "speed": speed, "boot_to_ready_s": round(boot, 1),
+                "upgrade_rc": r.returncode, "upgrade_s": round(took, 1), "result": doc.get("result"),
+                "upload_bytes": up.get("bytes"), "upload_s": up.get("seconds") and round(up["seconds"], 1),
+                "upload_kBps": up.get("seconds") and round(up["bytes"] / up["seconds"] / 1000, 2),
+                "timeouts": up.get("timeouts"), "rewinds": up.get("rewinds"), "uart_overruns": dev.overruns,
+                "error": r.stderr.strip()[-200:] if r.returncode else None}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":  # pragma: no cover - calibration and figures helper
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m meterota.lab.mcu")
+    ap.add_argument("--measure", choices=BOARDS, help="boot to ready and one default upgrade of this board")
+    ap.add_argument("--link", choices=["usb", "uart"], default="usb")
+    ap.add_argument("--speed", type=float, default=1.0, help="0 = unthrottled")
+    a = ap.parse_args()
     mp = str(Path(sys.executable).parent / "micropython")
-    print(f"kernel passes/s on this host: {host_kernel_rate(mp):.1f}")
-    for b in BOARDS:
-        print(f"{b}: duty {duty_for(b, mp):.5f} ({profile(b).pystone_source})")
+    if a.measure:
+        print(json.dumps(measure(a.measure, a.link, a.speed or None)))
+    else:
+        print(f"kernel passes per CPU second on this host: {host_kernel_rate(mp):.0f}")
+        for b in BOARDS:
+            print(f"{b}: duty {duty_for(b, mp):.5f} of one CPU ({profile(b).pystone_source})")

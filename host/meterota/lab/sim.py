@@ -912,6 +912,9 @@ class SimDevice:
         # device's ring (512 B on rp2) and the CDC FIFO are full; the socket's minimum is ~4 KiB.
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
         usb = self.link == "usb"
+        if not usb:
+            # The UART stand-in's "ISR" takes whatever has arrived without blocking (machine.py).
+            theirs.setblocking(False)
         self._text.clear()
         self._wdt_deadline = None
         self._wdt_fired = False

@@ -130,9 +130,7 @@ class UART(io.IOBase):
         self._fifo = int(p.get("uart_fifo", _FIFO))
         self._ring = bytearray()
         self._wire = sys.stdin.buffer
-        self._p = select.poll()
-        self._p.register(sys.stdin, select.POLLIN)
-        self._one = bytearray(1)
+        self._chunk = bytearray(256)  # the wire is non-blocking (the supervisor's UART mode)
         self._stalled = False
         self.overruns = 0  # bytes lost
         self.baudrate = baudrate
@@ -146,25 +144,25 @@ class UART(io.IOBase):
         pass
 
     # -- the ISR: wire -> FIFO -> ring ------------------------------------------
-    def _waiting(self):
-        for _o, ev in self._p.ipoll(0):
-            if ev & select.POLLIN:
-                return True
-        return False
-
     def _take(self, limit):
         """Move up to `limit` arrived bytes off the wire; the rest of what has
         arrived is counted lost when limit runs out. Returns bytes moved."""
         n = 0
-        one = self._one
-        while self._waiting():
-            if not self._wire.readinto(one):
+        buf = self._chunk
+        mv = memoryview(buf)
+        while True:
+            try:
+                k = self._wire.readinto(buf)
+            except OSError:  # EAGAIN on some builds instead of None
+                k = None
+            if not k:
                 break
-            if n < limit:
-                self._ring.append(one[0])
-                n += 1
-            else:
-                self.overruns += 1
+            keep = min(k, limit - n) if limit > n else 0
+            if keep:
+                self._ring += bytes(mv[:keep])
+                n += keep
+            if k > keep:
+                self.overruns += k - keep
         return n
 
     def _service(self):
