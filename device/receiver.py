@@ -12,6 +12,7 @@ import grp_meterota
 import link
 
 IDLE_MS = 500  # a link quiet this long drops any half-received packet
+GC_EVERY = 4096  # collect after this many bytes allocated: the heap stays in one piece (mtboot.GC_EVERY)
 
 
 class Context:
@@ -50,6 +51,7 @@ class Context:
 
 
 def build(board, recovery=False):
+    gc.collect()  # the buffers below live as long as the receiver: give them a clean heap
     up = updater.Updater(board)
     ctx = Context(board, up, recovery)
     disp = smp.Dispatcher()
@@ -64,6 +66,8 @@ def build(board, recovery=False):
         import concentrator
 
         ctx.role_engine = concentrator.register(disp, ctx)
+    gc.collect()
+    gc.threshold(GC_EVERY)
     return ctx, disp
 
 
