@@ -88,7 +88,6 @@ class ImageGroup:
         self.disp = disp  # for the origin of the request: one uploader at a time
         self.owner = None
         self.last = 0
-        self.zbuf = None  # inflate buffer, allocated on the first compressed upload
         self.others = []  # [(upload image numbers, group)]: other image kinds (add_image)
         self.cur = self  # the group of the upload in progress: continuations carry no `image`
 
@@ -181,26 +180,38 @@ class ImageGroup:
 
     def upload_deflated(self, req):
         """Like upload, but `data` is one raw-deflate block (window 2^9) that
-        inflates to `rlen` bytes at `off`; the same session, checks and replies."""
+        inflates to `rlen` bytes at `off`; the same session, checks and replies.
+        The block inflates straight into the session's sector buffer where it
+        lands (no buffer of its own) when it continues the session within one
+        4 KiB sector, as the host cuts blocks; any other block (a first chunk
+        over a session holding unflushed bytes, one that crosses a sector)
+        inflates into a buffer that lives for this request only."""
         import deflate
         import io
 
         rlen = arg(req, "rlen", int)
         data = arg(req, "data", _BYTES)
-        if rlen is None or data is None or rlen < 0 or rlen > DEFLATE_BLOCK:
+        off = arg(req, "off", int)
+        if rlen is None or data is None or off is None or rlen < 0 or rlen > DEFLATE_BLOCK:
             raise MgmtError(smp.EINVAL)
-        if self.zbuf is None:
-            self.zbuf = bytearray(DEFLATE_BLOCK)
-        out = memoryview(self.zbuf)[:rlen]
+        g = self._pick(req)
+        room = getattr(g.session, "room", None)
+        out = room(off, rlen) if room is not None else None
+        if out is None:
+            out = memoryview(bytearray(rlen))
+        d = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS)
         try:
-            n = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS).readinto(out)
+            n = d.readinto(out)
+            if n == rlen and d.read(1):
+                n = -1  # more data than announced
         except (OSError, EOFError, ValueError):
             n = -1  # truncated or corrupt stream
+        d = None  # the inflater's state and window go before the write
         if n != rlen:
             raise MgmtError(smp.EINVAL)  # corrupt or mis-sized block: nothing is written
         req["data"] = out
         try:
-            return self.upload(req)
+            return g._upload(req)
         except GroupError as e:
             e.group = GROUP
             raise
@@ -240,21 +251,23 @@ class ImageGroup:
         self.last = now
 
     def upload(self, req):
-        """Route the request: a first chunk by its `image` number, a
+        return self._pick(req)._upload(req)
+
+    def _pick(self, req):
+        """The group a request goes to: a first chunk by its `image` number, a
         continuation to the upload in progress (of the requester, if it has one)."""
         off = arg(req, "off", int)
         if off == 0:
             g = self._route(arg(req, "image", int, 0))
             self.cur = g
-        else:
-            g = self.cur
-            origin = self.disp.origin
-            if g.owner != origin:
-                for o in self._groups():
-                    if o.owner == origin and o.session.state == upload.RUNNING:
-                        g = o
-                        break
-        return g._upload(req)
+            return g
+        g = self.cur
+        origin = self.disp.origin
+        if g.owner != origin:
+            for o in self._groups():
+                if o.owner == origin and o.session.state == upload.RUNNING:
+                    return o
+        return g
 
     def _upload(self, req):
         off = arg(req, "off", int)

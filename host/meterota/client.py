@@ -316,7 +316,9 @@ class _Plan:
 
     def _deflated(self, pos: int) -> tuple[int, int, dict[str, Any], int] | None:
         base = {**self.first} if pos == 0 else {"off": pos}
-        n = min(self.DEFLATE_BLOCK, self.total - pos)
+        # A block never crosses a 4 KiB sector of the image: the device inflates it
+        # straight into its sector buffer (one that crosses costs it a buffer).
+        n = min(self.DEFLATE_BLOCK - pos % self.DEFLATE_BLOCK, self.total - pos)
         while n >= 256:
             c = zlib.compressobj(9, zlib.DEFLATED, -self.DEFLATE_WBITS)
             z = c.compress(self.data[pos:pos + n]) + c.flush()
