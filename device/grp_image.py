@@ -127,56 +127,16 @@ class ImageGroup:
         i = self.up.active if logical == 0 else self.up.other
         self.up.erase(i)
 
-    def state_map(self):
-        images = self.state_images()
-        if self.others:
-            for e in images:
-                e["image"] = 0  # several images: each entry says which
-            for _n, g in self.others:
-                images += g.state_images()
-        return {"images": images, "splitStatus": 0}
-
+    # State read/write and erase come a few times per upgrade: their code is
+    # loaded for the request and released after (device/imgstate.py).
     def state_read(self, req):
-        return self.state_map()
+        return smp.call_lazy("imgstate", "read", self, req)
 
     def state_write(self, req):
-        h = arg(req, "hash", _BYTES)
-        confirm = arg(req, "confirm", bool, False)
-        try:
-            if h is None:
-                if not confirm:
-                    raise GroupError(INVALID_HASH)
-                for g in self._groups():
-                    g.confirm_running()
-            else:
-                if len(h) != 32:
-                    raise GroupError(INVALID_HASH)
-                h = bytes(h)
-                for g in self._groups():
-                    i = g.table.find_hash(h)
-                    if i >= 0:
-                        if any(o is not g and o.on_trial() for o in self._groups()):
-                            raise Refused("pending")  # one trial at a time, whatever the image kind
-                        g.test(i, confirm)
-                        break
-                else:
-                    raise GroupError(HASH_NOT_FOUND)
-        except Refused as r:
-            raise _refused(r)
-        return self.state_map()
+        return smp.call_lazy("imgstate", "write", self, req)
 
     def erase(self, req):
-        logical = arg(req, "slot", int, 1)
-        # Slots 0/1 are image 0's; 2/3 image 1's (Zephyr's numbering across images).
-        g = self if logical in (0, 1) else (self.others[0][1] if self.others and logical in (2, 3) else None)
-        if g is None:
-            raise GroupError(INVALID_SLOT)
-        g._claim(False)
-        try:
-            g.erase_slot(logical & 1)
-        except Refused as r:
-            raise _refused(r)
-        return {}
+        return smp.call_lazy("imgstate", "erase", self, req)
 
     def upload_deflated(self, req):
         """Like upload, but `data` is one raw-deflate block (window 2^9) that

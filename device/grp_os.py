@@ -1,5 +1,6 @@
 # SMP OS group (0): echo, reset, MCUmgr parameters, OS/application info,
-# bootloader info.
+# bootloader info. Loaded for each request and released after (receiver.build
+# registers it with smp.Dispatcher.register_lazy): handlers are fn(ctx, req).
 from micropython import const
 import sys
 import smp
@@ -16,63 +17,70 @@ INVALID_FORMAT = const(2)
 BOOT_MODE_DIRECT_XIP_REVERT = const(5)  # MCUboot's name for what our boot stage does
 
 
-class OSGroup:
-    def __init__(self, ctx):
-        self.ctx = ctx
+def echo(ctx, req):
+    d = arg(req, "d", str)
+    if d is None:
+        raise smp.MgmtError(smp.EINVAL)
+    return {"r": d}
 
-    def echo(self, req):
-        d = arg(req, "d", str)
-        if d is None:
-            raise smp.MgmtError(smp.EINVAL)
-        return {"r": d}
 
-    def reset(self, req):
-        # Answer first; the server resets once the reply is out.
-        self.ctx.reset_requested = True
-        return {}
+def reset(ctx, req):
+    # Answer first; the server resets once the reply is out.
+    ctx.reset_requested = True
+    return {}
 
-    def params(self, req):
-        return {"buf_size": self.ctx.buf_size, "buf_count": self.ctx.buf_count}
 
-    def info(self, req):
-        fmt = arg(req, "format", str, "s")
-        c = self.ctx
-        fields = {
-            "s": "MicroPython",
-            "n": c.device_id,
-            "r": c.app_version(),
-            "v": "%d.%d.%d" % sys.implementation.version[:3],
-            "b": "",
-            "m": c.board_name,
-            "p": sys.platform,
-            "i": c.board_name,
-            "o": "meterota",
-        }
-        if "a" in fmt:
-            fmt = "snrvbmpio"
-        out = []
-        for ch in fmt:
-            v = fields.get(ch)
-            if v is None:
-                raise GroupError(INVALID_FORMAT)
-            if v:
-                out.append(v)
-        return {"output": " ".join(out)}
+def params(ctx, req):
+    return {"buf_size": ctx.buf_size, "buf_count": ctx.buf_count}
 
-    def bootloader(self, req):
-        q = arg(req, "query", str)
-        if q is None:
-            return {"bootloader": "meterota"}
-        if q == "mode":
-            return {"mode": BOOT_MODE_DIRECT_XIP_REVERT, "no-downgrade": not self.ctx.allow_downgrade}
-        raise GroupError(3)  # QUERY_YIELDS_NO_ANSWER
+
+def _app_version(ctx):
+    import image
+
+    up = ctx.up
+    a = up.active
+    inf = up.slots.info(a) if a != 0xFF else None
+    return image.version_str(inf.version) if inf else "none"
+
+
+def info(ctx, req):
+    fmt = arg(req, "format", str, "s")
+    fields = {
+        "s": "MicroPython",
+        "n": ctx.device_id,
+        "r": _app_version(ctx),
+        "v": "%d.%d.%d" % sys.implementation.version[:3],
+        "b": "",
+        "m": ctx.board_name,
+        "p": sys.platform,
+        "i": ctx.board_name,
+        "o": "meterota",
+    }
+    if "a" in fmt:
+        fmt = "snrvbmpio"
+    out = []
+    for ch in fmt:
+        v = fields.get(ch)
+        if v is None:
+            raise GroupError(INVALID_FORMAT)
+        if v:
+            out.append(v)
+    return {"output": " ".join(out)}
+
+
+def bootloader(ctx, req):
+    q = arg(req, "query", str)
+    if q is None:
+        return {"bootloader": "meterota"}
+    if q == "mode":
+        return {"mode": BOOT_MODE_DIRECT_XIP_REVERT, "no-downgrade": not ctx.allow_downgrade}
+    raise GroupError(3)  # QUERY_YIELDS_NO_ANSWER
 
 
 def register(disp, ctx):
-    g = OSGroup(ctx)
-    disp.register(GROUP, CMD_ECHO, g.echo, g.echo)
-    disp.register(GROUP, CMD_RESET, None, g.reset)
-    disp.register(GROUP, CMD_PARAMS, g.params, None)
-    disp.register(GROUP, CMD_INFO, g.info, None)
-    disp.register(GROUP, CMD_BOOTLOADER, g.bootloader, None)
-    return g
+    m = "grp_os"
+    disp.register_lazy(GROUP, CMD_ECHO, m, "echo", "echo", ctx)
+    disp.register_lazy(GROUP, CMD_RESET, m, None, "reset", ctx)
+    disp.register_lazy(GROUP, CMD_PARAMS, m, "params", None, ctx)
+    disp.register_lazy(GROUP, CMD_INFO, m, "info", None, ctx)
+    disp.register_lazy(GROUP, CMD_BOOTLOADER, m, "bootloader", None, ctx)

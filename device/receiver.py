@@ -5,11 +5,7 @@ import gc
 import select
 import smp
 import updater
-import image
-import grp_os
 import grp_image
-import grp_meterota
-import link
 
 IDLE_MS = 500  # a link quiet this long drops any half-received packet
 GC_EVERY = 4096  # collect after this many bytes allocated: the heap stays in one piece (mtboot.GC_EVERY)
@@ -36,18 +32,24 @@ class Context:
         self.links = []
         self.pump = None
         self.role_engine = None  # the concentrator's job engine, when that is the role
+        self.disp = None
 
     def busy(self):
         e = self.role_engine
         return e is not None and e.has_work()
 
-    def app_version(self):
-        a = self.up.active
-        inf = self.up.slots.info(a) if a != 0xFF else None
-        return image.version_str(inf.version) if inf else "none"
-
     def dropped(self):
         return sum(l.dropped() for l in self.links)
+
+    def stats(self, req):
+        """Group 64 cmd 2: heap after a collection (what stays resident between
+        requests), the most in use at the end of any request since boot (live and
+        not yet collected: an upper bound of the high-water), link and flash counts."""
+        gc.collect()
+        out = {"heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(), "heap_peak": self.disp.heap_peak,
+               "rx_dropped": self.dropped()}
+        out.update(self.board.stats())
+        return out
 
 
 def build(board, recovery=False):
@@ -55,9 +57,12 @@ def build(board, recovery=False):
     up = updater.Updater(board)
     ctx = Context(board, up, recovery)
     disp = smp.Dispatcher()
-    grp_os.register(disp, ctx)
+    ctx.disp = disp
+    # The OS group and most of meterota's are loaded per request (register_lazy).
+    smp.call_lazy("grp_os", "register", disp, ctx)
     images = grp_image.register(disp, up)
-    grp_meterota.register(disp, ctx)
+    smp.call_lazy("grp_meterota", "register", disp, ctx)
+    disp.register(smp.GROUP_METEROTA, 2, ctx.stats, None)  # CMD_STATS
     extend = getattr(board, "register", None)
     if extend is not None:
         extend(disp, ctx, images)  # a board's own image kinds (ESP32: native firmware)
