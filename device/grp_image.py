@@ -90,6 +90,8 @@ class ImageGroup:
         self.last = 0
         self.others = []  # [(upload image numbers, group)]: other image kinds (add_image)
         self.cur = self  # the group of the upload in progress: continuations carry no `image`
+        self.inflated = 0  # raw bytes inflated since boot, and the time it took:
+        self.inflate_us = 0  # the board's inflate rate, which hosts weigh against the link's
 
     def add_image(self, numbers, group):
         """Serve another image kind (its own slots, session and checks) through
@@ -159,6 +161,7 @@ class ImageGroup:
         out = room(off, rlen) if room is not None else None
         if out is None:
             out = memoryview(bytearray(rlen))
+        t0 = time.ticks_us()
         d = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS)
         try:
             n = d.readinto(out)
@@ -167,6 +170,9 @@ class ImageGroup:
         except (OSError, EOFError, ValueError):
             n = -1  # truncated or corrupt stream
         d = None  # the inflater's state and window go before the write
+        if n == rlen:
+            self.inflated += n
+            self.inflate_us += time.ticks_diff(time.ticks_us(), t0)
         if n != rlen:
             raise MgmtError(smp.EINVAL)  # corrupt or mis-sized block: nothing is written
         req["data"] = out

@@ -48,7 +48,15 @@ def info(c, req):
         "self_confirm": c.self_confirm,
         "signed_only": c.pubkey is not None,
         "upload": {"state": up.session.state, "off": up.session.off, "len": up.session.length},
+        "inflate_bps": _inflate_bps(c.images),
     }
+
+
+def _inflate_bps(g):
+    """Raw bytes/s this board inflated at since boot (0: nothing inflated yet)."""
+    if g is None or g.inflate_us <= 0 or g.inflated < 4096:
+        return 0
+    return g.inflated * 1000000 // g.inflate_us
 
 
 def conf_record(c, req):

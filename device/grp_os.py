@@ -1,13 +1,13 @@
-# SMP OS group (0): echo, reset, MCUmgr parameters, OS/application info,
-# bootloader info. Loaded for each request and released after (receiver.build
-# registers it with smp.Dispatcher.register_lazy): handlers are fn(ctx, req).
+# SMP OS group (0): reset, MCUmgr parameters, OS/application info, bootloader
+# info. Loaded for each request and released after (receiver.build registers it
+# with smp.Dispatcher.register_lazy): handlers are fn(ctx, req). Echo is the
+# receiver's own (resident): hosts time it to measure the link.
 from micropython import const
 import sys
 import smp
 from smp import GroupError, arg
 
 GROUP = const(0)
-CMD_ECHO = const(0)
 CMD_RESET = const(5)
 CMD_PARAMS = const(6)
 CMD_INFO = const(7)
@@ -15,13 +15,6 @@ CMD_BOOTLOADER = const(8)
 INVALID_FORMAT = const(2)
 
 BOOT_MODE_DIRECT_XIP_REVERT = const(5)  # MCUboot's name for what our boot stage does
-
-
-def echo(ctx, req):
-    d = arg(req, "d", str)
-    if d is None:
-        raise smp.MgmtError(smp.EINVAL)
-    return {"r": d}
 
 
 def reset(ctx, req):
@@ -79,7 +72,6 @@ def bootloader(ctx, req):
 
 def register(disp, ctx):
     m = "grp_os"
-    disp.register_lazy(GROUP, CMD_ECHO, m, "echo", "echo", ctx)
     disp.register_lazy(GROUP, CMD_RESET, m, None, "reset", ctx)
     disp.register_lazy(GROUP, CMD_PARAMS, m, "params", None, ctx)
     disp.register_lazy(GROUP, CMD_INFO, m, "info", None, ctx)

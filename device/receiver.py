@@ -33,6 +33,7 @@ class Context:
         self.pump = None
         self.role_engine = None  # the concentrator's job engine, when that is the role
         self.disp = None
+        self.images = None  # the image group (grp_image.ImageGroup)
 
     def busy(self):
         e = self.role_engine
@@ -46,10 +47,19 @@ class Context:
         requests), the most in use at the end of any request since boot (live and
         not yet collected: an upper bound of the high-water), link and flash counts."""
         gc.collect()
+        im = self.images
         out = {"heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(), "heap_peak": self.disp.heap_peak,
-               "rx_dropped": self.dropped()}
+               "rx_dropped": self.dropped(), "inflate_bytes": im.inflated, "inflate_us": im.inflate_us}
         out.update(self.board.stats())
         return out
+
+
+def echo(req):
+    """SMP OS echo (group 0 command 0)."""
+    d = smp.arg(req, "d", str)
+    if d is None:
+        raise smp.MgmtError(smp.EINVAL)
+    return {"r": d}
 
 
 def build(board, recovery=False):
@@ -60,7 +70,9 @@ def build(board, recovery=False):
     ctx.disp = disp
     # The OS group and most of meterota's are loaded per request (register_lazy).
     smp.call_lazy("grp_os", "register", disp, ctx)
+    disp.register(smp.GROUP_OS, 0, echo, echo)  # resident: hosts time it to measure the link
     images = grp_image.register(disp, up)
+    ctx.images = images
     smp.call_lazy("grp_meterota", "register", disp, ctx)
     disp.register(smp.GROUP_METEROTA, 2, ctx.stats, None)  # CMD_STATS
     extend = getattr(board, "register", None)

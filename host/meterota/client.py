@@ -18,6 +18,7 @@ from typing import Any, Callable
 import cbor2
 
 from . import protocol as P
+from . import rates
 from .errors import DeviceTimeout, ProtocolError, RefusedError
 from .transport import SerialTransport, Transport
 
@@ -47,6 +48,8 @@ class UploadStats:
     seconds: float = 0.0
     match: bool | None = None
     wire_bytes: int = 0  # image data bytes put on the link (smaller when compressed)
+    compressed: bool = False
+    compress_why: str = ""  # the rates the choice was made from (rates.choose)
 
 
 Progress = Callable[[int, int], None]
@@ -60,6 +63,7 @@ class SMPClient:
         self._seq = 0
         self.params = DeviceParams()
         self.device_info: dict[str, Any] | None = None
+        self._link_bps: float | None = None
 
     # -- plumbing ------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -189,16 +193,21 @@ class SMPClient:
         raw-deflate blocks with a 512-byte window), True = require it, False = never.
         target: the (group, command) of the plain upload; another one than the
         image group's (a concentrator's image store) uploads uncompressed."""
+        why = ""
         if target != (P.Group.IMAGE, 1):
             compress = False
         elif compress is None:
-            # Worth it where the link, not the CPU, is the limit: serial lines.
-            # On UDP (Wi-Fi, loopback) deflating costs more time than it saves.
-            compress = self.can_deflate and isinstance(self.t, SerialTransport)
+            # Worth it only where the link is slower than the board inflates (rates.choose).
+            if self.can_deflate:
+                choice = self.choose_compression(data)
+                compress, why = choice.compress, choice.why
+                log.info("upload %s: %s", "compressed" if compress else "raw", why)
+            else:
+                compress = False
         elif compress and not self.can_deflate:
             raise RefusedError("upload: the device does not take compressed uploads")
         plan = _Plan(data, self.max_message, image, upgrade, chunk, compress, target)
-        stats = UploadStats()
+        stats = UploadStats(compressed=compress, compress_why=why)
         t0 = time.monotonic()
         for _ in range(4):
             if self._upload_session(plan, max(1, window or self.params.buf_count), progress, max_stalls, stats):
@@ -213,6 +222,68 @@ class SMPClient:
         if stats.match is False:
             raise RefusedError("upload: the device's SHA-256 of the image does not match (match=false)")
         return stats
+
+    def link_rate(self) -> float:
+        """Bytes/s the link carries: a UART's baud / 10 when the port is one, else
+        measured with echo round trips of two sizes (cached for this client)."""
+        if self._link_bps is None:
+            r = rates.uart_rate(self.t.port, self.t.baudrate) if isinstance(self.t, SerialTransport) else None
+            self._link_bps = r if r is not None else self._probe_link()
+        return self._link_bps
+
+    def _probe_link(self) -> float:
+        """Echo round trips, each sent once (a lost one ends the probe instead of
+        waiting out retries). When one is lost, what the transport says: a serial
+        port's set baud / 10 (for a USB CDC port or a pty a guess on the slow side,
+        as a link that loses frames deserves), UDP unmeasured (inf)."""
+        small, big = 16, max(64, min(1024, self.max_message - 64))
+        ts: dict[int, list[float]] = {small: [], big: []}
+
+        def echo(n: int) -> None:
+            t0 = time.perf_counter()
+            self.request(P.Op.WRITE, P.Group.OS, 0, {"d": "x" * n}, timeout=min(self.timeout, 1.0), retries=0,
+                         what="echo (link probe)")
+            ts[n].append(time.perf_counter() - t0)
+
+        try:
+            for _ in range(3):
+                echo(small)
+            echo(big)
+            if ts[big][0] - min(ts[small]) < 0.02:  # a fast link: more samples to see past scheduling noise
+                for _ in range(3):
+                    echo(big)
+                    echo(small)
+        except (DeviceTimeout, SMPError) as e:
+            # A link that loses frames: fewer bytes on it lose fewer frames.
+            log.info("link probe: %s", e)
+            return self.t.baudrate / 10 if isinstance(self.t, SerialTransport) else float("inf")
+        return rates.link_rate_from_echoes(ts[small], ts[big], small, big)
+
+    def inflate_rate(self) -> float:
+        """Raw bytes/s the device inflates at: its own measurement once it has
+        inflated something since boot, else its board's measured figure."""
+        info = self.device_info or {}
+        measured = info.get("inflate_bps")
+        if isinstance(measured, (int, float)) and measured > 0:
+            return float(measured)
+        return float(rates.BOARD_INFLATE_BPS.get(str(info.get("board")), rates.UNKNOWN_BOARD_INFLATE_BPS))
+
+    def choose_compression(self, data: bytes) -> rates.Choice:
+        return rates.choose(self.link_rate(), self.inflate_rate(), self._sample(data))
+
+    def _sample(self, data: bytes, blocks: int = 8) -> rates.Sample:
+        """Compressed requests for `blocks` places spread over `data`, prepared as the
+        upload would: the image's ratio on the link and this host's speed at it."""
+        plan = _Plan(data, self.max_message, 1, False, None, True)
+        step = max(_Plan.DEFLATE_BLOCK, len(data) // blocks // _Plan.DEFLATE_BLOCK * _Plan.DEFLATE_BLOCK)
+        raw = wire = 0
+        t0 = time.perf_counter()
+        for pos in range(0, len(data), step):
+            _g, _c, body, end = plan.request(pos)
+            raw += end - pos
+            wire += len(body["data"])
+        dt = max(time.perf_counter() - t0, 1e-9)
+        return rates.Sample(min(1.0, wire / raw) if raw else 1.0, raw / dt if raw else float("inf"))
 
     def _upload_session(self, plan: "_Plan", window: int, progress: Progress | None, max_stalls: int,
                         stats: UploadStats) -> bool:
