@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium test demo bench powercut fuzz scale hil clean
+.PHONY: all venv chromium test demo bench powercut fuzz scale hil hil-sim clean
 
 all: test
 
@@ -34,6 +34,11 @@ test: venv chromium
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
+# meterota side by side with smpmgr and mpremote cp on paced UART, pty and UDP links (README
+# "Performance"); writes bench-results.json. BENCH_ARGS="--links udp-loopback --skip-heap" for a quick one.
+bench: venv
+	$(BIN)/python tools/bench.py $(BENCH_ARGS)
+
 # Every flash operation of every upgrade step cut before and inside it, 256 KiB image.
 powercut: $(STAMP)
 	$(BIN)/python tools/powercut.py
@@ -48,6 +53,13 @@ scale: $(STAMP)
 # End-to-end tests against a real board: make hil PORT=/dev/ttyACM0 BOARD=rp2
 hil: venv
 	$(BIN)/pytest -q tests/system --port $(PORT) --board $(BOARD)
+
+# The same suite in HIL mode against simulated boards (meterota sim --board: the board's own code,
+# flash timing, watchdog, heap and CPU speed), one board per run: make hil-sim [SIM_SPEED=1.0]
+SIM_SPEED ?= 1.0
+hil-sim: venv
+	$(BIN)/pytest -q tests/system --sim-board rp2 --sim-speed $(SIM_SPEED)
+	$(BIN)/pytest -q tests/system --sim-board esp32 --sim-speed $(SIM_SPEED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info host/*.egg-info .meterota

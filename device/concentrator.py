@@ -122,6 +122,7 @@ class Engine:
         self.peers = {}
         self.next_try = {}
         self.lastfail = {}
+        self.working = None  # the job whose meter attempt is in flight (the host is served meanwhile)
         self.probe_at = time.ticks_ms()
         self.probe_i = 0
         self.buf = bytearray(CHUNK)
@@ -216,11 +217,14 @@ class Engine:
                 self._expire(j)
                 return
             gc.collect()  # one attempt allocates; start each from a clean heap
+            self.working = j.id
             try:
                 self._attempt(j, mid)
             except MemoryError:
                 gc.collect()
                 self._failed(j, mid, "KO", "concentrator out of memory", None, None)
+            finally:
+                self.working = None
             return  # one meter per call: the host is served in between
         tk = time.ticks_ms()
         if self.meters and time.ticks_diff(tk, self.probe_at) >= 0:
@@ -453,7 +457,10 @@ class Engine:
         c = {"OK": 0, "KO": 0, "UNREACHABLE": 0}
         for v in j.res.values():
             c[v] = c.get(v, 0) + 1
-        return {"job": j.id, "hash": j.hash, "state": j.state(len(t)), "priority": j.prio, "retries": j.retries,
+        st = j.state(len(t))
+        if st == "cancelled" and self.working == j.id:
+            st = "cancelling"  # the meter in flight finishes first; its result is the job's
+        return {"job": j.id, "hash": j.hash, "state": st, "priority": j.prio, "retries": j.retries,
                 "total": len(t), "ok": c["OK"], "ko": c["KO"], "unreachable": c["UNREACHABLE"],
                 "pending": len(t) - len(j.res), "created": j.created, "deadline": j.deadline}
 

@@ -1,10 +1,10 @@
 # SMP OS group (0): reset, MCUmgr parameters, OS/application info, bootloader
 # info. Loaded for each request and released after (receiver.build registers it
-# with smp.Dispatcher.register_lazy): handlers are fn(ctx, req). Echo is the
-# receiver's own (resident): hosts time it to measure the link.
+# with smp.Dispatcher.register_lazy): handlers are fn(ctx, req). Echo and the
+# group's SMP v1 error translation are the receiver's own (resident): hosts time
+# echo to measure the link, and a translation kept here would keep this module.
 from micropython import const
 import sys
-import smp
 from smp import GroupError, arg
 
 GROUP = const(0)
@@ -12,9 +12,15 @@ CMD_RESET = const(5)
 CMD_PARAMS = const(6)
 CMD_INFO = const(7)
 CMD_BOOTLOADER = const(8)
-INVALID_FORMAT = const(2)
+INVALID_FORMAT = const(2)  # receiver.os_v1_rc translates these
+QUERY_YIELDS_NO_ANSWER = const(3)
 
-BOOT_MODE_DIRECT_XIP_REVERT = const(5)  # MCUboot's name for what our boot stage does
+# Our boot stage behaves as MCUboot in direct-XIP with revert (an image runs from
+# the slot it was written to, a test boot not confirmed is reverted), so it
+# answers bootloader information as MCUboot does: standard clients that drive
+# the MCUboot flow accept it. Its own identity is in group 64 (grp_meterota).
+BOOTLOADER = "MCUboot"
+BOOT_MODE_DIRECT_XIP_REVERT = const(5)  # MCUboot's enum mcuboot_mode
 
 
 def reset(ctx, req):
@@ -64,10 +70,13 @@ def info(ctx, req):
 def bootloader(ctx, req):
     q = arg(req, "query", str)
     if q is None:
-        return {"bootloader": "meterota"}
+        return {"bootloader": BOOTLOADER}
     if q == "mode":
-        return {"mode": BOOT_MODE_DIRECT_XIP_REVERT, "no-downgrade": not ctx.allow_downgrade}
-    raise GroupError(3)  # QUERY_YIELDS_NO_ANSWER
+        # As Zephyr: "no-downgrade" is sent (true) only when downgrades are refused.
+        if ctx.allow_downgrade:
+            return {"mode": BOOT_MODE_DIRECT_XIP_REVERT}
+        return {"mode": BOOT_MODE_DIRECT_XIP_REVERT, "no-downgrade": True}
+    raise GroupError(QUERY_YIELDS_NO_ANSWER)
 
 
 def register(disp, ctx):

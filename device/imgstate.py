@@ -26,7 +26,7 @@ def write(top, req):
     confirm = arg(req, "confirm", bool, False)
     groups = top._groups()
     try:
-        if h is None:
+        if h is None or not len(h):  # an empty hash is no hash, as in Zephyr
             if not confirm:
                 raise GroupError(INVALID_HASH)
             for g in groups:

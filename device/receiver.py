@@ -54,6 +54,16 @@ class Context:
         return out
 
 
+def os_v1_rc(rc):
+    """Zephyr's os_mgmt_translate_error_code for SMP v1 clients (grp_os's codes:
+    2 INVALID_FORMAT, 3 QUERY_YIELDS_NO_ANSWER, 4 RTC_NOT_SET)."""
+    if rc == 2:
+        return smp.EINVAL
+    if rc == 3 or rc == 4:
+        return smp.ENOENT
+    return smp.EUNKNOWN
+
+
 def echo(req):
     """SMP OS echo (group 0 command 0)."""
     d = smp.arg(req, "d", str)
@@ -71,6 +81,7 @@ def build(board, recovery=False):
     # The OS group and most of meterota's are loaded per request (register_lazy).
     smp.call_lazy("grp_os", "register", disp, ctx)
     disp.register(smp.GROUP_OS, 0, echo, echo)  # resident: hosts time it to measure the link
+    disp.set_v1_translation(smp.GROUP_OS, os_v1_rc)
     images = grp_image.register(disp, up)
     ctx.images = images
     smp.call_lazy("grp_meterota", "register", disp, ctx)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import time
 from typing import Deque
@@ -28,6 +29,11 @@ class Transport:
 
     max_frame: int = 65535
     name: str = "?"
+
+    def line_time(self, nbytes: int) -> float:
+        """Seconds the link needs to carry an SMP message of `nbytes` one way, framing included
+        (0 where the link's rate is not the limit, as on UDP)."""
+        return 0.0
 
     def open(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -72,6 +78,12 @@ class SerialTransport(Transport):
     @property
     def max_frame(self) -> int:  # type: ignore[override]
         return 65535
+
+    def line_time(self, nbytes: int) -> float:
+        # 10 bits a byte at the port's baud rate (a USB CDC port ignores it: then this is only an
+        # upper bound). The console framing base64-encodes and adds a header line per 127 bytes.
+        wire = nbytes * 4 // 3 + 8 * (1 + nbytes // 93) if self.framing is Framing.CONSOLE else nbytes + 8
+        return wire * 10 / max(1, self.baudrate)
 
     def open(self) -> None:
         try:
@@ -191,3 +203,27 @@ def from_address(port: str | None = None, udp: str | None = None, baudrate: int 
             return from_address(udp=port[len("udp:"):])
         return SerialTransport(port, baudrate)
     raise TransportError("no device given: use --port PORT or --udp HOST[:PORT]")
+
+
+def canonical_address(address: str) -> str:
+    """One spelling per target, so one device named two ways is one target:
+    `serial:` + the real path of a device node (`/dev/pts/2`, `serial:/dev/pts/2`
+    and `/dev/../dev/pts/2` are one port; pyserial URLs stay as written), and
+    `udp:` + the resolved address + the port (`udp:localhost` is
+    `udp:127.0.0.1:1337`)."""
+    a = address.strip()
+    if a.startswith("udp:"):
+        rest = a[len("udp:"):]
+        host, _, p = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+        host = (host or rest).strip("[]")
+        port = int(p) if p.isdigit() else UDP_PORT
+        try:
+            host = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
+        except (socket.gaierror, UnicodeError):
+            host = host.lower()
+        return f"udp:{host}:{port}"
+    if a.startswith("serial:"):
+        a = a[len("serial:"):]
+    if "://" in a:
+        return a
+    return "serial:" + os.path.realpath(a)
