@@ -84,10 +84,11 @@ def _compile_mpy(src: Path, dest: Path, arch: str) -> None:
 
 
 def collect_files(app_dir: Path | None, runtime: bool = True, mpy: bool = True,
-                  board: str | None = None) -> dict[str, bytes]:
+                  board: str | None = None, arch: str | None = None) -> dict[str, bytes]:
     """The bundle's files, path -> content; the app's files win over the runtime's.
-    .py files are compiled for `board`'s CPU (mpy_arch)."""
-    arch = mpy_arch(board)
+    .py files are compiled for `board`'s CPU (mpy_arch), or for `arch` (the lab's
+    simulated boards run on the host's CPU)."""
+    arch = arch or mpy_arch(board)
     files: dict[str, Path] = {}
     if runtime:
         for p in runtime_files():
@@ -210,9 +211,10 @@ def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None
 
 def build_image(app_dir: Path | None, version: str, *, slot_size: int, key: Path | None = None,
                 runtime: bool = True, mpy: bool = True, board: str | None = None,
-                security_counter: str | None = None) -> bytes:
-    return sign(build_bundle(collect_files(app_dir, runtime, mpy, board)), version, slot_size=slot_size, key=key,
-                board=board, security_counter=security_counter)
+                security_counter: str | None = None, arch: str | None = None) -> bytes:
+    """arch: mpy-cross -march instead of the board's (meterota.lab: simulated boards run on this CPU)."""
+    return sign(build_bundle(collect_files(app_dir, runtime, mpy, board, arch)), version, slot_size=slot_size,
+                key=key, board=board, security_counter=security_counter)
 
 
 def check_firmware_app(app: bytes) -> None:

@@ -1,6 +1,6 @@
 """Every device module compiles with mpy-cross for every board's CPU (-march), and
 what deploy and the image build ship is compiled for the board it is for: native
-and viper code (device/framing.py's CRC-16) is machine code, as stock firmware loads it."""
+and viper code (device/crc16n.py, framing's CRC-16) is machine code, as stock firmware loads it."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_every_device_module_compiles_for_every_board_cpu(board: str, tmp_path: 
 @pytest.mark.parametrize("board, arch", [("rp2", "armv6m"), ("esp32", "xtensawin")])
 def test_deploy_ships_native_code_for_the_board(board: str, arch: str) -> None:
     files = dp.build_files(board, dp.validate_config(board, {"id": "m-1", "key": "11" * 32}))
-    assert _arch_of(files["framing.mpy"]) == ARCH_CODE[arch]  # the viper CRC, precompiled
+    assert _arch_of(files["crc16n.mpy"]) == ARCH_CODE[arch]  # the viper CRC, precompiled
     assert _arch_of(files["cbor.mpy"]) == 0  # bytecode only: no arch, loads anywhere
 
 
@@ -63,8 +63,22 @@ def test_deploy_ships_native_code_for_the_board(board: str, arch: str) -> None:
 def test_image_bundle_compiled_for_its_board(board: str | None, arch: str | None) -> None:
     files = img.collect_files(None, board=board)
     want = ARCH_CODE[arch or _host_arch()]
-    assert _arch_of(files["framing.mpy"]) == want
+    assert _arch_of(files["crc16n.mpy"]) == want
     assert all(_arch_of(v) in (0, want) for k, v in files.items() if k.endswith(".mpy"))
+
+
+@pytest.mark.parametrize("board, fast", [(None, True), ("rp2", False)])
+def test_framing_runs_with_or_without_the_native_crc(board: str | None, fast: bool, tmp_path: Path) -> None:
+    """Under this MicroPython: the bundle built for this CPU runs the machine-code CRC; one
+    built for a Pico (an image the lab's simulated Pico gets) falls back to the Python loop."""
+    import os
+
+    for name in ("cbor.mpy", "crc16n.mpy", "framing.mpy"):
+        (tmp_path / name).write_bytes(img.collect_files(None, board=board)[name])
+    code = "import framing\nprint(framing._crc16_fast is not None, hex(framing.crc16(b'123456789')))\n"
+    p = subprocess.run([str(Path(sys.executable).parent / "micropython"), "-c", code], capture_output=True,
+                       text=True, cwd=tmp_path, env=dict(os.environ, MICROPYPATH=str(tmp_path)), timeout=60)
+    assert p.stdout.split() == [str(fast), "0x31c3"], p.stdout + p.stderr
 
 
 def test_unknown_board_has_no_arch() -> None:

@@ -116,7 +116,7 @@ def test_lazy_handlers_drop_their_modules(tmp_path: Path) -> None:
     module and what it imported (grp_meterota -> record) are gone after the request."""
     out = run_mp(tmp_path, LAZY).stdout.split("\n")
     assert "'buf_size': 2048" in out[0]
-    assert "'bootloader': 'meterota'" in out[1]
+    assert "'bootloader': 'MCUboot'" in out[1]
     assert "'rc': 2" in out[2]  # no confirmation record yet: the handler ran, from grp_meterota
     assert out[3] == "[]"
 
