@@ -45,12 +45,15 @@ class Context:
     def stats(self, req):
         """Group 64 cmd 2: heap after a collection (what stays resident between
         requests), the most in use at the end of any request since boot (live and
-        not yet collected: an upper bound of the high-water), link and flash counts."""
+        not yet collected: an upper bound of the high-water; {"reset_peak": true}
+        starts it again), link and flash counts."""
         gc.collect()
         im = self.images
         out = {"heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(), "heap_peak": self.disp.heap_peak,
                "rx_dropped": self.dropped(), "inflate_bytes": im.inflated, "inflate_us": im.inflate_us}
         out.update(self.board.stats())
+        if req.get("reset_peak"):
+            self.disp.heap_peak = 0  # measure the next requests' high-water on their own
         return out
 
 
