@@ -304,3 +304,38 @@ def smpmgr_target(dev: SimDevice) -> list[str]:
     if a.startswith("serial:"):
         return ["--port", a[len("serial:"):]]
     return ["--ip", a[len("udp:"):].rsplit(":", 1)[0]]
+
+
+# -- the records database on both backends -------------------------------------------------
+# A real PostgreSQL server from Debian's packages (tests/pg.py), started once per session
+# when a test asks for it. `db_target` parametrizes a test over SQLite and PostgreSQL; the
+# PostgreSQL variants carry the `pg` mark, and `make test` keeps those also marked
+# `pg_core` (`make test-pg` runs them all).
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    from pg import PgServer
+
+    s = PgServer()
+    try:
+        s.init()
+    except Exception as e:  # noqa: BLE001 - say what is missing, fail (not skip)
+        s.destroy()
+        pytest.fail(f"cannot start PostgreSQL for the tests: {e}")
+    yield s
+    s.destroy()
+
+
+@pytest.fixture(params=BACKENDS)
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The records database of one test: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db")
+    return str(request.getfixturevalue("pg_server").new_database())
+
+
+def db_ready(target: str) -> bool:
+    """Whether a test's database exists yet (a SQLite file appears with the first command)."""
+    return target.startswith("postgresql://") or Path(target).exists()

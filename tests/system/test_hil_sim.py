@@ -71,3 +71,62 @@ def test_uart_fifo_overruns_during_flash_stalls_and_the_upgrade_recovers(tmp_pat
         assert dev.overruns > 0, dev.log_tail()
     finally:
         dev.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_trial_image_is_reset_by_the_picos_watchdog_and_rolls_back(tmp_path: Path) -> None:
+    """The Pico arms its watchdog (8 s, under RP2040's 8.3 s ceiling) for a trial boot; an
+    application that hangs the receiver stops the feeds, the supervisor resets the board as the
+    watchdog would (reset_cause WDT_RESET), and the unconfirmed image reverts: a KO, not a brick."""
+    from meterota import boards
+    from meterota import image as img
+    from meterota.lab.sim import SimDevice
+    from meterota.store import Store
+
+    from conftest import run_cli
+
+    appd = tmp_path / "app"
+    appd.mkdir()
+    (appd / "app.py").write_text("def poll():\n    while True:\n        pass\n")
+    app = tmp_path / "hang.bin"
+    app.write_bytes(img.build_image(appd, "1.1.0", slot_size=boards.slot_size("rp2"), board="rp2"))
+    dev = SimDevice(tmp_path / "pico", device_id="pico-wdt", board="rp2", speed=None, extra={"grace_ms": 0})
+    dev.start()
+    try:
+        db = tmp_path / "r.db"
+        with Store(db) as st:
+            st.set_key(dev.device_id, dev.key)
+        r = run_cli("meterota", "--db", str(db), "upgrade", "--port", dev.address[len("serial:"):], str(app),
+                    "--reset-timeout", "60", timeout=240)
+        assert r.returncode != 0, r.stdout
+        assert "KO" in r.stderr + r.stdout, r.stderr
+        assert dev.wdt_resets >= 1, dev.log_tail()
+        assert "watchdog: no feed within 8000 ms" in dev.log_tail(200)
+    finally:
+        dev.stop()
+
+
+@pytest.mark.timeout(300)
+def test_meterota_sim_board_cli_serves_a_board_that_answers(tmp_path: Path) -> None:
+    """`meterota sim --board esp32 --count 2` prints one line per board and each answers as that board."""
+    import json
+    import signal
+
+    from conftest import run_cli
+
+    db = tmp_path / "r.db"
+    p = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "sim", "--board", "esp32", "--count", "2",
+                          "--speed", "0", "--dir", str(tmp_path / "sim"), "--json", "--set", "grace_ms=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        docs = [json.loads(p.stdout.readline()) for _ in range(2)]
+        for doc in docs:
+            r = run_cli("meterota", "--db", str(db), "--json", "info", "--port", doc["address"][len("serial:"):],
+                        check=True)
+            info = json.loads(r.stdout)
+            assert info["id"] == doc["id"] and info["board"] == "esp32", info
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    assert p.returncode == 0, p.stderr.read() if p.stderr else ""

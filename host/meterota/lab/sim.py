@@ -661,11 +661,26 @@ class SimDevice:
                 self.dead_reason = None
                 self._state = "running"
                 gen = self._ready_gen
-                self._launch("start", powerfail)
-            self._monitor = threading.Thread(
-                target=self._monitor_loop, name=f"sim-{self.device_id}-monitor", daemon=True
-            )
+                if self.board == "unix":
+                    self._launch("start", powerfail)
+            if self.board == "unix":
+                self._monitor = threading.Thread(
+                    target=self._monitor_loop, name=f"sim-{self.device_id}-monitor", daemon=True
+                )
+            else:
+                # An MCU board's process dies with the thread that forked it (PR_SET_PDEATHSIG):
+                # the monitor, which lives as long as the supervision, launches it.
+                launched: list[BaseException | None] = []
+                ev = threading.Event()
+                self._monitor = threading.Thread(
+                    target=self._monitor_first, args=(powerfail, launched, ev),
+                    name=f"sim-{self.device_id}-monitor", daemon=True,
+                )
             self._monitor.start()
+            if self.board != "unix":
+                ev.wait()
+                if launched and launched[0] is not None:
+                    raise launched[0]
             self.wait_ready(timeout, after=gen)
         except BaseException:
             self.stop()
@@ -903,12 +918,15 @@ class SimDevice:
         try:
             proc = subprocess.Popen(
                 cmd,
-                stdin=theirs,
-                stdout=theirs if usb else subprocess.PIPE,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno() if usb else subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self._env(powerfail),
                 cwd=self.state_dir,
                 start_new_session=True,
+                # A board outlives a dead host on a real bench; here it must not outlive its
+                # supervisor (it may be SIGSTOPped by the throttle, or spinning on a closed wire).
+                preexec_fn=_die_with_parent,
             )
         finally:
             theirs.close()
@@ -1038,6 +1056,19 @@ class SimDevice:
             self._ready_gen += 1
             self._cond.notify_all()
 
+    def _monitor_first(self, powerfail: str | None, launched: list[BaseException | None],
+                       ev: threading.Event) -> None:
+        try:
+            with self._cond:
+                self._launch("start", powerfail)
+        except BaseException as e:  # handed to start()
+            launched.append(e)
+            ev.set()
+            return
+        launched.append(None)
+        ev.set()
+        self._monitor_loop()
+
     def _monitor_loop(self) -> None:
         while True:
             with self._cond:
@@ -1119,6 +1150,15 @@ class SimDevice:
         with self._cond:
             self._proc = None
             self._reader = None
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _printable(line: bytes) -> bool:
