@@ -53,6 +53,7 @@ class UploadStats:
 
 
 Progress = Callable[[int, int], None]
+FIRST_SMALL = 512  # bytes of image in the fallback first chunk (upload on a lossy line)
 
 
 MAX_WAIT = 120.0  # the longest single wait for a reply, backoff included
@@ -333,7 +334,18 @@ class SMPClient:
         """One session from off=0; False when the device dropped it (start again)."""
         total = plan.total
         group, cmd, body, first_end = plan.request(0)
-        r = self.request(P.Op.WRITE, group, cmd, body, what="upload")
+        try:
+            r = self.request(P.Op.WRITE, group, cmd, body, what="upload", retries=min(1, self.retries))
+        except DeviceTimeout:
+            if self.retries <= 1:
+                raise
+            # A line that loses frames: a small first chunk (the header and a little) gets the
+            # session open where a full message keeps being hit; the rest follows as usual.
+            log.info("upload: no reply to the first chunk; trying a small one")
+            group, cmd = plan.target
+            body = {**plan.first, "data": plan.data[:min(total, FIRST_SMALL)]}
+            first_end = len(body["data"])
+            r = self.request(P.Op.WRITE, group, cmd, body, what="upload", retries=self.retries - 2)
         acked = _off(r, total)
         stats.resumed_from = acked if acked != first_end else 0
         stats.requests += 1
