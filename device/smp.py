@@ -3,6 +3,7 @@
 from micropython import const
 import gc
 import struct
+import sys
 import cbor
 
 OP_READ = const(0)
@@ -47,14 +48,33 @@ class GroupError(Exception):
         self.group = group  # when the codes are another group's (default: the request's)
 
 
+def call_lazy(module, name, *args):
+    """module.name(*args), with `module` (and whatever it imports) loaded for
+    this call only: code a device rarely runs is not in RAM the rest of the
+    time, since on stock firmware a module's bytecode lives in the heap."""
+    had = list(sys.modules)
+    try:
+        return getattr(__import__(module), name)(*args)
+    finally:
+        for k in list(sys.modules):
+            if k not in had:
+                del sys.modules[k]
+
+
 class Dispatcher:
     def __init__(self):
         self._handlers = {}
         self._v1 = {}
         self.origin = None  # who sent the request being handled (link, peer)
+        self.heap_peak = 0  # most heap in use (live and not yet collected) at the end of a request
 
     def register(self, group, cmd, read=None, write=None):
         self._handlers[(group << 8) | cmd] = (read, write)
+
+    def register_lazy(self, group, cmd, module, read=None, write=None, obj=None):
+        """A handler that lives in `module`, imported for each request and
+        released after (call_lazy): module.<read|write>(obj, req)."""
+        self._handlers[(group << 8) | cmd] = (read, write, module, obj)
 
     def set_v1_translation(self, group, fn):
         """fn(group_rc) -> MGMT_ERR for requests that speak SMP v1."""
@@ -88,7 +108,7 @@ class Dispatcher:
                     raise MgmtError(EINVAL)
             else:
                 req = {}
-            body = fn(req)
+            body = fn(req) if len(entry) == 2 else call_lazy(entry[2], fn, entry[3], req)
             req = None  # the reply may need the room the request took
         except GroupError as e:
             g = group if e.group is None else e.group
@@ -107,6 +127,9 @@ class Dispatcher:
         except Exception as e:  # noqa: whatever a request does, the receiver stays up
             print("meterota: request failed:", repr(e))
             body = {"rc": EUNKNOWN}
+        a = gc.mem_alloc()
+        if a > self.heap_peak:
+            self.heap_peak = a
         return _reply(ver, op, group, seq, cmd, body)
 
 

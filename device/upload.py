@@ -140,6 +140,23 @@ class Session:
         if self.off < end:
             self.h_img.update(mv[:min(len(mv), end - self.off)])
 
+    def room(self, off, n):
+        """Where `n` bytes at `off` go in the sector buffer, when they are the
+        session's next bytes (or a new session's first) within one sector and
+        the buffer holds nothing unflushed: a compressed block inflates there and
+        write() then finds it in place. None otherwise."""
+        if self.state == RUNNING:
+            if off != self.off or self.need_rehash:
+                return None
+            pos = off % SECTOR
+        elif off == 0:
+            pos = 0  # no session uses the buffer
+        else:
+            return None
+        if pos + n > SECTOR:
+            return None
+        return self.mv[pos:pos + n]
+
     def write(self, data):
         """Append data at self.off; flushes full sectors to flash."""
         n = len(data)

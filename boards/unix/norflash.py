@@ -12,6 +12,7 @@ import sys
 import micropython
 
 SECTOR = const(4096)
+_CHUNK = const(256)  # the model works a page at a time: its buffers are the simulator's, not the board's
 EXIT_POWERFAIL = const(86)
 
 
@@ -37,9 +38,9 @@ class NorFlash:
         except OSError:
             self._create(path, size)
         self.f = open(path, "r+b")
-        self.scratch = bytearray(SECTOR)
+        self.scratch = bytearray(_CHUNK)
         self.smv = memoryview(self.scratch)
-        self.ff = b"\xff" * SECTOR
+        self.ff = b"\xff" * _CHUNK
         self.ops = 0
         self.erases = 0
         self.programs = 0
@@ -97,9 +98,12 @@ class NorFlash:
 
             # Part of the sector reached 0xFF, the rest kept its old bytes.
             k = random.getrandbits(12)
-            self.f.write(memoryview(self.ff)[:k])
+            while k > 0:
+                self.f.write(memoryview(self.ff)[:min(k, _CHUNK)])
+                k -= _CHUNK
             self._die()
-        self.f.write(self.ff)
+        for _ in range(SECTOR // _CHUNK):
+            self.f.write(self.ff)
 
     def program(self, addr, data):
         n = len(data)
@@ -107,15 +111,21 @@ class NorFlash:
         torn = self._op()
         self.programs += 1
         self.programmed += n
+        # A torn program lands only its first `cut` bytes, and byte `cut` gets some of its bits.
+        cut = -1
+        if torn:
+            import random
+
+            cut = random.getrandbits(16) % (n + 1)
         pos = 0
         while pos < n:
-            k = min(SECTOR, n - pos)
+            k = min(_CHUNK, n - pos)
             mv = self.smv[:k]
             self.f.seek(addr + pos)
             self.f.readinto(mv)
             src = memoryview(data)[pos:pos + k]
-            if torn:
-                self._tear(mv, src, addr + pos)
+            if torn and (cut < pos + k or pos + k == n):
+                self._tear(mv, src, addr + pos, cut - pos)
             bad = _and_check(self.scratch, src, k)
             if bad >= 0:
                 raise OSError(5)  # EIO: NOR cannot set a bit by programming
@@ -123,11 +133,9 @@ class NorFlash:
             self.f.write(mv)
             pos += k
 
-    def _tear(self, mv, src, addr):
+    def _tear(self, mv, src, addr, k):
         import random
 
-        # Only the first k bytes land, and byte k gets some of its bits.
-        k = random.getrandbits(16) % (len(src) + 1)
         for i in range(k):
             mv[i] &= src[i]
         if k < len(src):

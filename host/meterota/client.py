@@ -18,6 +18,7 @@ from typing import Any, Callable
 import cbor2
 
 from . import protocol as P
+from . import rates
 from .errors import DeviceTimeout, ProtocolError, RefusedError
 from .transport import SerialTransport, Transport
 
@@ -47,9 +48,12 @@ class UploadStats:
     seconds: float = 0.0
     match: bool | None = None
     wire_bytes: int = 0  # image data bytes put on the link (smaller when compressed)
+    compressed: bool = False
+    compress_why: str = ""  # the rates the choice was made from (rates.choose)
 
 
 Progress = Callable[[int, int], None]
+FIRST_SMALL = 512  # bytes of image in the fallback first chunk (upload on a lossy line)
 
 
 MAX_WAIT = 120.0  # the longest single wait for a reply, backoff included
@@ -69,6 +73,7 @@ class SMPClient:
         self._seq = 0
         self.params = DeviceParams()
         self.device_info: dict[str, Any] | None = None
+        self._link_bps: float | None = None
         self._srtt: float | None = None
         self._rttvar = 0.0
 
@@ -232,16 +237,21 @@ class SMPClient:
         raw-deflate blocks with a 512-byte window), True = require it, False = never.
         target: the (group, command) of the plain upload; another one than the
         image group's (a concentrator's image store) uploads uncompressed."""
+        why = ""
         if target != (P.Group.IMAGE, 1):
             compress = False
         elif compress is None:
-            # Worth it where the link, not the CPU, is the limit: serial lines.
-            # On UDP (Wi-Fi, loopback) deflating costs more time than it saves.
-            compress = self.can_deflate and isinstance(self.t, SerialTransport)
+            # Worth it only where the link is slower than the board inflates (rates.choose).
+            if self.can_deflate:
+                choice = self.choose_compression(data)
+                compress, why = choice.compress, choice.why
+                log.info("upload %s: %s", "compressed" if compress else "raw", why)
+            else:
+                compress = False
         elif compress and not self.can_deflate:
             raise RefusedError("upload: the device does not take compressed uploads")
         plan = _Plan(data, self.max_message, image, upgrade, chunk, compress, target)
-        stats = UploadStats()
+        stats = UploadStats(compressed=compress, compress_why=why)
         t0 = time.monotonic()
         for _ in range(4):
             if self._upload_session(plan, max(1, window or self.params.buf_count), progress, max_stalls, stats):
@@ -257,12 +267,85 @@ class SMPClient:
             raise RefusedError("upload: the device's SHA-256 of the image does not match (match=false)")
         return stats
 
+    def link_rate(self) -> float:
+        """Bytes/s the link carries: a UART's baud / 10 when the port is one, else
+        measured with echo round trips of two sizes (cached for this client)."""
+        if self._link_bps is None:
+            r = rates.uart_rate(self.t.port, self.t.baudrate) if isinstance(self.t, SerialTransport) else None
+            self._link_bps = r if r is not None else self._probe_link()
+        return self._link_bps
+
+    def _probe_link(self) -> float:
+        """Echo round trips, each sent once (a lost one ends the probe instead of
+        waiting out retries). When one is lost, what the transport says: a serial
+        port's set baud / 10 (for a USB CDC port or a pty a guess on the slow side,
+        as a link that loses frames deserves), UDP unmeasured (inf)."""
+        small, big = 16, max(64, min(1024, self.max_message - 64))
+        ts: dict[int, list[float]] = {small: [], big: []}
+
+        def echo(n: int) -> None:
+            t0 = time.perf_counter()
+            self.request(P.Op.WRITE, P.Group.OS, 0, {"d": "x" * n}, timeout=min(self.timeout, 1.0), retries=0,
+                         what="echo (link probe)")
+            ts[n].append(time.perf_counter() - t0)
+
+        try:
+            for _ in range(3):
+                echo(small)
+            echo(big)
+            if ts[big][0] - min(ts[small]) < 0.02:  # a fast link: more samples to see past scheduling noise
+                for _ in range(3):
+                    echo(big)
+                    echo(small)
+        except (DeviceTimeout, SMPError) as e:
+            # A link that loses frames: fewer bytes on it lose fewer frames.
+            log.info("link probe: %s", e)
+            return self.t.baudrate / 10 if isinstance(self.t, SerialTransport) else float("inf")
+        return rates.link_rate_from_echoes(ts[small], ts[big], small, big)
+
+    def inflate_rate(self) -> float:
+        """Raw bytes/s the device inflates at: its own measurement once it has
+        inflated something since boot, else its board's measured figure."""
+        info = self.device_info or {}
+        measured = info.get("inflate_bps")
+        if isinstance(measured, (int, float)) and measured > 0:
+            return float(measured)
+        return float(rates.BOARD_INFLATE_BPS.get(str(info.get("board")), rates.UNKNOWN_BOARD_INFLATE_BPS))
+
+    def choose_compression(self, data: bytes) -> rates.Choice:
+        return rates.choose(self.link_rate(), self.inflate_rate(), self._sample(data))
+
+    def _sample(self, data: bytes, blocks: int = 8) -> rates.Sample:
+        """Compressed requests for `blocks` places spread over `data`, prepared as the
+        upload would: the image's ratio on the link and this host's speed at it."""
+        plan = _Plan(data, self.max_message, 1, False, None, True)
+        step = max(_Plan.DEFLATE_BLOCK, len(data) // blocks // _Plan.DEFLATE_BLOCK * _Plan.DEFLATE_BLOCK)
+        raw = wire = 0
+        t0 = time.perf_counter()
+        for pos in range(0, len(data), step):
+            _g, _c, body, end = plan.request(pos)
+            raw += end - pos
+            wire += len(body["data"])
+        dt = max(time.perf_counter() - t0, 1e-9)
+        return rates.Sample(min(1.0, wire / raw) if raw else 1.0, raw / dt if raw else float("inf"))
+
     def _upload_session(self, plan: "_Plan", window: int, progress: Progress | None, max_stalls: int,
                         stats: UploadStats) -> bool:
         """One session from off=0; False when the device dropped it (start again)."""
         total = plan.total
         group, cmd, body, first_end = plan.request(0)
-        r = self.request(P.Op.WRITE, group, cmd, body, what="upload")
+        try:
+            r = self.request(P.Op.WRITE, group, cmd, body, what="upload", retries=min(1, self.retries))
+        except DeviceTimeout:
+            if self.retries <= 1:
+                raise
+            # A line that loses frames: a small first chunk (the header and a little) gets the
+            # session open where a full message keeps being hit; the rest follows as usual.
+            log.info("upload: no reply to the first chunk; trying a small one")
+            group, cmd = plan.target
+            body = {**plan.first, "data": plan.data[:min(total, FIRST_SMALL)]}
+            first_end = len(body["data"])
+            r = self.request(P.Op.WRITE, group, cmd, body, what="upload", retries=self.retries - 2)
         acked = _off(r, total)
         stats.resumed_from = acked if acked != first_end else 0
         stats.requests += 1
@@ -367,7 +450,9 @@ class _Plan:
 
     def _deflated(self, pos: int) -> tuple[int, int, dict[str, Any], int] | None:
         base = {**self.first} if pos == 0 else {"off": pos}
-        n = min(self.DEFLATE_BLOCK, self.total - pos)
+        # A block never crosses a 4 KiB sector of the image: the device inflates it
+        # straight into its sector buffer (one that crosses costs it a buffer).
+        n = min(self.DEFLATE_BLOCK - pos % self.DEFLATE_BLOCK, self.total - pos)
         while n >= 256:
             c = zlib.compressobj(9, zlib.DEFLATED, -self.DEFLATE_WBITS)
             z = c.compress(self.data[pos:pos + n]) + c.flush()

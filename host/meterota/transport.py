@@ -61,6 +61,9 @@ class Transport:
         self.close()
 
 
+RESYNC_QUIET_S = 0.25  # a partial frame this long without a byte was cut (the device's own rule: IDLE_MS)
+
+
 class SerialTransport(Transport):
     def __init__(self, port: str, baudrate: int = 115200, framing: Framing = Framing.CONSOLE):
         self.port = port
@@ -70,6 +73,7 @@ class SerialTransport(Transport):
         self._ser: serial.SerialBase | None = None
         self._frames: Deque[bytes] = collections.deque()
         self._dec = StreamDecoder(self._frames.append)
+        self._last_rx = 0.0
 
     @property
     def max_frame(self) -> int:  # type: ignore[override]
@@ -120,10 +124,14 @@ class SerialTransport(Transport):
             except (serial.SerialException, OSError) as e:
                 raise TransportError(f"serial read from {self.port} failed: {_reason(e)}") from None
             if data:
+                self._last_rx = time.monotonic()
                 self._dec.feed(data)
                 if self._dec.noise:
                     log.debug("device output: %r", bytes(self._dec.noise))
                     self._dec.noise.clear()
+            elif self._dec.buf and time.monotonic() - self._last_rx > RESYNC_QUIET_S:
+                self._dec.resync()  # a frame was cut: what followed it may hold replies
+                continue
             elif timeout == 0:
                 return None
         return self._frames.popleft()

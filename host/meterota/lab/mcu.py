@@ -131,7 +131,7 @@ def device_files(board: str) -> tuple[tuple[str, bytes], ...]:
                 out.append((name, src.read_bytes()))
                 continue
             dest = Path(tmp) / (name[:-3] + ".mpy")
-            _compile_mpy(src, dest)
+            _compile_mpy(src, dest, "host")  # the simulated board runs on this CPU
             out.append((dest.name, dest.read_bytes()))
     return tuple(out)
 
@@ -163,7 +163,9 @@ def factory_image(board: str) -> bytes:
 def _factory(board: str, version: str, slot: int) -> bytes:
     from .. import image
 
-    return image.build_image(None, version, slot_size=slot, board=board)
+    # Native code for this CPU, which runs the simulated board; an image built for the real
+    # board (armv6m, xtensawin) runs here too, its CRC on the Python loop (device/framing.py).
+    return image.build_image(None, version, slot_size=slot, board=board, arch="host")
 
 
 def provision(board: str, state_dir: Path, config: dict[str, Any], img: bytes | None = None) -> None:

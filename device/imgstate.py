@@ -1,0 +1,63 @@
+# The image group's state read/write (test, confirm) and erase, over the image
+# kinds an ImageGroup serves (grp_image.ImageGroup and the groups of add_image).
+# A host sends these a few times per upgrade, so this code is loaded for each
+# request and released after (smp.call_lazy); the upload path stays resident.
+from grp_image import GroupError, HASH_NOT_FOUND, INVALID_HASH, INVALID_SLOT, _BYTES, _refused
+from smp import arg
+from policy import Refused
+
+
+def state_map(top):
+    images = top.state_images()
+    if top.others:
+        for e in images:
+            e["image"] = 0  # several images: each entry says which
+        for _n, g in top.others:
+            images += g.state_images()
+    return {"images": images, "splitStatus": 0}
+
+
+def read(top, req):
+    return state_map(top)
+
+
+def write(top, req):
+    h = arg(req, "hash", _BYTES)
+    confirm = arg(req, "confirm", bool, False)
+    groups = top._groups()
+    try:
+        if h is None or not len(h):  # an empty hash is no hash, as in Zephyr
+            if not confirm:
+                raise GroupError(INVALID_HASH)
+            for g in groups:
+                g.confirm_running()
+        else:
+            if len(h) != 32:
+                raise GroupError(INVALID_HASH)
+            h = bytes(h)
+            for g in groups:
+                i = g.table.find_hash(h)
+                if i >= 0:
+                    if any(o is not g and o.on_trial() for o in groups):
+                        raise Refused("pending")  # one trial at a time, whatever the image kind
+                    g.test(i, confirm)
+                    break
+            else:
+                raise GroupError(HASH_NOT_FOUND)
+    except Refused as r:
+        raise _refused(r)
+    return state_map(top)
+
+
+def erase(top, req):
+    logical = arg(req, "slot", int, 1)
+    # Slots 0/1 are image 0's; 2/3 image 1's (Zephyr's numbering across images).
+    g = top if logical in (0, 1) else (top.others[0][1] if top.others and logical in (2, 3) else None)
+    if g is None:
+        raise GroupError(INVALID_SLOT)
+    g._claim(False)
+    try:
+        g.erase_slot(logical & 1)
+    except Refused as r:
+        raise _refused(r)
+    return {}
