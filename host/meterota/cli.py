@@ -153,8 +153,13 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     from .lab.fleet import Fleet, FleetOptions
 
     opts = FleetOptions(unreachable=_ids(args.unreachable), lossy=_ids(args.lossy), fail_trial=_ids(args.fail_trial),
-                        slow=_ids(args.slow), transport=args.transport, heap=args.heap)
-    fleet = Fleet(args.dir, args.concentrators, args.meters, opts)
+                        slow=_ids(args.slow), transport=args.transport, heap=args.heap, medium=args.medium,
+                        parallel=args.parallel, multicast=args.multicast)
+    try:
+        fleet = Fleet(args.dir, args.concentrators, args.meters, opts)
+    except ValueError as e:
+        print(f"meterota sim: {e}", file=sys.stderr)
+        return errors.EXIT_USAGE
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -167,6 +172,8 @@ def _sim_fleet(args: argparse.Namespace) -> int:
             cfg = json.loads((c.state_dir / "config.json").read_text())
             doc = {"id": c.device_id, "address": c.address, "role": "concentrator",
                    "meters": [m["id"] for m in cfg["meters"]]}
+            if "medium" in cfg:
+                doc["medium"] = args.medium
             print(json.dumps(doc) if args.json else f"{c.device_id} {c.address} meters: {', '.join(doc['meters'])}",
                   flush=True)
         stop.wait()
@@ -624,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lossy", metavar="IDS", help="meters behind a proxy that loses 15%% of datagrams")
     f.add_argument("--slow", metavar="IDS", help="meters with 50 ms added to every datagram each way")
     f.add_argument("--fail-trial", metavar="IDS", help="meters whose hardware fails every trial boot")
+    f.add_argument("--medium", metavar="SPEC", help="each concentrator's meters on one simulated medium: "
+                   "shared:RATE[,loss=P%%,latency=MS] (PLC-like, one transmission at a time) or star:RATE[,...] "
+                   "(Wi-Fi-like, a link per meter), e.g. shared:50k,loss=5%%")
+    f.add_argument("--parallel", type=int, metavar="K", help="meters a concentrator works on at once (default 8)")
+    f.add_argument("--multicast", choices=["auto", "multicast", "unicast"],
+                   help="the concentrators' session mode (default auto: multicast on a shared medium)")
     s.set_defaults(fn=cmd_sim)
 
     im = sub.add_parser("image", help="build and inspect MCUboot images").add_subparsers(dest="image_cmd",
