@@ -56,6 +56,10 @@ def build(board, recovery=False):
     grp_os.register(disp, ctx)
     images = grp_image.register(disp, up)
     grp_meterota.register(disp, ctx)
+    if board.config.get("multicast", True) is not False and not recovery:
+        import mcast  # multicast image sessions (group 64, cmds 4 and 5)
+
+        mcast.register(disp, images)
     extend = getattr(board, "register", None)
     if extend is not None:
         extend(disp, ctx, images)  # a board's own image kinds (ESP32: native firmware)

@@ -89,6 +89,8 @@ class Dispatcher:
             else:
                 req = {}
             body = fn(req)
+            if body is None:
+                return None  # a request that is never answered (a multicast block)
             req = None  # the reply may need the room the request took
         except GroupError as e:
             g = group if e.group is None else e.group
