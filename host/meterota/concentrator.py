@@ -25,6 +25,8 @@ class JobSpec:
     retries: int = 2
     duration: int = 3600
     window: tuple[int, int] | None = None  # absolute epoch seconds [not before, not after]
+    parallel: int | None = None  # meters worked on at once (None: the concentrator's own setting)
+    mode: str | None = None  # "auto" | "multicast" | "unicast" (None: the concentrator's default)
 
 
 class Concentrator:
@@ -60,11 +62,19 @@ class Concentrator:
             body["targets"] = list(spec.targets)
         if spec.window is not None:
             body["window"] = list(spec.window)
+        if spec.parallel is not None:
+            body["parallel"] = spec.parallel
+        if spec.mode is not None:
+            body["mode"] = spec.mode
         return int(self.c.request(Op.WRITE, GROUP, 3, body, what="create job")["job"])
 
     def status(self, job: int | None = None) -> list[dict[str, Any]]:
+        return list(self.status_full(job)["jobs"])
+
+    def status_full(self, job: int | None = None) -> dict[str, Any]:
+        """The status reply itself: `jobs`, and the engine's `heap_peak` (bytes) and `meters_at_once`."""
         body = {} if job is None else {"job": job}
-        return list(self.c.request(Op.READ, GROUP, 4, body, what="read job status")["jobs"])
+        return dict(self.c.request(Op.READ, GROUP, 4, body, what="read job status"))
 
     def cancel(self, job: int) -> None:
         self.c.request(Op.WRITE, GROUP, 5, {"job": job}, what="cancel job")
