@@ -573,10 +573,8 @@ class Engine:
         if mid in j.res:
             return  # the job ended (deadline) while this attempt ran
         res, why, rec, mac = result
-        if why == "already running this image":
-            via = "none"
-        elif via is None:
-            via = "unicast"
+        if via is None:
+            via = "none" if why == "already running this image" and not sent else "unicast"
         if res == "OK":
             self._result(j, mid, "OK", why, rec, mac, via, sent)
             return
@@ -848,7 +846,7 @@ class Engine:
                                                     "image": 1, "upgrade": False}, 5000)
         s.sent += first
         acked = pos = r["off"]
-        pend = {}  # seq -> (end offset, frame index)
+        pend = {}  # seq -> (end offset, frame index, start offset)
         free = list(range(window))
         while acked < total:
             while free and pos < total:
@@ -859,7 +857,7 @@ class Engine:
                     k = min(k, CHUNK - pos % CHUNK)  # back on block boundaries, where a multicast's blocks start
                 i = free.pop()
                 seq = self._send(s, self._chunk(s.frames[i], pos, k), 3000, 2)
-                pend[seq] = (pos + k, i)
+                pend[seq] = (pos + k, i, pos)
                 s.sent += k
                 pos += k
             ev = yield
@@ -878,12 +876,16 @@ class Engine:
                 continue
             if off == 0:
                 raise PeerError(1, 0)
-            # A gap (a lost request) or a jump: everything in flight is void.
-            for sq in pend:
-                self._cancel(s, sq)
-                free.append(pend[sq][1])
-            pend = {}
-            acked = pos = off
+            # A gap (a lost request: go back to it) or a jump over data the
+            # meter has (what is in flight from there on still counts).
+            keep = off > p[0] and any(q[2] == off for q in pend.values())
+            for sq in list(pend):
+                if not keep or pend[sq][2] < off:
+                    self._cancel(s, sq)
+                    free.append(pend.pop(sq)[1])
+            acked = off
+            if not keep:
+                pos = off
         for sq in pend:
             self._cancel(s, sq)
         if r.get("match") is False:
