@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium test demo bench powercut fuzz scale hil clean
+.PHONY: all venv chromium test demo bench powercut fuzz scale fanout hil clean
 
 all: test
 
@@ -44,6 +44,13 @@ fuzz: $(STAMP)
 # One campaign host process over 10 simulated concentrators x 100 meters (1010 MicroPython processes).
 scale: $(STAMP)
 	$(BIN)/python tools/scale.py 10 100
+
+# Fan-out over a simulated 50 kbit/s shared medium with 5 % loss: 1, 10 and 100 meters, sequential
+# unicast, parallel unicast and one multicast session side by side (long: the 100-meter unicast runs are
+# bound by the medium, ~20 min each); then 100 meters on a Wi-Fi-like star.
+fanout: $(STAMP)
+	$(BIN)/python tools/fanout.py --meters 1,10,100 --medium shared:50k,loss=5%
+	$(BIN)/python tools/fanout.py --meters 1,100 --modes parallel,multicast --medium star:1M,loss=1% --parallel 50
 
 # End-to-end tests against a real board: make hil PORT=/dev/ttyACM0 BOARD=rp2
 hil: venv

@@ -39,7 +39,7 @@ RC_STORE_BUSY = const(5)  # a job still uses the stored image
 META_STORE_SESSION = const(3)  # meta sector of the image store's upload session
 CHUNK = const(1024)  # bytes of image per request to a meter, and per multicast block (upload.BLOCK)
 WMAX = const(4)  # upload requests in flight to one meter at most (and its buf_count)
-KMAX = const(16)  # meters worked on at once at most (config `parallel`, job `parallel`)
+KMAX = const(64)  # meters worked on at once at most (config `parallel`, job `parallel`)
 _CHUNK_HDR = const(26)  # SMP header + {"off": u32, "data": bstr16} before the data
 _BLOCK_HDR = const(32)  # SMP header + {"s", "o", ["p"], "d"} before a multicast block's data
 MC_OVERHEAD = const(32)  # bytes of medium framing per frame the broadcast pacing assumes
@@ -210,6 +210,8 @@ class Engine:
         self.sent_before = {}  # (job id, meter id) -> unicast image bytes of its failed attempts
         self.mc = None
         self.mcbuf = bytearray(_BLOCK_HDR + CHUNK)
+        self.nreq = 0  # requests to meters (slots), and how many were sent again after a timeout
+        self.nretx = 0
         self.heap_peak = 0  # heap in use at most, garbage included (what a collection finds)
         self.live_peak = 0  # live heap at most, after a collection at each meter's start
         self.uploader = StoreUpload(self, disp)
@@ -438,6 +440,7 @@ class Engine:
             seq = (seq + 1) & 0xFF
         s.seq = (seq + 1) & 0xFF
         frame[6] = seq
+        self.nreq += 1
         s.inflight[seq] = [frame, time.ticks_add(time.ticks_ms(), self._tmo(tmo, len(frame))), retries, tmo]
         self.inflight_bytes += len(frame)
         s.peer._send(frame)
@@ -523,6 +526,7 @@ class Engine:
                     e[2] -= 1
                     e[1] = time.ticks_add(now, self._tmo(e[3], len(e[0])))
                     s.peer._send(e[0])
+                    self.nretx += 1
                 else:
                     self._cancel(s, sq)
                     self._resume(s, (sq, PeerTimeout()))
@@ -984,7 +988,7 @@ class Engine:
         else:
             out = [self._status(j) for j in sorted(self.jobs.values(), key=lambda j: j.id)]
         return {"jobs": out, "heap_peak": self.heap_peak, "heap_live_peak": self.live_peak,
-                "meters_at_once": len(self.work)}
+                "meters_at_once": len(self.work), "requests": self.nreq, "resent": self.nretx}
 
     def h_job_cancel(self, req):
         j = self._job(req)

@@ -482,7 +482,8 @@ def _job_spec(args: argparse.Namespace) -> Any:
     window = (args.not_before, args.not_after) if args.not_before or args.not_after else None
     return JobSpec(targets=args.meters.split(",") if args.meters else None, priority=args.priority,
                    retries=args.job_retries, duration=args.duration,
-                   window=(int(window[0] or 0), int(window[1] or 2**31 - 1)) if window else None)
+                   window=(int(window[0] or 0), int(window[1] or 2**31 - 1)) if window else None,
+                   parallel=getattr(args, "parallel", None), mode=getattr(args, "mode", None))
 
 
 def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
@@ -514,8 +515,9 @@ def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
 def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     print(f"job {job} {st['state']}: {st['ok']} OK, {st['ko']} KO, {st['unreachable']} unreachable")
     for r in rows:
+        via = f"via {r['via']:<9} " if r.get("via") else ""
         print(f"  {r['meter']:<16} {r['result']:<11} {'verified' if r['verified'] else '        '} "
-              f"attempts {r['attempts']}  {r['reason']}")
+              f"attempts {r['attempts']}  {via}{r['reason']}")
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -745,6 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     jc.add_argument("--duration", type=int, default=3600, help="seconds before pending meters end UNREACHABLE")
     jc.add_argument("--not-before", type=int, help="window start (epoch seconds)")
     jc.add_argument("--not-after", type=int, help="window end (epoch seconds)")
+    jc.add_argument("--parallel", type=int, metavar="K", help="meters worked on at once (default: the "
+                    "concentrator's `parallel`, 8)")
+    jc.add_argument("--mode", choices=["auto", "multicast", "unicast"], help="how the image reaches the meters "
+                    "(default auto: one multicast session on a shared medium with 2 or more targets)")
     jc.add_argument("--wait", action="store_true", help="wait for the job, then verify and record its results")
     jc.add_argument("--wait-timeout", type=float, default=3600.0)
     jc.add_argument("--campaign")

@@ -134,5 +134,5 @@ def record_results(results: list[dict[str, Any]], store: Store, image_hash: byte
                           image_hash.hex(), result, reason, int(e.get("attempts", 1)), t, t,
                           conf.raw if conf else None, conf.mac if conf else None, verified, campaign))
         rows.append({"meter": e["meter"], "result": result, "reason": reason, "attempts": e.get("attempts"),
-                     "verified": verified})
+                     "verified": verified, "via": e.get("via"), "unicast_bytes": e.get("unicast_bytes")})
     return rows

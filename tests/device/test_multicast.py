@@ -225,3 +225,29 @@ def test_reboot_mid_session_resumes_from_the_progress_map(tmp_path: Path, image:
     assert rep[0].get("match") is True, rep
     assert rep[0]["sent"] < n * 0.7
     assert rep[1][1]["hash"] == parse(image.read_bytes()).hash.hex()
+
+
+def test_misordered_blocks_and_a_loss_burst(tmp_path: Path, image: Path) -> None:
+    n = len(image.read_bytes())
+    # Every block, last first (parity blocks too): order does not matter.
+    out = run(tmp_path, [{"k": "ann", "img": str(image), "sid": 1}] + blocks(image, 1)[::-1]
+              + [{"k": "status"}, {"k": "repair", "img": str(image)}, {"k": "state"}])
+    status, rep, state = out[-3:]
+    # Each parity block came before its sector's data: of no use, dropped.
+    assert status["dropped"] == -(-n // SECTOR) and status["blocks"] == -(-n // BLOCK)
+    assert rep.get("match") is True and rep["sent"] == BLOCK  # only the first request: all was in flash
+    assert state[1]["hash"] == parse(image.read_bytes()).hash.hex()
+
+
+def test_loss_burst_is_repaired_block_by_block(tmp_path: Path, image: Path, images: Images) -> None:
+    other = images.app("1.2.0")
+    n = len(other.read_bytes())
+    burst = set(range(5, 13))  # 8 blocks in a row: 3 of sector 1, all of sector 2, 1 of sector 3
+    out = run(tmp_path, [{"k": "ann", "img": str(other), "sid": 2}] + blocks(other, 2, burst)
+              + [{"k": "status"}, {"k": "repair", "img": str(other)}, {"k": "state"}])
+    status, rep, state = out[-3:]
+    assert status["rebuilt"] == 1  # block 12, from sector 3's parity
+    assert rep.get("match") is True
+    assert rep["sent"] == BLOCK + 7 * BLOCK  # the first request, then exactly the blocks still missing
+    assert state[1]["hash"] == parse(other.read_bytes()).hash.hex()
+    assert n > 16 * BLOCK
