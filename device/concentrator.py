@@ -48,6 +48,7 @@ FLOW = const(0)  # slot kinds; ANNOUNCE is also the session's first phase
 ANNOUNCE = const(1)
 SENDING = const(2)
 DRAIN = const(3)
+COLLECT = const(4)  # a slot kind too: reading a member's progress map for the second round
 MODES = ("auto", "multicast", "unicast")
 RESULTS_PAGE = const(4)
 METERS_PAGE = const(16)
@@ -142,6 +143,11 @@ class Multicast:
         self.sid = sid
         self.phase = ANNOUNCE
         self.members = 0
+        self.mids = []  # the members
+        self.round = 1  # 2: the blocks at least two members still miss, once more
+        self.need = None  # round 2: per block, how many members miss it
+        self.todo = None
+        self.next = 0
         self.off = 0  # next block
         self.parity = -1  # sector whose parity block goes next
         self.t0 = 0
@@ -206,6 +212,7 @@ class Engine:
             self.bcast = socket.getaddrinfo(host, int(port))[0][-1]
         self.mode = cfg.get("multicast", "auto")
         self.parity = bool(cfg.get("mc_parity", True))
+        self.rounds = int(cfg.get("mc_rounds", 2))
         self.via = {}  # (job id, meter id) -> "multicast" | "unicast"
         self.sent_before = {}  # (job id, meter id) -> unicast image bytes of its failed attempts
         self.mc = None
@@ -361,7 +368,7 @@ class Engine:
                 return
             self._start(j, mid)
 
-    def _start(self, j, mid):
+    def _start(self, j, mid, kind=None):
         s = None
         for x in self.slots:
             if x.gen is None:
@@ -382,7 +389,9 @@ class Engine:
         s.wake = None
         s.inflight = {}
         s.via = self.via.get((j.id, mid))
-        if s.via is None and self._multicast(j):
+        if kind is not None:
+            s.kind = kind
+        elif s.via is None and self._multicast(j):
             if self.mc is None:
                 self.mc = Multicast(j, (time.ticks_ms() ^ (j.id << 20)) & 0x3FFFFFFF)
             if self.mc.job is j and self.mc.phase == ANNOUNCE:
@@ -391,7 +400,12 @@ class Engine:
                 s.kind = FLOW
         else:
             s.kind = FLOW
-        s.gen = self._announce(s, j, mid) if s.kind == ANNOUNCE else self._flow(s, j, mid)
+        if s.kind == ANNOUNCE:
+            s.gen = self._announce(s, j, mid)
+        elif s.kind == COLLECT:
+            s.gen = self._collect(s, mid)
+        else:
+            s.gen = self._flow(s, j, mid)
         self.work[mid] = s
         addr = getattr(s.peer, "addr", None)
         if addr is not None:
@@ -424,6 +438,8 @@ class Engine:
         s.gen = s.job = s.peer = None
         if kind == ANNOUNCE:
             self._announced(j, mid, res)
+        elif kind == COLLECT:
+            pass  # what it said is in the session's counts
         else:
             self._attempt_done(j, mid, res, via, sent)
 
@@ -631,6 +647,7 @@ class Engine:
             self.via[(j.id, mid)] = "multicast"
             if self.mc is not None and self.mc.job is j:
                 self.mc.members += 1
+                self.mc.mids.append(mid)
             return
         self.via[(j.id, mid)] = "unicast"
         if res is not None:
@@ -665,8 +682,51 @@ class Engine:
                     mc.phase = DRAIN
                     mc.until = time.ticks_add(now, DRAIN_MS)
                     break
-        elif time.ticks_diff(now, mc.until) >= 0:
-            self._mc_end()
+        elif mc.phase == DRAIN:
+            if time.ticks_diff(now, mc.until) < 0:
+                return
+            if mc.round == 1 and self.rounds > 1 and mc.members >= 2:
+                mc.round = 2
+                mc.phase = COLLECT
+                mc.need = bytearray((self.store_session.length + CHUNK - 1) // CHUNK)
+                mc.todo = list(mc.mids)
+            else:
+                self._mc_end()
+        elif mc.phase == COLLECT:
+            k = min(self.kmax, mc.job.k or self.kmax)
+            while mc.todo and len(self.work) < k:
+                mid = mc.todo.pop()
+                if mid not in self.work and mid not in mc.job.res:
+                    self._start(mc.job, mid, COLLECT)
+            if mc.todo:
+                return
+            for s in self.work.values():
+                if s.kind == COLLECT:
+                    return
+            mc.todo = None
+            mc.phase = SENDING
+            mc.t0 = now
+            mc.bits = 0
+
+    def _collect(self, s, mid):
+        """Read a member's progress map into the session's per-block counts."""
+        mc = self.mc
+        try:
+            r = yield from self._req(s, OP_READ, 64, 4, {}, 1500, 1)
+        except (PeerTimeout, PeerError):
+            return None  # its repair will tell
+        m = r.get("map")
+        if mc is None or r.get("sid") != mc.sid or not isinstance(m, (bytes, bytearray, memoryview)):
+            return None
+        need = mc.need
+        for k in range(len(m)):
+            b = m[k]
+            if b:
+                for x in range(4):
+                    i = k * 4 + x
+                    if (b >> x) & 1 and i < len(need) and need[i] < 255:
+                        need[i] += 1
+        return None
 
     def _mc_end(self):
         self.mc.job.mc_done = True
@@ -677,6 +737,17 @@ class Engine:
         total = self.store_session.length
         b = self.mcbuf
         mv = memoryview(b)
+        if mc.round == 2:
+            # The second round: only blocks at least two members still miss
+            # (one member's are cheaper by unicast), no parity.
+            need = mc.need
+            i = mc.next
+            while i < len(need) and need[i] < 2:
+                i += 1
+            if i >= len(need):
+                return True
+            mc.next = i + 1
+            mc.off = i * CHUNK
         par = mc.parity >= 0
         b[8] = 0xA4 if par else 0xA3
         i = _kv(b, 9, 0x73, mc.sid)  # "s"
@@ -705,7 +776,7 @@ class Engine:
             i = _kv(b, i, 0x6F, off)
             self.store[0].readinto(off, mv[i + 5:i + 5 + k])
             mc.off = off + k
-            if self.parity and (mc.off % upload.SECTOR == 0 or mc.off == total):
+            if mc.round == 1 and self.parity and (mc.off % upload.SECTOR == 0 or mc.off == total):
                 mc.parity = off // upload.SECTOR
         b[i] = 0x61
         b[i + 1] = 0x64  # "d"
@@ -719,6 +790,8 @@ class Engine:
             pass  # like a frame lost on the medium; the repair sends it
         mc.frames += 1
         mc.bits += (n + MC_OVERHEAD) * 8
+        if mc.round == 2:
+            return False  # the next call finds whether any is left
         return mc.off >= total and mc.parity < 0
 
     # -- one meter ----------------------------------------------------------------

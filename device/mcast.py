@@ -68,8 +68,14 @@ class Receiver:
 
     def status(self, req):
         s = self.images.session
-        return {"sid": self.sid if self.sid is not None else -1, "off": s.off, "blocks": self.blocks,
-                "rebuilt": self.rebuilt, "dropped": self.dropped}
+        r = {"sid": self.sid if self.sid is not None else -1, "off": s.off, "blocks": self.blocks,
+             "rebuilt": self.rebuilt, "dropped": self.dropped}
+        if s.state == upload.RUNNING and self.sid is not None:
+            # The progress map of the session's sectors: what a second round should resend.
+            m = bytearray(min((s.length + SECTOR - 1) // SECTOR, SECTOR - upload.MAP_AT))
+            s.meta.readblocks(s.msec, m, upload.MAP_AT)
+            r["map"] = m
+        return r
 
     def block(self, req):
         try:

@@ -19,6 +19,7 @@ _HDR_SIZE = const(44)  # calcsize(_HDR); + CRC-32 = 48
 _DONE_AT = const(60)  # 0x00 once the image verified
 _FAIL_AT = const(61)  # 0x00 when the upload was refused at its end
 _MAP_AT = const(64)  # progress map: byte k = 0x00 when sector k is in flash
+MAP_AT = _MAP_AT
 # A sector a multicast session put in flash block by block: its map byte has
 # bit b cleared for each BLOCK-sized block b in flash (the sector was erased
 # before the first one); 0x00 once it is whole.

@@ -64,9 +64,10 @@ def test_one_multicast_session_for_all_then_repair(fleet: Fleet, images: Images,
     log = fleet.concentrators[0].log_tail(30)
     assert st["state"] == "done" and st["ok"] == 4, (results, log)
     # Each block went over the medium once (plus one parity block per sector),
-    # to all meters at once.
+    # to all meters at once; a second round resends only blocks two members missed.
     bc = med.snapshot()["broadcast"]
-    assert bc["frames"] == blocks + -(-len(data) // 4096)
+    first = blocks + -(-len(data) // 4096)
+    assert first <= bc["frames"] <= first + bc["lost"] // 2
     # How the image reached each meter: the meter without a multicast
     # receiver by unicast, whole; the others by the session, with at most a
     # few blocks repaired -- the rebooted one resumed from its progress map.
@@ -91,7 +92,8 @@ def test_parallel_unicast_works_on_meters_at_once(fleet: Fleet, images: Images) 
     c = sim_client(fleet.concentrators[0])
     conc = Concentrator(c)
     conc.store(data)
-    job = conc.create_job(info.hash, JobSpec(retries=2, duration=300, parallel=4, mode="unicast"))
+    two = [meter_id(1, 1), meter_id(1, 2)]  # unicast on this medium is slow: two are enough to overlap
+    job = conc.create_job(info.hash, JobSpec(targets=two, retries=2, duration=300, parallel=4, mode="unicast"))
     seen = 0
     deadline = time.monotonic() + 240
     while True:
