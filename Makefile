@@ -34,6 +34,11 @@ test: venv chromium
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
+# meterota side by side with smpmgr and mpremote cp on paced UART, pty and UDP links (README
+# "Performance"); writes bench-results.json. BENCH_ARGS="--links udp-loopback --skip-heap" for a quick one.
+bench: venv
+	$(BIN)/python tools/bench.py $(BENCH_ARGS)
+
 # Every flash operation of every upgrade step cut before and inside it, 256 KiB image.
 powercut: $(STAMP)
 	$(BIN)/python tools/powercut.py

@@ -659,6 +659,9 @@ class Engine:
     def _mc_step(self):
         mc = self.mc
         now = time.ticks_ms()
+        if mc.job.cancelled:
+            self._mc_end()  # the meters in flight finish; nothing more goes out for it
+            return
         if mc.phase == ANNOUNCE:
             for s in self.work.values():
                 if s.kind == ANNOUNCE:
@@ -1049,7 +1052,10 @@ class Engine:
         c = {"OK": 0, "KO": 0, "UNREACHABLE": 0}
         for v in j.res.values():
             c[v] = c.get(v, 0) + 1
-        return {"job": j.id, "hash": j.hash, "state": j.state(len(t)), "priority": j.prio, "retries": j.retries,
+        st = j.state(len(t))
+        if st == "cancelled" and any(x.job is j for x in self.work.values()):
+            st = "cancelling"  # the meter in flight finishes first; its result is the job's
+        return {"job": j.id, "hash": j.hash, "state": st, "priority": j.prio, "retries": j.retries,
                 "total": len(t), "ok": c["OK"], "ko": c["KO"], "unreachable": c["UNREACHABLE"],
                 "pending": len(t) - len(j.res), "created": j.created, "deadline": j.deadline,
                 "parallel": min(self.kmax, j.k or self.kmax), "mode": j.mode or self.mode,

@@ -55,13 +55,24 @@ BUSY_MS = const(10000)  # an upload idle this long may be taken over by another 
 _BYTES = (bytes, bytearray, memoryview)
 
 
+NO_FREE_MEMORY = const(15)
+# Zephyr's img_mgmt_translate_error_code for SMP v1 clients, case by case: the
+# invalid-argument codes are INVALID_SLOT (14) and 19-22, 24, 25; the header
+# magic (23), version query (26) and vector table/size/overrun (29-31) are
+# EUNKNOWN there, as is every code it does not list. Checked against
+# tests/device/vectors/smp_v1_errors.json.
+_V1_EINVAL = (INVALID_SLOT, 19, 20, INVALID_LENGTH, INVALID_IMAGE_HEADER, INVALID_HASH, 25)
+
+
 def v1_rc(rc):
     """Zephyr's translation of image errors for SMP v1 clients."""
     if rc in (NO_IMAGE, NO_TLVS):
         return smp.ENOENT
     if rc in (NO_FREE_SLOT, CURRENT_VERSION_IS_NEWER, IMAGE_ALREADY_PENDING):
         return smp.EBADSTATE
-    if 19 <= rc <= 31 or rc == INVALID_SLOT:
+    if rc == NO_FREE_MEMORY:
+        return smp.ENOMEM
+    if rc in _V1_EINVAL:
         return smp.EINVAL
     return smp.EUNKNOWN
 
@@ -144,7 +155,7 @@ class ImageGroup:
         h = arg(req, "hash", _BYTES)
         confirm = arg(req, "confirm", bool, False)
         try:
-            if h is None:
+            if h is None or not len(h):  # an empty hash is no hash, as in Zephyr
                 if not confirm:
                     raise GroupError(INVALID_HASH)
                 for g in self._groups():

@@ -16,6 +16,7 @@ CMD_STATS = const(2)
 RC_NO_RECORD = const(2)
 
 FRAMINGS = ("console", "binary")
+BOOT_STAGE = "meterota"  # what really boots; the OS group answers as MCUboot (grp_os)
 FEATURES = ("deflate",)  # group 64 cmd 3: compressed upload
 
 
@@ -42,6 +43,7 @@ class MeterotaGroup:
             "id": c.device_id,
             "board": c.board_name,
             "role": c.role,
+            "bootloader": BOOT_STAGE,
             "trial": st.trial,
             "boots": st.boots,
             "revert_reason": st.revert_reason,

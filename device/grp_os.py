@@ -12,8 +12,23 @@ CMD_PARAMS = const(6)
 CMD_INFO = const(7)
 CMD_BOOTLOADER = const(8)
 INVALID_FORMAT = const(2)
+QUERY_YIELDS_NO_ANSWER = const(3)
 
-BOOT_MODE_DIRECT_XIP_REVERT = const(5)  # MCUboot's name for what our boot stage does
+# Our boot stage behaves as MCUboot in direct-XIP with revert (an image runs from
+# the slot it was written to, a test boot not confirmed is reverted), so it
+# answers bootloader information as MCUboot does: standard clients that drive
+# the MCUboot flow accept it. Its own identity is in group 64 (grp_meterota).
+BOOTLOADER = "MCUboot"
+BOOT_MODE_DIRECT_XIP_REVERT = const(5)  # MCUboot's enum mcuboot_mode
+
+
+def v1_rc(rc):
+    """Zephyr's os_mgmt_translate_error_code for SMP v1 clients."""
+    if rc == INVALID_FORMAT:
+        return smp.EINVAL
+    if rc == QUERY_YIELDS_NO_ANSWER or rc == 4:  # 4: RTC_NOT_SET
+        return smp.ENOENT
+    return smp.EUNKNOWN
 
 
 class OSGroup:
@@ -62,10 +77,13 @@ class OSGroup:
     def bootloader(self, req):
         q = arg(req, "query", str)
         if q is None:
-            return {"bootloader": "meterota"}
+            return {"bootloader": BOOTLOADER}
         if q == "mode":
-            return {"mode": BOOT_MODE_DIRECT_XIP_REVERT, "no-downgrade": not self.ctx.allow_downgrade}
-        raise GroupError(3)  # QUERY_YIELDS_NO_ANSWER
+            # As Zephyr: "no-downgrade" is sent (true) only when downgrades are refused.
+            if self.ctx.allow_downgrade:
+                return {"mode": BOOT_MODE_DIRECT_XIP_REVERT}
+            return {"mode": BOOT_MODE_DIRECT_XIP_REVERT, "no-downgrade": True}
+        raise GroupError(QUERY_YIELDS_NO_ANSWER)
 
 
 def register(disp, ctx):
@@ -75,4 +93,5 @@ def register(disp, ctx):
     disp.register(GROUP, CMD_PARAMS, g.params, None)
     disp.register(GROUP, CMD_INFO, g.info, None)
     disp.register(GROUP, CMD_BOOTLOADER, g.bootloader, None)
+    disp.set_v1_translation(GROUP, v1_rc)
     return g

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import __version__, errors
+from . import argtypes as at
 from . import image as img
 from .client import SMPClient, SMPError
 from .errors import MeterotaError
@@ -90,7 +93,7 @@ def _jsonable(v: Any) -> Any:
 # -- device plumbing --------------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> SMPClient:
     if not (args.port or args.udp):
-        raise errors.MeterotaError("no device given: use --port PORT or --udp HOST[:PORT]")
+        raise errors.UsageError("no device given: use --port PORT or --udp HOST[:PORT]")
     t = from_address(args.port, args.udp, args.baud)
     t.open()
     return SMPClient(t, timeout=args.timeout, retries=args.retries)
@@ -105,8 +108,23 @@ def _connected(args: argparse.Namespace) -> Iterator[SMPClient]:
         c.t.close()
 
 
+def open_store(path: Path | None) -> Store:
+    """The records database, or one line saying why it cannot be opened (exit 12)."""
+    from .store import default_path
+
+    where = Path(path) if path else default_path()
+    if where.is_dir():
+        raise errors.StoreError(f"records database {where}: is a directory")
+    try:
+        return Store(where)
+    except sqlite3.Error as e:
+        raise errors.StoreError(f"records database {where}: {e}") from None
+    except OSError as e:
+        raise errors.StoreError(f"records database {where}: {e.strerror or e}") from None
+
+
 def _store(args: argparse.Namespace) -> Store:
-    return Store(args.db)
+    return open_store(args.db)
 
 
 def _read_image(path: Path) -> bytes:
@@ -114,6 +132,12 @@ def _read_image(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise errors.ImageError(f"cannot read image {path}: {e.strerror}") from None
+
+
+def _image(path: Path) -> tuple[bytes, img.ImageInfo]:
+    """An image file for an upgrade or a job: readable, an MCUboot image, its hash TLV right (exit 8)."""
+    data = _read_image(path)
+    return data, img.checked(data, str(path))
 
 
 def _hexkey(s: str) -> bytes:
@@ -323,7 +347,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     out = Out(args.json)
-    h = bytes.fromhex(args.hash) if args.hash else img.parse(_read_image(args.image)).hash
+    h = args.hash if args.hash else img.parse(_read_image(args.image)).hash
     for c in _connected(args):
         images = c.image_test(h, permanent=args.permanent)
         out.result({"images": images}, lambda: print(f"marked {h.hex()[:16]}… for "
@@ -378,11 +402,13 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
     if args.via:
         if not args.meter:
-            raise errors.MeterotaError("--via needs --meter ID")
+            raise errors.UsageError("--via needs --meter ID")
+        if args.campaign:
+            _check_campaign(args, args.campaign)
         args.port, args.udp = (args.via, None) if not args.via.startswith("udp:") else (None, args.via[4:])
         return cmd_upgrade_via(args)
     out = Out(args.json)
-    data = _read_image(args.image)
+    data, _ = _image(args.image)
     campaign = getattr(args, "campaign", None)
     if campaign:
         _check_campaign(args, campaign)
@@ -413,7 +439,7 @@ def _check_campaign(args: argparse.Namespace, cid: str) -> None:
 
     with _store(args) as st:
         if Ledger(st).campaign(cid) is None:
-            raise errors.MeterotaError(f"no campaign {cid} in {st.path}")
+            raise errors.UsageError(f"no campaign {cid} in {st.path}")
 
 
 def _field_result(args: argparse.Namespace, cid: str, res: Any, out: Out) -> None:
@@ -502,7 +528,8 @@ def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
     info = conc.store_info() or {}
     version = str(info.get("version", "?")) if info.get("hash") == h else "?"
     with _store(args) as db:
-        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None))
+        rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None),
+                              conc_id=str((conc.c.device_info or {}).get("id") or conc.c.t.name), job=job)
     out.result({"job": job, "status": st, "results": rows}, lambda: _print_results(job, st, rows))
     bad = [r for r in rows if r["result"] != "OK" or not r["verified"]]
     if any(r["result"] == "ERROR" for r in rows):
@@ -522,11 +549,14 @@ def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> 
 
 def cmd_job(args: argparse.Namespace) -> int:
     out = Out(args.json)
+    image = _image(args.image) if args.job_cmd == "create" else None  # a bad file before the device
+    if getattr(args, "campaign", None):
+        _check_campaign(args, args.campaign)  # an unknown campaign before the device, as everywhere
     for c in _connected(args):
         conc = _conc(c)
         if args.job_cmd == "create":
-            data = _read_image(args.image)
-            info = img.parse(data)
+            assert image is not None
+            data, info = image
             with out.progress("store") as prog:
                 conc.store(data, progress=prog)
             job = conc.create_job(info.hash, _job_spec(args))
@@ -559,8 +589,7 @@ def cmd_upgrade_via(args: argparse.Namespace) -> int:
     from .concentrator import JobSpec
 
     out = Out(args.json)
-    data = _read_image(args.image)
-    info = img.parse(data)
+    data, info = _image(args.image)
     for c in _connected(args):
         conc = _conc(c)
         if args.meter not in {m["id"] for m in conc.meters()}:
@@ -588,9 +617,45 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_spool(args: argparse.Namespace) -> int:
+    """`records import [SPOOL]`: outcomes a locked database could not take."""
+    import types
+
+    from .campaign.ledger import Ledger
+    from .campaign.runner import record_field_upgrade
+
+    with _store(args) as st:
+        spool = Path(args.spool) if args.spool else st.spool_path()
+        led: list[Any] = []
+
+        def field(o: Any, conf: Any, got: Any) -> None:
+            if not led:
+                led.append(Ledger(st))
+            if led[0].campaign(o.campaign) is None:
+                return
+            res = types.SimpleNamespace(device=o.device, address=o.address, image_hash=o.image_hash,
+                                        to_version=o.to_version, result=o.result, reason=o.reason,
+                                        from_version=o.from_version, record_id=got.id,
+                                        confirmation=conf.as_dict() if conf else None)
+            for w in record_field_upgrade(led[0], o.campaign, res):
+                print(f"work order {w['id']} for {w['device']} closed", file=sys.stderr)
+
+        taken, problems = st.import_spool(spool, key=args.key, on_field=field)
+    for p in problems:
+        print(f"meterota: {p}", file=sys.stderr)
+    print(f"{taken} outcomes imported from {spool} into {st.path}" + (f"; {len(problems)} left in the spool"
+                                                                       if problems else ""))
+    return errors.EXIT_CONFIRMATION if problems else 0
+
+
 def cmd_records(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        return _import_spool(args)
     with _store(args) as st:
         rows = list(st.outcomes(args.device, args.limit))
+        if st.spool_path().exists():
+            print(f"meterota: outcomes wait in {st.spool_path()} (the database was locked): "
+                  "`meterota records import` records them", file=sys.stderr)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -602,19 +667,32 @@ def cmd_records(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line too (exit 2), naming the help to read."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(errors.EXIT_USAGE, f"meterota: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _via_address(s: str) -> str:
+    """--via takes a serial port or udp:HOST[:PORT]; the UDP form is checked like --udp."""
+    return at.udp_address(s) if s.startswith("udp:") else s
+
+
 def _device_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--port", help=DEVICE_HELP)
-    g.add_argument("--udp", metavar="HOST[:PORT]", help="SMP over UDP (port 1337 by default)")
-    g.add_argument("--baud", type=int, default=115200, help="serial baud rate (default 115200)")
-    g.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)")
-    g.add_argument("--retries", type=int, default=3, help="retries of a silent request (default 3)")
+    g.add_argument("--udp", metavar="HOST[:PORT]", type=at.udp_address, help="SMP over UDP (port 1337 by default)")
+    g.add_argument("--baud", type=at.baud, default=115200, help="serial baud rate (default 115200)")
+    g.add_argument("--timeout", type=at.positive_float, default=2.0,
+                   help="seconds to wait for each reply (default 2)")
+    g.add_argument("--retries", type=at.count, default=3, help="retries of a silent request (default 3)")
     g.add_argument("--console", action="store_true", help="stay on the standard SMP console framing")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meterota", description="Firmware upgrades for MicroPython meter NICs over SMP")
+    p = _Parser(prog="meterota", description="Firmware upgrades for MicroPython meter NICs over SMP")
     p.add_argument("--version", action="version", version=f"meterota {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v steps, -vv protocol traces")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -627,8 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="run simulated devices under MicroPython")
     add_sim_arguments(s)
     f = s.add_argument_group("fan-out (concentrators with meters)")
-    f.add_argument("--concentrators", type=int, default=0, help="start N concentrators ...")
-    f.add_argument("--meters", type=int, default=4, help="... each with M meters on UDP links (default 4)")
+    f.add_argument("--concentrators", type=at.count, default=0, help="start N concentrators ...")
+    f.add_argument("--meters", type=at.positive_int, default=4, help="... each with M meters on UDP links (default 4)")
     f.add_argument("--unreachable", metavar="IDS", help="meters listed but never started (e.g. meter-0103)")
     f.add_argument("--lossy", metavar="IDS", help="meters behind a proxy that loses 15%% of datagrams")
     f.add_argument("--slow", metavar="IDS", help="meters with 50 ms added to every datagram each way")
@@ -650,21 +728,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(micropython.bin / *.app-bin, not the combined firmware.bin) as native firmware; "
                    "--board defaults to esp32, the bound is its OTA partition size")
     b.add_argument("--version", required=True, help="X.Y.Z[+BUILD]")
-    b.add_argument("--key", type=Path, help="signing key (Ed25519 PEM, see `image keygen`)")
-    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("--key", type=at.input_file, help="signing key (Ed25519 PEM, see `image keygen`)")
+    b.add_argument("-o", "--output", type=at.output_file, required=True)
     b.add_argument("--board", default=None, help="board the image is for: its slot size bounds the image and "
                    "devices of other boards refuse it (default unix; esp32 with --firmware)")
     b.add_argument("--security-counter", help="MCUboot security counter (a number, or 'auto')")
-    b.add_argument("--slot-size", type=lambda s: int(s, 0), help="override the slot size")
+    b.add_argument("--slot-size", type=at.positive_int, help="override the slot size")
     b.add_argument("--no-runtime", action="store_true", help="do not include the meterota device runtime")
     b.add_argument("--no-mpy", action="store_true", help="ship .py sources instead of .mpy")
     b.set_defaults(fn=cmd_image_build)
     i = im.add_parser("info", help="version, sizes, hashes and signature of an image")
     i.add_argument("file", type=Path)
-    i.add_argument("--key", type=Path, help="verify the signature with this key")
+    i.add_argument("--key", type=at.input_file, help="verify the signature with this key")
     i.set_defaults(fn=cmd_image_info)
     k = im.add_parser("keygen", help="make an Ed25519 signing key")
-    k.add_argument("-o", "--output", type=Path, required=True)
+    k.add_argument("-o", "--output", type=at.output_file, required=True)
     k.set_defaults(fn=cmd_image_keygen)
 
     for name, fn, hlp in (("info", cmd_info, "identity, board, role, slots and last revert reason"),
@@ -683,21 +761,23 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("image", type=Path)
     u.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
     u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
-    u.add_argument("--reset-timeout", type=float, default=30.0, help="seconds to wait for the device after reset")
+    u.add_argument("--reset-timeout", type=at.positive_float, default=30.0,
+                   help="seconds to wait for the device after reset")
     u.add_argument("--campaign", help="a field upgrade for this campaign: its verified result goes into the "
                    "campaign's ledger and an OK closes the device's work order")
-    u.add_argument("--via", metavar="CONCENTRATOR", help="upgrade a meter through this concentrator "
+    u.add_argument("--via", metavar="CONCENTRATOR", type=_via_address, help="upgrade a meter through this concentrator "
                    "(a serial port or udp:HOST)")
     u.add_argument("--meter", help="with --via: the meter's id")
-    u.add_argument("--wait-timeout", type=float, default=600.0, help="with --via: seconds to wait for the job")
-    u.add_argument("--job-retries", dest="job_retries", type=int, default=2,
+    u.add_argument("--wait-timeout", type=at.positive_float, default=600.0,
+                   help="with --via: seconds to wait for the job")
+    u.add_argument("--job-retries", dest="job_retries", type=at.int_range(0, 255), default=2,
                    help="with --via: retries of the meter")
     u.set_defaults(fn=cmd_upgrade)
 
     up = sub.add_parser("upload", help="upload an image into the free slot (resumes)")
     _device_args(up)
     up.add_argument("image", type=Path)
-    up.add_argument("--slot", type=int, default=None, help="SMP image number (default 1; 3 for a native "
+    up.add_argument("--slot", type=at.count, default=None, help="SMP image number (default 1; 3 for a native "
                     "firmware image, detected from its KIND TLV)")
     up.add_argument("--upgrade", action="store_true", help="device refuses versions not newer than the running one")
     up.set_defaults(fn=cmd_upload)
@@ -705,13 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("test", help="mark an uploaded image to boot once on the next reset")
     _device_args(t)
     t.add_argument("image", type=Path, nargs="?", help="the image file (its hash TLV is used)")
-    t.add_argument("--hash", help="the image hash in hex instead of a file")
+    t.add_argument("--hash", type=at.image_hash, help="the image hash in hex instead of a file")
     t.add_argument("--permanent", action="store_true", help="switch for good without a trial (dangerous)")
     t.set_defaults(fn=cmd_test)
 
     e = sub.add_parser("erase", help="erase the free slot")
     _device_args(e)
-    e.add_argument("--slot", type=int, default=1)
+    e.add_argument("--slot", type=at.count, default=1)
     e.set_defaults(fn=cmd_erase)
 
     d = sub.add_parser("deploy", help="install meterota on a real board (mpremote): boot stage, runtime, "
@@ -719,10 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", required=True, help="the board's REPL port (USB or UART)")
     d.add_argument("--board", required=True, help="esp32 or rp2")
     d.add_argument("--variant", help="esp32: partitions|stock; rp2: pico|pico_w|pico2|pico2_w")
-    d.add_argument("--id", required=True, help="device id (e.g. the meter's serial number)")
+    d.add_argument("--id", required=True, type=at.device_id, help="device id (e.g. the meter's serial number)")
     d.add_argument("--role", default="meter", choices=["meter", "concentrator"])
     d.add_argument("--hmac-key", type=_hexkey, help="per-device HMAC key (hex); default: a new random one")
-    d.add_argument("--pubkey-from", type=Path, help="accept only images signed with this Ed25519 key's pair")
+    d.add_argument("--pubkey-from", type=at.input_file, help="accept only images signed with this Ed25519 key's pair")
     d.add_argument("--serial", default="stdin", help="SMP serial link: stdin (USB/UART0) or uart:ID:TX:RX[:BAUD]")
     d.add_argument("--wifi-ssid")
     d.add_argument("--wifi-key")
@@ -730,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--allow-downgrade", action="store_true")
     d.add_argument("--image", type=Path, help="factory image for slot A (default: the runtime as --version)")
     d.add_argument("--version", default="1.0.0", help="version of the built factory image")
-    d.add_argument("--sign-key", type=Path, help="sign the built factory image with this key")
+    d.add_argument("--sign-key", type=at.input_file, help="sign the built factory image with this key")
     d.set_defaults(fn=cmd_deploy)
 
     mt = sub.add_parser("meters", help="a concentrator's meters: link, reachability, version, state")
@@ -742,23 +822,25 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(jc)
     jc.add_argument("image", type=Path)
     jc.add_argument("--meters", help="comma-separated meter ids (default: all)")
-    jc.add_argument("--priority", type=int, default=0, help="higher runs first (0-255)")
-    jc.add_argument("--job-retries", dest="job_retries", type=int, default=2, help="retries per meter")
-    jc.add_argument("--duration", type=int, default=3600, help="seconds before pending meters end UNREACHABLE")
-    jc.add_argument("--not-before", type=int, help="window start (epoch seconds)")
-    jc.add_argument("--not-after", type=int, help="window end (epoch seconds)")
-    jc.add_argument("--parallel", type=int, metavar="K", help="meters worked on at once (default: the "
-                    "concentrator's `parallel`, 8)")
+    jc.add_argument("--priority", type=at.int_range(0, 255), default=0, help="higher runs first (0-255)")
+    jc.add_argument("--job-retries", dest="job_retries", type=at.int_range(0, 255), default=2,
+                    help="retries per meter")
+    jc.add_argument("--duration", type=at.int_range(1, 2**31 - 1), default=3600,
+                    help="seconds before pending meters end UNREACHABLE")
+    jc.add_argument("--not-before", type=at.int_range(0, 2**31 - 1), help="window start (epoch seconds)")
+    jc.add_argument("--not-after", type=at.int_range(0, 2**31 - 1), help="window end (epoch seconds)")
+    jc.add_argument("--parallel", type=at.int_range(1, 64), metavar="K", help="meters worked on at once "
+                    "(default: the concentrator's `parallel`, 8)")
     jc.add_argument("--mode", choices=["auto", "multicast", "unicast"], help="how the image reaches the meters "
                     "(default auto: one multicast session on a shared medium with 2 or more targets)")
     jc.add_argument("--wait", action="store_true", help="wait for the job, then verify and record its results")
-    jc.add_argument("--wait-timeout", type=float, default=3600.0)
+    jc.add_argument("--wait-timeout", type=at.positive_float, default=3600.0)
     jc.add_argument("--campaign")
     for name, hlp in (("status", "job status (all jobs, or one)"), ("cancel", "cancel a job"),
                       ("results", "per-meter results, relayed records verified and recorded")):
         jp = jb.add_parser(name, help=hlp)
         _device_args(jp)
-        jp.add_argument("job", type=int, nargs="?" if name == "status" else None)
+        jp.add_argument("job", type=at.count, nargs="?" if name == "status" else None)
         jp.add_argument("--campaign")
     jb.choices["create"].set_defaults(fn=cmd_job)
     for name in ("status", "cancel", "results"):
@@ -766,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ks = sub.add_parser("keys", help="the device HMAC key registry").add_subparsers(dest="keys_cmd", required=True)
     ky = ks.add_parser("add", help="register (or replace) a device's HMAC key")
-    ky.add_argument("device")
+    ky.add_argument("device", type=at.device_id)
     ky.add_argument("hexkey", type=_hexkey)
     ky.set_defaults(fn=cmd_keys)
     kl = ks.add_parser("list", help="devices with a registered key")
@@ -776,20 +858,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, campaign_device_defaults)
 
-    r = sub.add_parser("records", help="list recorded upgrade outcomes")
+    r = sub.add_parser("records", help="list recorded upgrade outcomes; `records import [SPOOL]` records the "
+                       "outcomes a locked database could not take")
+    r.add_argument("action", nargs="?", choices=["import"])
+    r.add_argument("spool", nargs="?", help="the spool file (default: beside the database, DB.spool)")
+    r.add_argument("--key", type=_hexkey, help="HMAC key to verify spooled records with (default: the registry)")
     r.add_argument("--device")
-    r.add_argument("--limit", type=int, default=50)
+    r.add_argument("--limit", type=at.positive_int, default=50)
     r.set_defaults(fn=cmd_records)
     return p
 
 
+class _QuietPipe:
+    """stdout that goes quiet when its reader has gone (`meterota info | head -2`):
+    the rest of the output is dropped, without a traceback, and the command
+    finishes what it is doing (an upgrade is not cut in half, its outcome is
+    still recorded) and exits with its own code."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.gone = False
+
+    def write(self, s: str) -> int:
+        if not self.gone:
+            try:
+                return int(self._f.write(s))
+            except BrokenPipeError:
+                self._went()
+        return len(s)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._f.flush()
+            except BrokenPipeError:
+                self._went()
+
+    def _went(self) -> None:
+        self.gone = True
+        # What is still buffered is flushed at exit: into /dev/null, not into the closed pipe.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._f.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    saved = sys.stdout
+    guard = saved if isinstance(saved, _QuietPipe) else _QuietPipe(saved)
+    sys.stdout = guard  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        guard.flush()
+        sys.stdout = saved
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
     if getattr(args, "command", None) == "test" and not (args.image or args.hash):
         parser.error("test needs an IMAGE or --hash")
+    if getattr(args, "command", None) == "sim":
+        try:
+            at.state_dir(str(args.dir))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument --dir: {e}")
     try:
         return int(args.fn(args))
     except MeterotaError as e:
@@ -798,6 +939,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("meterota: interrupted", file=sys.stderr)
         return 130
+    # Whatever escaped the commands' own checks is still one line with a documented code.
+    except sqlite3.Error as e:
+        from .store import default_path
+
+        print(f"meterota: error: records database {args.db or default_path()}: {e}", file=sys.stderr)
+        return errors.EXIT_RECORDS
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"meterota: error: {where}{e.strerror or e}", file=sys.stderr)
+        return errors.EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with -v
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"meterota: error: internal error: {type(e).__name__}: {e} (-v shows the traceback)", file=sys.stderr)
+        return errors.EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 from . import image as img
 from .client import SMPClient, UploadStats
 from .confirm import Confirmation, verify
-from .errors import ConfirmationError, DeviceTimeout, RefusedError
+from .errors import ConfirmationError, DeviceTimeout, RefusedError, StaleRecord
 from .protocol import Op
 from .store import Outcome, Store
 
@@ -49,7 +49,7 @@ class Concentrator:
 
     def store(self, data: bytes, progress: Callable[[int, int], None] | None = None) -> UploadStats | None:
         """Put `data` in the concentrator's image store, unless it is already there."""
-        info = img.parse(data)
+        info = img.checked(data)  # refuse a corrupt file before uploading it (ImageError, exit 8)
         have = self.store_info()
         if have and bytes(have["hash"]) == info.hash:
             return None
@@ -105,34 +105,79 @@ class Concentrator:
             time.sleep(0.25)  # polling the concentrator's job state at 4 Hz, not synchronisation
 
 
-def verify_result(e: dict[str, Any], store: Store, image_hash: bytes) -> Confirmation | None:
+def verify_result(e: dict[str, Any], store: Store, image_hash: bytes, version: str | None = None
+                  ) -> Confirmation | None:
     """Check a relayed record with the meter's own key; None when there is none."""
     if "rec" not in e:
         return None
     key = store.key(str(e["meter"]))
     if key is None:
         raise ConfirmationError(f"no HMAC key known for meter {e['meter']}")
-    return verify(bytes(e["rec"]), bytes(e["mac"]), key, device_id=str(e["meter"]), image_hash=image_hash)
+    return verify(bytes(e["rec"]), bytes(e["mac"]), key, device_id=str(e["meter"]), image_hash=image_hash,
+                  version=version)
+
+
+def result_ref(conc_id: str, job: int, e: dict[str, Any]) -> str:
+    """A relayed result's identity: the same result read again is recognised."""
+    return f"relay:{conc_id}:{job}:{e['meter']}:{e.get('attempts', 0)}:{e.get('t', '')}"
+
+
+@dataclass
+class Relayed:
+    """One relayed result as judged and recorded."""
+
+    meter: str
+    result: str
+    reason: str
+    attempts: int
+    conf: Confirmation | None
+    record_id: int | None
+    duplicate: bool
+    how: str | None = None  # how the image reached the meter: multicast | unicast | none
+    unicast_bytes: int | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {"meter": self.meter, "result": self.result, "reason": self.reason, "attempts": self.attempts,
+                "verified": self.conf is not None, "recorded": "already" if self.duplicate else "new",
+                "record_id": self.record_id, "via": self.how, "unicast_bytes": self.unicast_bytes}
+
+
+def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: str | None, via: str,
+                   conc_id: str, job: int, campaign: str | None = None) -> Relayed:
+    """Judge one relayed result and record it, for `job results` and campaigns
+    alike: the meter's record verified with its key (OK needs one), fresh (a
+    replayed older record is an ERROR), and recorded once (read again, it is
+    recognised by its reference, or by the record itself)."""
+    meter = str(e["meter"])
+    result, reason = str(e["result"]), str(e.get("reason", ""))
+    conf: Confirmation | None = None
+    try:
+        conf = verify_result(e, store, image_hash, version)
+        if conf is not None and result == "OK" and conf.result != "OK":
+            result, reason = "KO", f"relayed OK contradicts the meter's record: {conf.reason}"
+        if conf is not None and result != "UNREACHABLE":
+            result = conf.result  # the meter's own word, not the concentrator's
+    except ConfirmationError as err:
+        result, reason = "ERROR", f"relayed record rejected: {err}"
+    if result == "OK" and conf is None:
+        result, reason = "ERROR", "relayed OK without the meter's confirmation record"
+    t = float(e.get("t") or time.time())
+    attempts = int(e.get("attempts", 1))
+    o = Outcome(meter, via, conf.previous_version if conf else None, version or "?", image_hash.hex(), result,
+                reason, max(1, attempts), t, t, campaign=campaign)
+    ref = result_ref(conc_id, job, e)
+    try:
+        got = store.record(o, conf, ref)
+    except StaleRecord as err:
+        conf, result, reason = None, "ERROR", f"relayed record rejected: {err}"
+        o.result, o.reason = result, reason
+        got = store.record(o, None, ref)
+    return Relayed(meter, result, reason, attempts, conf, got.id, got.duplicate, e.get("via"), e.get("unicast_bytes"))
 
 
 def record_results(results: list[dict[str, Any]], store: Store, image_hash: bytes, version: str, via: str,
-                   campaign: str | None = None) -> list[dict[str, Any]]:
-    """Verify every relayed record and record each meter's outcome; returns rows for output."""
-    rows = []
-    for e in results:
-        conf: Confirmation | None = None
-        result, reason, verified = str(e["result"]), str(e.get("reason", "")), False
-        try:
-            conf = verify_result(e, store, image_hash)
-            verified = conf is not None
-            if conf is not None and result == "OK" and conf.result != "OK":
-                result, reason = "KO", f"relayed OK contradicts the meter's record: {conf.reason}"
-        except ConfirmationError as err:
-            result, reason = "ERROR", f"relayed record rejected: {err}"
-        t = float(e.get("t", time.time()))
-        store.add(Outcome(str(e["meter"]), via, conf.previous_version if conf else None, version,
-                          image_hash.hex(), result, reason, int(e.get("attempts", 1)), t, t,
-                          conf.raw if conf else None, conf.mac if conf else None, verified, campaign))
-        rows.append({"meter": e["meter"], "result": result, "reason": reason, "attempts": e.get("attempts"),
-                     "verified": verified, "via": e.get("via"), "unicast_bytes": e.get("unicast_bytes")})
-    return rows
+                   campaign: str | None = None, conc_id: str | None = None, job: int = 0) -> list[dict[str, Any]]:
+    """Verify every relayed record and record each meter's outcome (once);
+    returns rows for output."""
+    return [record_relayed(e, store, image_hash, None if version == "?" else version, via, conc_id or via, job,
+                           campaign).row() for e in results]

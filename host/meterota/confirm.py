@@ -65,3 +65,17 @@ def verify(raw: bytes, mac: bytes, key: bytes, *, device_id: str | None = None,
     if after_seq is not None and c.seq <= after_seq:
         raise ConfirmationError(f"confirmation record #{c.seq} is not newer than #{after_seq}: a replay or a stale record")
     return c
+
+
+def check_outcome(result: str, conf: Confirmation | None, device_id: str, image_hash: str) -> None:
+    """The one rule every path obeys before it may say OK (direct, native
+    firmware, already running, relayed, field): an OK needs a verified record
+    (a Confirmation only comes out of verify()) that is an OK of this device
+    for this image. Freshness is the store's part (Store.record)."""
+    if result != "OK":
+        return
+    if conf is None:
+        raise ConfirmationError(f"{device_id}: no verified confirmation record says OK")
+    if conf.result != "OK" or conf.device_id != device_id or conf.image_hash.hex() != image_hash:
+        raise ConfirmationError(f"{device_id}: the verified record (#{conf.seq}: {conf.result} for "
+                                f"{conf.image_hash.hex()[:16]}) does not say OK for this image")

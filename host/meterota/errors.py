@@ -12,10 +12,25 @@ EXIT_CONFIRMATION = 6  # the confirmation record did not verify
 EXIT_PROTOCOL = 7  # the device answered something meaningless
 EXIT_IMAGE = 8  # the image file is missing or not an MCUboot image
 EXIT_STOPPED = 9  # a campaign ended before its end: aborted, halted at a group's threshold, or expired
+EXIT_NOT_RECORDED = 10  # the device reached an outcome the records database could not take: spooled, import it
+EXIT_BUSY = 11  # another process owns the campaign (its lease is live), or this one lost its lease
+EXIT_RECORDS = 12  # the records database cannot be opened, read or written
 
 
 class MeterotaError(Exception):
     exit_code = EXIT_FAILURE
+
+
+class UsageError(MeterotaError):
+    """A bad command line found after parsing: no device given, an unknown campaign."""
+
+    exit_code = EXIT_USAGE
+
+
+class StoreError(MeterotaError):
+    """The records database (--db, $METEROTA_DB) cannot be opened or used."""
+
+    exit_code = EXIT_RECORDS
 
 
 class ImageError(MeterotaError):
@@ -48,3 +63,19 @@ class UpgradeKO(MeterotaError):
 
 class ConfirmationError(MeterotaError):
     exit_code = EXIT_CONFIRMATION
+
+
+class StaleRecord(ConfirmationError):
+    """A genuine record that is not newer than the last one recorded for its device: a replay."""
+
+
+class NotRecorded(MeterotaError):
+    """The outcome could not be written to the records database; it was spooled."""
+
+    exit_code = EXIT_NOT_RECORDED
+
+
+class CampaignBusy(MeterotaError):
+    """Another process holds the campaign's lease, or ours was taken over."""
+
+    exit_code = EXIT_BUSY

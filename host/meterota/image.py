@@ -14,8 +14,11 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from littlefs import LittleFS
 
@@ -122,6 +125,39 @@ def build_bundle(files: dict[str, bytes]) -> bytes:
     return bytes(fs.context.buffer)
 
 
+class _ThisThreadOff(io.TextIOBase):
+    """sys.stdout while imgtool signs: the signing thread's prints vanish, every
+    other thread's go to the real stream (swapping sys.stdout per thread with
+    redirect_stdout loses other threads' output, and restores the wrong stream
+    when two threads sign at once)."""
+
+    def __init__(self, real: Any, ident: int):
+        self.real, self.ident = real, ident
+
+    def write(self, s: str) -> int:
+        return len(s) if threading.get_ident() == self.ident else int(self.real.write(s) or 0)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    with _STDOUT_LOCK:  # one signer at a time owns the swap, so the restore is always the real stream
+        real = sys.stdout
+        sys.stdout = _ThisThreadOff(real, threading.get_ident())
+        try:
+            yield
+        finally:
+            sys.stdout = real
+
+
 def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None,
          security_counter: str | None = None, board: str | None = None, kind: str | None = None) -> bytes:
     """Wrap a payload into an MCUboot image with imgtool (the real CLI, in-process)."""
@@ -143,7 +179,7 @@ def sign(bundle: bytes, version: str, *, slot_size: int, key: Path | None = None
             args += ["--custom-tlv", hex(TLV_KIND), kind]
         args += [str(raw), str(out)]
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # its "sign the digest" would spoil --json
+            with _quiet_stdout():  # its "sign the digest" would spoil --json
                 imgtool.main(args=args, standalone_mode=False)
         except SystemExit as e:
             if e.code:
@@ -289,6 +325,16 @@ def parse(data: bytes) -> ImageInfo:
     h = info.tlv(0x10)
     info.hash_ok = h is not None and hashlib.sha256(hashed).digest() == h
     info.file_sha256 = hashlib.sha256(data).digest()
+    return info
+
+
+def checked(data: bytes, source: str = "image") -> ImageInfo:
+    """parse(), and refuse an image whose hash TLV does not match its contents:
+    every path that sends an image (upgrade, --via, job, campaign) refuses a
+    corrupt file the same way (ImageError, exit 8)."""
+    info = parse(data)
+    if not info.hash_ok:
+        raise ImageError(f"{source}: image hash TLV does not match its contents: the file is corrupt")
     return info
 
 

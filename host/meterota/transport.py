@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import time
 from typing import Deque
@@ -183,3 +184,27 @@ def from_address(port: str | None = None, udp: str | None = None, baudrate: int 
             return from_address(udp=port[len("udp:"):])
         return SerialTransport(port, baudrate)
     raise TransportError("no device given: use --port PORT or --udp HOST[:PORT]")
+
+
+def canonical_address(address: str) -> str:
+    """One spelling per target, so one device named two ways is one target:
+    `serial:` + the real path of a device node (`/dev/pts/2`, `serial:/dev/pts/2`
+    and `/dev/../dev/pts/2` are one port; pyserial URLs stay as written), and
+    `udp:` + the resolved address + the port (`udp:localhost` is
+    `udp:127.0.0.1:1337`)."""
+    a = address.strip()
+    if a.startswith("udp:"):
+        rest = a[len("udp:"):]
+        host, _, p = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+        host = (host or rest).strip("[]")
+        port = int(p) if p.isdigit() else UDP_PORT
+        try:
+            host = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
+        except (socket.gaierror, UnicodeError):
+            host = host.lower()
+        return f"udp:{host}:{port}"
+    if a.startswith("serial:"):
+        a = a[len("serial:"):]
+    if "://" in a:
+        return a
+    return "serial:" + os.path.realpath(a)

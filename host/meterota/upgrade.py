@@ -4,6 +4,12 @@ check fit -> upload (resuming) -> check match and slot hash -> mark for test ->
 reset -> wait for the device -> check the new image runs -> confirm (or wait
 for the device's self-test) -> fetch and verify the confirmation record ->
 record the outcome. Only a verified OK record is success.
+
+Every path (bundle, native firmware, already running, finishing a trial)
+reaches its verdict in one place, _finish -> Store.record (or
+confirm.check_outcome without a store): OK only with a verified OK record of
+this device for this image that is newer than any recorded before (or is the
+very record already recorded: a no-op, not a second row).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from . import image as img
 from .client import SMPClient, SMPError, UploadStats
 from .protocol import FIRMWARE_IMAGE, FIRMWARE_UPLOAD_IMAGE, Group, Op
 from .confirm import Confirmation, verify
-from .errors import (ConfirmationError, DeviceTimeout, MeterotaError, ProtocolError, RefusedError,
+from .confirm import check_outcome
+from .errors import (CampaignBusy, ConfirmationError, DeviceTimeout, MeterotaError, NotRecorded, ProtocolError, RefusedError,
                      SilentAfterReset, TransportError, UpgradeKO)
 from .store import Outcome, Store
 
@@ -40,7 +47,9 @@ class UpgradeResult:
     confirmation: dict[str, Any] | None = None
     record_id: int | None = None
     skipped_upload: bool = False
-    recorded: bool = False
+    recorded: bool = False  # in the records (a new row, or the same record found there already)
+    duplicate: bool = False  # the record was in the records already (record_id is that row)
+    spooled: bool = False  # the database could not take it: it waits in the spool file
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +143,8 @@ class Upgrader:
     def __init__(self, client: SMPClient, store: Store | None, *, key: bytes | None = None,
                  allow_downgrade: bool = False, reset_timeout: float = 30.0, confirm_timeout: float = 30.0,
                  progress: Callable[[int, int], None] | None = None, step: Step | None = None,
-                 campaign: str | None = None, negotiate: bool = True):
+                 campaign: str | None = None, negotiate: bool = True,
+                 claim: Callable[[str], None] | None = None):
         self.c = client
         self.store = store
         self.key = key
@@ -145,20 +155,21 @@ class Upgrader:
         self.step: Step = step or (lambda s: log.info(s))
         self.campaign = campaign
         self.negotiate = negotiate
+        self.claim = claim  # called with the device id before anything is written (a campaign's dedup)
         self.last: UpgradeResult | None = None  # the outcome so far, also when run() raised
 
     def run(self, data: bytes) -> UpgradeResult:
         t0 = time.monotonic()
         started = time.time()
-        info = img.parse(data)
-        if not info.hash_ok:
-            raise RefusedError("image hash TLV does not match its contents: the file is corrupt")
+        info = img.checked(data)  # a corrupt file is ImageError (exit 8) here too, as on every path
         self.c.connect(negotiate=self.negotiate)
         dev = self.c.device_info
         if dev is None:
             raise RefusedError(f"{self.c.t.name} is an SMP device without meterota's confirmation records; "
                                "use smpmgr, or deploy meterota on it")
         device_id = str(dev["id"])
+        if self.claim is not None:
+            self.claim(device_id)
         key = self.key or (self.store.key(device_id) if self.store else None)
         if key is None:
             raise ConfirmationError(f"no HMAC key known for device {device_id}: pass --key or register it "
@@ -173,13 +184,8 @@ class Upgrader:
                 return self._firmware(res, dev, key, device_id, info, data, t0, started)
             self._check_fit(dev, info, data)
             if active and active.get("hash") == info.hash and not dev.get("trial"):
-                res.result, res.reason, res.skipped_upload = "OK", "already running this image", True
                 self.step(f"{device_id} already runs {info.version_str}")
-                conf = self._standing_record(key, device_id, info)
-                if conf is not None:
-                    res.from_version = conf.previous_version
-                    res.confirmation = conf.as_dict()
-                return self._finish(res, t0, started, conf)
+                return self._already(res, key, device_id, info, "already running this image", t0, started)
             before = self._record_seq(key, device_id)
             if active and active.get("hash") == info.hash and dev.get("trial"):
                 # An earlier attempt got as far as the trial boot: finish it.
@@ -190,12 +196,26 @@ class Upgrader:
             res.upload = asdict(self._upload(dev, info, data))
             back = self._test_and_reset(res, info, "image", t0, started)
             return self._after_boot(res, back, key, device_id, info, before, t0, started)
+        except CampaignBusy:
+            raise  # a campaign that lost its lease: the device was not acted on after this, nothing to record
         except MeterotaError as e:
-            if not res.recorded:
+            if not res.recorded and not res.spooled:
                 res.result = "UNREACHABLE" if isinstance(e, TransportError) else "ERROR"
                 res.reason = str(e)
+                res.confirmation = None
                 self._finish(res, t0, started, None)
             raise
+
+    def _already(self, res: UpgradeResult, key: bytes, device_id: str, info: img.ImageInfo, why: str,
+                 t0: float, started: float) -> UpgradeResult:
+        """The device already runs the image: OK only on its standing record,
+        verified with our key and fresh (or the very record recorded already)."""
+        res.skipped_upload = True
+        conf = self._standing_record(key, device_id, info)
+        res.result, res.reason = "OK", why
+        res.from_version = conf.previous_version
+        res.confirmation = conf.as_dict()
+        return self._finish(res, t0, started, conf)
 
     def _after_boot(self, res: UpgradeResult, back: dict[str, Any], key: bytes, device_id: str,
                     info: img.ImageInfo, before: int, t0: float, started: float) -> UpgradeResult:
@@ -245,9 +265,8 @@ class Upgrader:
                                "app partitions")
         res.from_version = running.get("version")
         if running.get("hash") == info.hash and running.get("confirmed"):
-            res.result, res.reason, res.skipped_upload = "OK", "already running this firmware", True
             self.step(f"{device_id} already runs firmware {info.version_str}")
-            return self._finish(res, t0, started, None)
+            return self._already(res, key, device_id, info, "already running this firmware", t0, started)
         before = self._record_seq(key, device_id)
         if running.get("hash") == info.hash:
             self.step("the device already runs this firmware on trial; finishing the upgrade")
@@ -357,17 +376,22 @@ class Upgrader:
             return 0
         return verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id).seq
 
-    def _standing_record(self, key: bytes, device_id: str, info: img.ImageInfo) -> Confirmation | None:
-        """The device's latest record when it is a verified OK for this image:
-        the proof of an upgrade that finished while nobody was listening (a
-        host killed after the confirm, resumed by a campaign)."""
+    def _standing_record(self, key: bytes, device_id: str, info: img.ImageInfo) -> Confirmation:
+        """The device's latest record, which must be a verified OK for this
+        image: the proof of an upgrade that finished earlier (or while nobody
+        was listening: a host killed after the confirm). Without it, "already
+        running" is only the device's unauthenticated word: ConfirmationError."""
         try:
             r = self.c.confirmation()
-            conf = verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id, image_hash=info.hash,
-                          version=info.version_str)
-        except (RefusedError, ConfirmationError):
-            return None
-        return conf if conf.result == "OK" else None
+        except RefusedError:
+            raise ConfirmationError(f"{device_id} runs {info.version_str} but holds no confirmation record: "
+                                    "nothing verifiable says it was upgraded") from None
+        conf = verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id, image_hash=info.hash,
+                      version=info.version_str)
+        if conf.result != "OK":
+            raise ConfirmationError(f"{device_id} runs {info.version_str} but its latest record #{conf.seq} says "
+                                    f"{conf.result}: {conf.reason}")
+        return conf
 
     def _confirmation(self, key: bytes, device_id: str, info: img.ImageInfo, before: int,
                       expect_ok: bool) -> Confirmation | None:
@@ -377,11 +401,10 @@ class Upgrader:
             if expect_ok:
                 raise ConfirmationError("the device has no confirmation record after the upgrade") from None
             return None
-        conf = verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id, image_hash=info.hash,
-                      version=info.version_str, after_seq=before)
         if self.store:
-            self.store.note_seq(device_id, conf.seq)
-        return conf
+            before = max(before, self.store.newest_seq(device_id))  # what the device said and what we recorded
+        return verify(bytes(r["rec"]), bytes(r["mac"]), key, device_id=device_id, image_hash=info.hash,
+                      version=info.version_str, after_seq=before)
 
     def _wait_confirmed(self) -> None:
         deadline = time.monotonic() + self.confirm_timeout
@@ -392,11 +415,21 @@ class Upgrader:
         raise DeviceTimeout("the device did not confirm itself in time")
 
     def _finish(self, res: UpgradeResult, t0: float, started: float, conf: Confirmation | None) -> UpgradeResult:
+        """The verdict, for every path: into the records through Store.record,
+        which refuses an OK without a verified OK record and a stale record."""
         res.seconds = time.monotonic() - t0
-        res.recorded = True
-        if self.store:
-            res.record_id = self.store.add(Outcome(
-                res.device, res.address, res.from_version, res.to_version, res.image_hash, res.result, res.reason,
-                1, started, time.time(), conf.raw if conf else None, conf.mac if conf else None, conf is not None,
-                self.campaign))
+        if self.store is None:
+            check_outcome(res.result, conf, res.device, res.image_hash)
+            res.recorded = True
+            return res
+        o = Outcome(res.device, res.address, res.from_version, res.to_version, res.image_hash, res.result,
+                    res.reason, 1, started, time.time(), campaign=self.campaign)
+        try:
+            got = self.store.record(o, conf, spool_extra={"field": bool(self.campaign)})
+        except NotRecorded:
+            res.spooled = True
+            raise
+        res.record_id, res.duplicate, res.recorded = got.id, got.duplicate, True
+        if got.duplicate:
+            res.reason += f" (record #{conf.seq if conf else '?'} is recorded already, upgrade {got.id})"
         return res

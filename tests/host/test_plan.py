@@ -114,10 +114,10 @@ def test_cli_reports_a_bad_plan_in_one_line(tmp_path: Path) -> None:
     plan = tmp_path / "plan.toml"
     plan.write_text("[campaign]\nname = 'x'\nimage = 'x.img'\n[[group]]\nname = 'g'\ndevices = ['udp:127.0.0.1']\n")
     p = run_cli("meterota", "--db", str(tmp_path / "db"), "campaign", "run", str(plan))
-    assert p.returncode == 2
+    assert p.returncode == 8  # the image file is missing: the same code as `upgrade missing.bin`
     assert p.stderr.strip().count("\n") == 0 and "cannot read the plan's image" in p.stderr
     plan.write_text("[campaign\n")
     p = run_cli("meterota", "--db", str(tmp_path / "db"), "campaign", "run", str(plan))
     assert p.returncode == 2 and "not valid TOML" in p.stderr and p.stderr.strip().count("\n") == 0
     p = run_cli("meterota", "--db", str(tmp_path / "db"), "campaign", "status", "nope")
-    assert p.returncode == 1 and p.stderr.strip() == f"meterota: error: no campaign nope in {tmp_path / 'db'}"
+    assert p.returncode == 2 and p.stderr.strip() == f"meterota: error: no campaign nope in {tmp_path / 'db'}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from .. import argtypes as at
 from .. import errors
 from .ledger import Ledger
 from ..store import Store
@@ -24,11 +25,14 @@ STATES = ("OK", "KO", "UNREACHABLE", "ERROR", "CANCELLED", "running", "pending")
 
 @contextmanager
 def _ledger(args: argparse.Namespace, campaign: str | None = None) -> Iterator[tuple[Store, Ledger]]:
-    """The records database and its ledger; with `campaign`, one that must exist."""
-    with Store(args.db) as st:
+    """The records database and its ledger; with `campaign`, one that must exist
+    (an unknown campaign is a bad command line, exit 2, for every command)."""
+    from ..cli import open_store
+
+    with open_store(args.db) as st:
         led = Ledger(st)
         if campaign is not None and led.campaign(campaign) is None:
-            raise errors.MeterotaError(f"no campaign {campaign} in {st.path}")
+            raise errors.UsageError(f"no campaign {campaign} in {st.path}")
         yield st, led
 
 
@@ -156,14 +160,7 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
 
 def cmd_campaign_resume(args: argparse.Namespace) -> int:
     with _ledger(args, args.id) as (st, led):
-        c = led.campaign(args.id)
-        assert c is not None
-        if c["pid"] and c["heartbeat"] and time.time() - float(c["heartbeat"]) < 3.0 and c["state"] == "running":
-            from .runner import _pid_alive
-
-            if _pid_alive(int(c["pid"])):
-                raise errors.MeterotaError(f"campaign {args.id} is being run by process {c['pid']}")
-        return _run(args, args.id, st, led)
+        return _run(args, args.id, st, led)  # the runner takes the campaign's lease, or says who holds it
 
 
 def cmd_campaign_status(args: argparse.Namespace) -> int:
@@ -222,7 +219,7 @@ def cmd_campaign_list(args: argparse.Namespace) -> int:
 def cmd_campaign_abort(args: argparse.Namespace) -> int:
     from .runner import abort
 
-    with _ledger(args) as (st, led):
+    with _ledger(args, args.id) as (st, led):
         for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
             print(line)
         return 0
@@ -316,23 +313,24 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     w.add_argument("--campaign", help="one campaign (default: all)")
     w.add_argument("--state", choices=["open", "closed", "all"], default="open")
     w.add_argument("--format", choices=["csv", "json"], default="csv")
-    w.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    w.add_argument("-o", "--output", type=at.output_file, help="write to a file instead of stdout")
     w.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="same as --format json")
     w.set_defaults(fn=cmd_workorders)
 
     e = sub.add_parser("export", help="a campaign's results as CSV, JSON or CIM XML (IEC 61968-9 style)")
     e.add_argument("id")
     e.add_argument("--format", choices=["csv", "json", "cim"], default="csv")
-    e.add_argument("-o", "--output", type=Path, help="write to a file instead of stdout")
+    e.add_argument("-o", "--output", type=at.output_file, help="write to a file instead of stdout")
     e.set_defaults(fn=cmd_export)
 
     rp = sub.add_parser("report", help="a self-contained HTML report of a campaign")
     rp.add_argument("id")
-    rp.add_argument("-o", "--output", type=Path, help="the HTML file (default: ID.html)")
+    rp.add_argument("-o", "--output", type=at.output_file, help="the HTML file (default: ID.html)")
     rp.set_defaults(fn=cmd_report)
 
 
 def campaign_device_defaults(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("links")
-    g.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)")
-    g.add_argument("--retries", type=int, default=3, help="retries of a silent request (default 3)")
+    g.add_argument("--timeout", type=at.positive_float, default=2.0,
+                   help="seconds to wait for each reply (default 2)")
+    g.add_argument("--retries", type=at.count, default=3, help="retries of a silent request (default 3)")

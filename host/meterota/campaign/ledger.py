@@ -10,10 +10,47 @@ timestamps are epoch seconds (float), hashes are hex, record/mac are bytes.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sqlite3
 import time
+import uuid
 from typing import Any, Iterable
 
+from ..errors import CampaignBusy
 from ..store import Store
+
+# This process as a campaign owner: host, pid and a token (a pid is reused).
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease_seconds() -> float:
+    """How long a campaign's owner holds it without renewing (renewed every
+    0.5 s while it runs); METEROTA_LEASE_S overrides the default 15 s."""
+    try:
+        return max(1.0, float(os.environ.get("METEROTA_LEASE_S", "15")))
+    except ValueError:
+        return 15.0
+
+
+def _dead_owner(c: dict[str, Any]) -> str | None:
+    """The campaign's owner when it is a process of this host that is gone."""
+    owner = str(c.get("owner") or "")
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return owner
+    except PermissionError:
+        return None
+    return None
+
+
+class LeaseLost(CampaignBusy):
+    """This process no longer owns the campaign: another took it over."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS campaigns (
@@ -29,7 +66,9 @@ CREATE TABLE IF NOT EXISTS campaigns (
     created REAL NOT NULL,
     finished REAL,
     pid INTEGER,
-    heartbeat REAL
+    heartbeat REAL,
+    owner TEXT,                    -- the process running it (host:pid:token), while its lease lasts
+    lease_expires REAL             -- epoch seconds; after it, another process may take the campaign over
 );
 CREATE TABLE IF NOT EXISTS campaign_devices (
     campaign TEXT NOT NULL,
@@ -115,13 +154,96 @@ class Ledger:
         self.store = store
         self.db = store.db
         self.lock = store.lock
+        self.guarded: str | None = None  # a campaign this process owns: every write checks the lease first
+        store._retrying(self._init_schema)
+
+    def _init_schema(self) -> None:
         with self.lock, self.db:
             self.db.executescript(SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(campaigns)")}
+            for col in ("owner TEXT", "lease_expires REAL"):
+                if col.split()[0] not in cols:
+                    self.db.execute(f"ALTER TABLE campaigns ADD COLUMN {col}")
+
+    def _tx(self, fn: Any) -> Any:
+        """fn(cursor) in one write transaction; with a guarded campaign, only
+        while this process still owns it (checked inside the transaction, so
+        a process that lost its lease cannot write after the check)."""
+        def once() -> Any:
+            with self.lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self.guarded is not None:
+                        row = self.db.execute("SELECT owner FROM campaigns WHERE id=?", (self.guarded,)).fetchone()
+                        if row is not None and row["owner"] != OWNER:
+                            raise LeaseLost(f"campaign {self.guarded} was taken over by {row['owner'] or 'nobody'}: "
+                                            "this process stops")
+                    out = fn()
+                except BaseException:
+                    self.db.rollback()
+                    raise
+                self.db.commit()
+                return out
+        return self.store._retrying(once)
 
     def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
-        with self.lock, self.db:
-            cur = self.db.execute(sql, tuple(args))
-            return int(cur.lastrowid or 0)
+        return int(self._tx(lambda: self.db.execute(sql, tuple(args)).lastrowid or 0))
+
+    # -- ownership: a lease (owner, expiry) taken and renewed atomically ---------
+    def acquire(self, cid: str, ttl: float | None = None) -> None:
+        """Take the campaign for this process, or raise CampaignBusy naming its
+        owner. Free when nobody owns it, its lease expired, or it is ours."""
+        now = time.time()
+        ttl = lease_seconds() if ttl is None else ttl
+
+        def take() -> int:
+            return self.db.execute(
+                "UPDATE campaigns SET owner=?, lease_expires=?, pid=?, heartbeat=? WHERE id=? AND "
+                "(owner IS NULL OR owner=? OR lease_expires IS NULL OR lease_expires < ?)",
+                (OWNER, now + ttl, os.getpid(), now, cid, OWNER, now)).rowcount
+        guarded, self.guarded = self.guarded, None
+        try:
+            got = self._tx(take)
+            if not got:
+                dead = _dead_owner(self.campaign(cid) or {})
+                if dead is not None:  # its process is gone (killed): take over without waiting out its lease
+                    got = self._tx(lambda: self.db.execute(
+                        "UPDATE campaigns SET owner=?, lease_expires=?, pid=?, heartbeat=? WHERE id=? AND owner=?",
+                        (OWNER, now + ttl, os.getpid(), now, cid, dead)).rowcount)
+        finally:
+            self.guarded = guarded
+        if not got:
+            c = self.campaign(cid) or {}
+            raise CampaignBusy(f"campaign {cid} is being run by {c.get('owner')} (its lease holds until "
+                               f"{time.strftime('%H:%M:%S', time.localtime(float(c.get('lease_expires') or 0)))}): "
+                               f"wait for it to end, or stop it with `meterota campaign abort {cid}`")
+        self.guarded = cid
+
+    def renew(self, cid: str, ttl: float | None = None) -> float:
+        """Extend our lease; returns its new expiry. LeaseLost when it is not ours any more."""
+        until = time.time() + (lease_seconds() if ttl is None else ttl)
+
+        def extend() -> int:
+            return self.db.execute("UPDATE campaigns SET lease_expires=?, heartbeat=?, pid=? WHERE id=? AND owner=?",
+                                   (until, time.time(), os.getpid(), cid, OWNER)).rowcount
+        if not self._tx(extend):
+            raise LeaseLost(f"campaign {cid} was taken over by another process: this process stops")
+        return until
+
+    def release(self, cid: str) -> None:
+        try:
+            self._tx(lambda: self.db.execute("UPDATE campaigns SET owner=NULL, lease_expires=NULL WHERE id=? AND "
+                                             "owner=?", (cid, OWNER)))
+        except (LeaseLost, sqlite3.Error):
+            pass
+        if self.guarded == cid:
+            self.guarded = None
+
+    def owned_elsewhere(self, cid: str) -> bool:
+        """Whether another process holds a live lease on the campaign."""
+        c = self.campaign(cid) or {}
+        return bool(c.get("owner")) and c.get("owner") != OWNER and float(c.get("lease_expires") or 0) > time.time() \
+            and _dead_owner(c) is None
 
     def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self.lock:
@@ -130,9 +252,15 @@ class Ledger:
     # -- campaigns ---------------------------------------------------------
     def create_campaign(self, cid: str, name: str, plan: dict[str, Any], plan_file: str | None, image_hash: str,
                         version: str) -> None:
-        self._write("INSERT INTO campaigns(id, name, plan, plan_file, image_hash, version, state, created) "
-                    "VALUES(?,?,?,?,?,?,'running',?)",
-                    (cid, name, json.dumps(plan, sort_keys=True), plan_file, image_hash, version, time.time()))
+        """Create it owned by this process (so nobody can resume it before we run it)."""
+        now = time.time()
+        try:
+            self._write("INSERT INTO campaigns(id, name, plan, plan_file, image_hash, version, state, created, owner, "
+                        "lease_expires, pid, heartbeat) VALUES(?,?,?,?,?,?,'running',?,?,?,?,?)",
+                        (cid, name, json.dumps(plan, sort_keys=True), plan_file, image_hash, version, now, OWNER,
+                         now + lease_seconds(), os.getpid(), now))
+        except sqlite3.IntegrityError:
+            raise CampaignBusy(f"campaign {cid} was just created by another process") from None
 
     def campaign(self, cid: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM campaigns WHERE id=?", (cid,))
@@ -152,19 +280,27 @@ class Ledger:
         cols = ", ".join(f"{k}=?" for k in fields)
         self._write(f"UPDATE campaigns SET {cols} WHERE id=?", (*fields.values(), cid))
 
-    def heartbeat(self, cid: str, pid: int) -> None:
-        self._write("UPDATE campaigns SET pid=?, heartbeat=? WHERE id=?", (pid, time.time(), cid))
-
     # -- devices -------------------------------------------------------------
     def add_target(self, cid: str, target: str, grp: str, kind: str, *, device: str | None = None,
                    via: str | None = None, address: str | None = None, image_hash: str, version: str) -> bool:
         """Add a target once; False when it was already there (a resumed plan)."""
-        with self.lock, self.db:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO campaign_devices(campaign, target, device, grp, kind, via, address, state, "
-                "to_version, image_hash) VALUES(?,?,?,?,?,?,?,'pending',?,?)",
-                (cid, target, device, grp, kind, via, address, version, image_hash))
-            return cur.rowcount > 0
+        return bool(self._tx(lambda: self.db.execute(
+            "INSERT OR IGNORE INTO campaign_devices(campaign, target, device, grp, kind, via, address, state, "
+            "to_version, image_hash) VALUES(?,?,?,?,?,?,?,'pending',?,?)",
+            (cid, target, device, grp, kind, via, address, version, image_hash)).rowcount > 0))
+
+    def claim_device(self, cid: str, target: str, device: str) -> str | None:
+        """Note that `target` answers as `device`, unless another target of the
+        campaign is that device already: then return that target (one device
+        named two ways, or two addresses of one device: never flashed twice)."""
+        def claim() -> str | None:
+            row = self.db.execute("SELECT target FROM campaign_devices WHERE campaign=? AND device=? AND target<>?",
+                                  (cid, device, target)).fetchone()
+            if row is not None:
+                return str(row["target"])
+            self.db.execute("UPDATE campaign_devices SET device=? WHERE campaign=? AND target=?", (device, cid, target))
+            return None
+        return self._tx(claim)  # type: ignore[no-any-return]
 
     def devices(self, cid: str, grp: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM campaign_devices WHERE campaign=?"
@@ -273,13 +409,11 @@ class Ledger:
     # -- work orders -----------------------------------------------------------
     def open_workorder(self, cid: str, row: dict[str, Any], version: str) -> bool:
         """A work order for a target that ended KO / UNREACHABLE / ERROR; once per campaign and device."""
-        with self.lock, self.db:
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO workorders(campaign, device, concentrator, address, image_hash, version, "
-                "result, reason, last_seen, created, state) VALUES(?,?,?,?,?,?,?,?,?,?,'open')",
-                (cid, row["device"] or row["target"], row["via"], row["address"], row["image_hash"], version,
-                 row["state"], row["reason"], row["last_seen"], time.time()))
-            return cur.rowcount > 0
+        return bool(self._tx(lambda: self.db.execute(
+            "INSERT OR IGNORE INTO workorders(campaign, device, concentrator, address, image_hash, version, "
+            "result, reason, last_seen, created, state) VALUES(?,?,?,?,?,?,?,?,?,?,'open')",
+            (cid, row["device"] or row["target"], row["via"], row["address"], row["image_hash"], version,
+             row["state"], row["reason"], row["last_seen"], time.time())).rowcount > 0))
 
     def workorders(self, cid: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM workorders WHERE 1=1"

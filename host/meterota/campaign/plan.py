@@ -37,6 +37,7 @@ problem is one readable line (PlanError, exit code 2).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MeterotaError, EXIT_USAGE
+from ..transport import canonical_address
 
 FAILURE_CLASSES = ("UNREACHABLE", "KO", "ERROR")
 
@@ -71,6 +73,13 @@ class Abort:
     threshold: float = 1.01  # never
     min_finished: int = 1
     count: list[str] = field(default_factory=lambda: ["KO", "ERROR"])
+
+    def tripped(self, failed: int, finished: int) -> bool:
+        """Whether `failed` of `finished` devices stop the campaign. A share at
+        or over the threshold does, once min_finished devices finished; it takes
+        at least one failure, so a threshold of 0 means "any failure aborts"
+        and successes alone never do."""
+        return finished >= self.min_finished and failed > 0 and failed / finished >= self.threshold
 
 
 @dataclass
@@ -151,12 +160,12 @@ def parse_duration(v: Any, what: str) -> float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         s = float(v)
     else:
-        m = _DURATION.match(str(v))
+        m = _DURATION.match(str(v)) if isinstance(v, str) else None
         if not m:
             raise PlanError(f"{what}: {v!r} is not a duration (e.g. 90, \"30m\", \"6h\", \"2d\")")
         s = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    if s <= 0:
-        raise PlanError(f"{what} must be positive")
+    if not math.isfinite(s) or s <= 0:
+        raise PlanError(f"{what} must be a positive, finite number of seconds, not {v!r}")
     return s
 
 
@@ -164,7 +173,11 @@ def parse_time(v: Any, what: str) -> float:
     if isinstance(v, dt.datetime):
         return (v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)).timestamp()
     if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v) or v < 0:
+            raise PlanError(f"{what}: {v!r} is not a time (epoch seconds, or ISO 8601)")
         return float(v)
+    if not isinstance(v, str):
+        raise PlanError(f"{what}: {v!r} is not a time (ISO 8601 such as 2026-11-22T01:00:00Z, or epoch seconds)")
     try:
         d = dt.datetime.fromisoformat(str(v).replace("Z", "+00:00"))
     except ValueError:
@@ -174,9 +187,12 @@ def parse_time(v: Any, what: str) -> float:
 
 
 def _daily(v: Any) -> tuple[int, int]:
-    m = re.match(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$", str(v))
+    m = re.match(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$", v) if isinstance(v, str) else None
     if not m:
         raise PlanError(f"campaign.daily: {v!r} is not a daily window like \"01:00-05:00\" (UTC)")
+    if int(m[2]) > 59 or int(m[4]) > 59 or int(m[1]) > 23 or int(m[3]) > 24 or (int(m[3]) == 24 and int(m[4])):
+        raise PlanError(f"campaign.daily: {v!r} is not a valid window (hours 00-23, minutes 00-59; "
+                        "the end may be 24:00)")
     a, b = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
     if a >= 1440 or b > 1440 or a == b:
         raise PlanError(f"campaign.daily: {v!r} is not a valid window")
@@ -195,6 +211,14 @@ def _int(v: Any, what: str, lo: int, hi: int) -> int:
     return v
 
 
+def _table(v: Any, where: str, example: str) -> dict[str, Any]:
+    """A TOML table where one is expected: `abort = "yes"` says so, rather than
+    failing on the characters of the string."""
+    if not isinstance(v, dict):
+        raise PlanError(f"{where} must be a table ({example}), not {v!r}")
+    return v
+
+
 def _known(d: dict[str, Any], keys: set[str], where: str) -> None:
     extra = sorted(set(d) - keys)
     if extra:
@@ -203,9 +227,11 @@ def _known(d: dict[str, Any], keys: set[str], where: str) -> None:
 
 def load(path: Path) -> Plan:
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise PlanError(f"cannot read plan {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not a TOML plan: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"{path}: not valid TOML: {e}") from None
     return parse(doc, base=path.resolve().parent)
@@ -216,6 +242,8 @@ def parse(doc: dict[str, Any], base: Path) -> Plan:
     c = doc.get("campaign")
     if not isinstance(c, dict):
         raise PlanError("plan: a [campaign] table is required")
+    if "group" in doc and not isinstance(doc["group"], list):
+        raise PlanError(f"plan: groups are [[group]] tables, not group = {doc['group']!r}")
     _known(c, {"name", "image", "priority", "concurrency", "device_timeout", "duration", "not_before",
                "not_after", "daily", "retry_delay", "retries", "abort"}, "[campaign]")
     for k in ("name", "image"):
@@ -227,43 +255,57 @@ def parse(doc: dict[str, Any], base: Path) -> Plan:
     if not isinstance(raw_groups, list) or not raw_groups:
         raise PlanError("plan: at least one [[group]] is required")
     groups: list[Group] = []
-    seen_targets: set[str] = set()
+    seen_targets: dict[str, str] = {}
+    seen_meters: dict[str, str] = {}
     for i, g in enumerate(raw_groups):
         where = f"group {i + 1}"
+        _table(g, f"plan: each group", "[[group]] with name = \"...\"")
         _known(g, {"name", "devices", "concentrators", "success_threshold"}, where)
-        name = g.get("name") or f"group-{i + 1}"
+        name = g.get("name", f"group-{i + 1}")
+        if not isinstance(name, str) or not name.strip():
+            raise PlanError(f"{where}: name must be a non-empty string, not {name!r}")
         if any(x.name == name for x in groups):
             raise PlanError(f"{where}: the group name {name!r} is used twice")
         devices = g.get("devices", [])
         if not isinstance(devices, list) or not all(isinstance(x, str) and x for x in devices):
             raise PlanError(f"group {name}: devices must be a list of ports or udp:HOST addresses")
         concs = []
-        for cc in g.get("concentrators", []):
-            if not isinstance(cc, dict) or not isinstance(cc.get("address"), str):
+        raw_concs = g.get("concentrators", [])
+        if not isinstance(raw_concs, list):
+            raise PlanError(f"group {name}: concentrators must be [[group.concentrators]] tables, not {raw_concs!r}")
+        for cc in raw_concs:
+            if not isinstance(cc, dict) or not isinstance(cc.get("address"), str) or not cc["address"]:
                 raise PlanError(f"group {name}: each concentrator needs an address")
             _known(cc, {"address", "meters"}, f"group {name} concentrator")
             meters = cc.get("meters", "all")
             if meters == "all":
                 mlist = None
-            elif isinstance(meters, list) and meters and all(isinstance(m, str) for m in meters):
+            elif isinstance(meters, list) and meters and all(isinstance(m, str) and m for m in meters):
                 mlist = list(meters)
             else:
                 raise PlanError(f"group {name}: concentrator {cc['address']}: meters must be \"all\" or a list of ids")
+            for m in mlist or []:
+                if m in seen_meters:
+                    raise PlanError(f"group {name}: concentrator {cc['address']}: meter {m} is listed twice "
+                                    f"(also under {seen_meters[m]})")
+                seen_meters[m] = f"group {name}, concentrator {cc['address']}"
             concs.append(ConcentratorTarget(cc["address"], mlist))
         for t in devices + [x.address for x in concs]:
-            if t in seen_targets:
-                raise PlanError(f"group {name}: {t} is already a target of this plan")
-            seen_targets.add(t)
+            same = canonical_address(t)  # one device named two ways is one target
+            if same in seen_targets:
+                raise PlanError(f"group {name}: {t} is already a target of this plan ({seen_targets[same]}: both "
+                                f"are {same})")
+            seen_targets[same] = t
         if not devices and not concs:
             raise PlanError(f"group {name}: no devices and no concentrators")
         groups.append(Group(name, list(devices), concs,
                             _fraction(g.get("success_threshold", 0.0), f"group {name}: success_threshold")))
     retries = {"UNREACHABLE": 2, "KO": 0, "ERROR": 0}
-    r = c.get("retries", {})
+    r = _table(c.get("retries", {}), "campaign.retries", "[campaign.retries] with unreachable, ko, error")
     _known(r, {"unreachable", "ko", "error"}, "[campaign.retries]")
     for k, v in r.items():
         retries[k.upper()] = _int(v, f"campaign.retries.{k}", 0, 20)
-    a = c.get("abort", {})
+    a = _table(c.get("abort", {}), "campaign.abort", "[campaign.abort] with threshold, min_finished, count")
     _known(a, {"threshold", "min_finished", "count"}, "[campaign.abort]")
     count = a.get("count", ["KO", "ERROR"])
     if not isinstance(count, list) or not all(str(x).upper() in FAILURE_CLASSES for x in count):

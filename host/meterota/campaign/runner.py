@@ -16,6 +16,17 @@ checked after every result (`aborted`). Outside the time window nothing new
 starts; after the campaign's duration, or when the window will not open again,
 it ends `expired`. Devices never tried end CANCELLED; devices that failed
 after their retries become work orders.
+
+Ownership: a campaign is run by one process at a time, the holder of its
+lease (ledger.acquire: owner and expiry, taken in one transaction, renewed at
+2 Hz). Every ledger write checks the lease inside its transaction and the
+upgrade steps check it before they act on a device, so a process that was
+stopped (SIGSTOP) past its lease and taken over stops instead of carrying on.
+
+One device is flashed once: plan targets are compared by canonical address
+(plan.py), and each direct device's answered id is claimed in the ledger
+before anything is written to it (a second target answering the same id is
+CANCELLED, not upgraded).
 """
 
 from __future__ import annotations
@@ -32,10 +43,10 @@ from typing import Any, Callable
 
 from .. import image as img
 from ..client import SMPClient
-from ..concentrator import Concentrator, JobSpec, verify_result
-from ..errors import (ConfirmationError, MeterotaError, SilentAfterReset, TransportError, UpgradeKO,
-                     EXIT_KO, EXIT_OK, EXIT_STOPPED)
-from .ledger import FAILED, FINAL, Ledger
+from ..concentrator import Concentrator, JobSpec, record_relayed
+from ..errors import (CampaignBusy, ImageError, MeterotaError, NotRecorded, SilentAfterReset, TransportError, UpgradeKO,
+                      EXIT_KO, EXIT_OK, EXIT_STOPPED)
+from .ledger import FAILED, FINAL, LeaseLost, Ledger
 from .plan import ConcentratorTarget, Group, Plan, PlanError
 from ..store import Outcome, Store
 from ..transport import from_address
@@ -69,11 +80,8 @@ def read_image(path: str) -> tuple[bytes, img.ImageInfo]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise PlanError(f"cannot read the plan's image {path}: {e.strerror}") from None
-    info = img.parse(data)
-    if not info.hash_ok:
-        raise PlanError(f"{path}: image hash TLV does not match its contents: the file is corrupt")
-    return data, info
+        raise ImageError(f"cannot read the plan's image {path}: {e.strerror}") from None
+    return data, img.checked(data, path)
 
 
 def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = None) -> str:
@@ -86,6 +94,8 @@ def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = 
             n += 1
             cid = f"{base}-{n}"
     elif ledger.campaign(cid) is not None:
+        if ledger.owned_elsewhere(cid):
+            ledger.acquire(cid)  # raises CampaignBusy naming the owner
         raise PlanError(f"campaign {cid} exists already: use `meterota campaign resume {cid}`")
     ledger.create_campaign(cid, plan.name, plan.as_dict(), plan_file, info.hash.hex(), info.version_str)
     for g in plan.groups:
@@ -125,6 +135,8 @@ class Runner:
         self.end_state: str | None = None
         self.end_reason = ""
         self.interrupted = False  # Ctrl-C: stop without ending the campaign, so it can be resumed
+        self.lost: LeaseLost | None = None  # another process took the campaign over: stop, write nothing
+        self.lease_until = 0.0
 
     # -- control ---------------------------------------------------------------
     def halt(self, state: str, reason: str) -> None:
@@ -139,23 +151,49 @@ class Runner:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def _lose(self, e: LeaseLost) -> None:
+        if self.lost is None:
+            self.lost = e
+            self.interrupted = True  # leave jobs and devices to the new owner
+            self.step(str(e))
+        self._stop.set()
+
+    def own(self) -> None:
+        """Raise LeaseLost unless this process still owns the campaign: checked
+        before every unit and every step that acts on a device. Free while
+        the lease we renewed has time left; past it, renewed first (a process
+        resumed from SIGSTOP finds out here that it was taken over)."""
+        if self.lost is not None:
+            raise self.lost
+        if time.time() < self.lease_until - 1.0:
+            return
+        try:
+            self.lease_until = self.ledger.renew(self.cid)
+        except LeaseLost as e:
+            self._lose(e)
+            raise
+
     def _watch(self, done: threading.Event) -> None:
-        """A user's `campaign abort` (written to the ledger) and the campaign's
-        duration, noticed within POLL_S."""
+        """A user's `campaign abort` (written to the ledger), the campaign's
+        duration and our lease, noticed within POLL_S."""
         while not done.wait(POLL_S):
+            try:
+                self.lease_until = self.ledger.renew(self.cid)
+            except LeaseLost as e:
+                self._lose(e)
+                return
             c = self.ledger.campaign(self.cid)
             if c and c["state"] == "aborted":
                 self.halt("aborted", c["reason"] or "aborted by the operator")
             if time.time() >= self.deadline:
                 self.halt("expired", "the campaign's duration is over")
-            self.ledger.heartbeat(self.cid, os.getpid())
 
     def _check_abort(self) -> None:
         a = self.plan.abort
         counts = self.ledger.counts(self.cid).get("", {})
         finished = sum(counts.get(s, 0) for s in ("OK", "KO", "UNREACHABLE", "ERROR"))
         failed = sum(counts.get(s, 0) for s in a.count)
-        if finished >= a.min_finished and finished and failed / finished >= a.threshold:
+        if a.tripped(failed, finished):
             self.halt("aborted", f"{failed} of {finished} finished devices failed ({', '.join(a.count)}), "
                                  f"at or over the abort threshold of {a.threshold:.0%}")
 
@@ -182,7 +220,22 @@ class Runner:
     def run(self) -> Summary:
         if self.row["state"] != "running":
             raise PlanError(f"campaign {self.cid} is {self.row['state']}: nothing to resume")
-        self.ledger.heartbeat(self.cid, os.getpid())
+        self.ledger.acquire(self.cid)  # CampaignBusy when another process runs it
+        self.lease_until = time.time() + 1.0
+        try:
+            summary = self._run()
+        except LeaseLost as e:
+            self._lose(e)
+            raise self.lost or e from None
+        finally:
+            if self.lost is None:
+                self.ledger.release(self.cid)
+            self.ledger.guarded = None
+        if self.lost is not None:
+            raise self.lost
+        return summary
+
+    def _run(self) -> Summary:
         done = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(done,), daemon=True, name="campaign-watch")
         watcher.start()
@@ -202,6 +255,8 @@ class Runner:
         finally:
             done.set()
             watcher.join()
+        if self.lost is not None:
+            raise self.lost
         return self._finish()
 
     def _gate(self, g: Group) -> None:
@@ -229,11 +284,14 @@ class Runner:
     def _guard(self, unit: Callable[[], None]) -> None:
         try:
             unit()
+        except LeaseLost as e:
+            self._lose(e)
         except Exception as e:  # noqa: BLE001 - a bug in one unit must not stop the others unrecorded
             log.exception("campaign unit failed")
             self.halt("aborted", f"internal error: {type(e).__name__}: {e}")
 
     def _finish(self) -> Summary:
+        self.own()
         state = self.end_state or "done"
         reason = self.end_reason
         for r in self.ledger.devices(self.cid):
@@ -269,9 +327,15 @@ class Runner:
             assert row is not None
             if row["state"] in FINAL or self.stopping() or not self._window():
                 return
+            self.own()
             self.ledger.start_attempt(self.cid, address, g.name)
             self.step(f"{address}: upgrading (attempt {int(row['attempts']) + 1})")
             result, reason, extra = self._upgrade_direct(address)
+            if extra.pop("duplicate_of", None) is not None:
+                self.ledger.finish_device(self.cid, address, "CANCELLED", reason, final=True, count=False,
+                                          device=extra.get("device"))
+                self.step(f"{address}: {reason}")
+                return
             final = self._final(row, result)
             self.ledger.finish_device(self.cid, address, result, reason, final=final, **extra)
             self.step(f"{extra.get('device') or address}: {result}{'' if final else ' (will retry)'} {reason}")
@@ -286,11 +350,35 @@ class Runner:
             t.open()
         except TransportError as e:
             return "UNREACHABLE", str(e), {}
+        dup: list[str] = []
+
+        def claim(device_id: str) -> None:
+            other = self.ledger.claim_device(self.cid, address, device_id)
+            if other is not None:
+                dup.append(other)
+                raise _Duplicate(f"{address} answers as {device_id}, the device of target {other}: not upgraded "
+                                 "a second time")
+
+        def step(text: str) -> None:
+            self.own()  # before each step that acts on the device
+            log.info("%s: %s", address, text)
+
         up = Upgrader(SMPClient(t, timeout=self.timeout, retries=self.retries), self.store,
-                      reset_timeout=self.plan.device_timeout, campaign=self.cid)
+                      reset_timeout=self.plan.device_timeout, campaign=self.cid, claim=claim, step=step,
+                      progress=lambda done, total: self.own())
         try:
             res = up.run(self.data)
             result, reason = res.result, res.reason
+        except LeaseLost:
+            t.close()
+            raise
+        except _Duplicate as e:
+            t.close()
+            return "CANCELLED", str(e), {"duplicate_of": dup[0], "device": None}
+        except NotRecorded as e:
+            # The device reached an outcome the records could not take (spooled):
+            # the ledger keeps it open, the operator imports the spool.
+            result, reason = "ERROR", str(e)
         except (UpgradeKO, SilentAfterReset) as e:
             result, reason = "KO", str(e)
         except TransportError as e:
@@ -452,45 +540,57 @@ class Runner:
         for e in new:
             if e["result"] == "UNREACHABLE" and down is None:
                 down = {str(m["id"]): m for m in conc.meters()}
-            self._meter_result(e, conc_id, down)
+            self._meter_result(e, conc_id, down, job)
             seen += 1
             self.ledger.job_seen(self.cid, ct.address, rnd, seen)
         self._check_abort()
         return seen
 
-    def _meter_result(self, e: dict[str, Any], conc_id: str, meters: dict[str, Any] | None) -> None:
-        target = str(e["meter"])
-        row = self.ledger.device_row(self.cid, target)
-        if row is None or row["state"] in FINAL:
-            return
-        result, reason = str(e["result"]), str(e.get("reason", ""))
-        attempts = int(e.get("attempts", 0))
-        t = float(e.get("t") or time.time())
-        if result == "UNREACHABLE" and attempts == 0:
-            # Never tried: the job's window or duration ran out first. Try again in the next round.
-            self.ledger.finish_device(self.cid, target, result, reason, final=False, count=False)
-            return
-        conf = None
-        try:
-            conf = verify_result(e, self.store, self.hash)
-            if conf is not None and result == "OK" and conf.result != "OK":
-                result, reason = "KO", f"relayed OK contradicts the meter's record: {conf.reason}"
-        except ConfirmationError as err:
-            result, reason = "ERROR", f"relayed record rejected: {err}"
-        if result == "OK" and conf is None:
-            result, reason = "ERROR", "relayed OK without the meter's confirmation record"
-        last_seen: float | None = t
-        if result == "UNREACHABLE":
-            m = (meters or {}).get(target, {})
-            last_seen = float(m["since"]) if m.get("version") and m.get("since") else None
-        final = True if result == "UNREACHABLE" else self._final(row, result)  # the job spent its retries
-        self.store.add(Outcome(target, conc_id, conf.previous_version if conf else None, self.version,
-                               self.hash.hex(), result, reason, max(1, attempts), t, t,
-                               conf.raw if conf else None, conf.mac if conf else None, conf is not None, self.cid))
-        self.ledger.finish_device(self.cid, target, result, reason, final=final,
-                                  from_version=conf.previous_version if conf else None,
-                                  record=conf.raw if conf else None, mac=conf.mac if conf else None,
-                                  verified=conf is not None, last_seen=last_seen, attempts=attempts, t=t)
+    def _meter_result(self, e: dict[str, Any], conc_id: str, meters: dict[str, Any] | None, job: int) -> None:
+        take_meter_result(self.ledger, self.store, self.cid, self.plan, self.hash, self.version, e, conc_id, job,
+                          meters)
+
+
+class _Duplicate(MeterotaError):
+    """A direct target answers with the id of a device another target is."""
+
+
+def take_meter_result(ledger: Ledger, store: Store, cid: str, plan: Plan, image_hash: bytes, version: str,
+                      e: dict[str, Any], conc_id: str, job: int, meters: dict[str, Any] | None) -> None:
+    """One relayed result into the records (concentrator.record_relayed: verified,
+    fresh, once) and the ledger. A meter marked CANCELLED (an abort) still takes
+    the outcome its cancelled job reached on it: the ledger follows the device."""
+    target = str(e["meter"])
+    row = ledger.device_row(cid, target)
+    if row is None:
+        return
+    result = str(e["result"])
+    attempts = int(e.get("attempts", 0))
+    t = float(e.get("t") or time.time())
+    if row["state"] in FINAL and not (row["state"] == "CANCELLED" and result in ("OK", "KO") and "rec" in e):
+        return
+    if result == "UNREACHABLE" and attempts == 0:
+        # Never tried: the job's window or duration ran out first. Try again in the next round.
+        if row["state"] not in FINAL:
+            ledger.finish_device(cid, target, result, str(e.get("reason", "")), final=False, count=False)
+        return
+    rel = record_relayed(e, store, image_hash, version, conc_id, conc_id, job, cid)
+    result, reason, conf = rel.result, rel.reason, rel.conf
+    if row["state"] == "CANCELLED" and conf is None:
+        return  # nothing verified to say the cancelled job did more than it was said to
+    last_seen: float | None = t
+    if result == "UNREACHABLE":
+        m = (meters or {}).get(target, {})
+        last_seen = float(m["since"]) if m.get("version") and m.get("since") else None
+    if result == "UNREACHABLE" or result == "OK":
+        final = True  # the job spent its retries
+    else:
+        col = {"KO": "fails_ko", "ERROR": "fails_error"}[result]
+        final = int(row[col]) + 1 > plan.retries.get(result, 0)
+    ledger.finish_device(cid, target, result, reason, final=final,
+                         from_version=conf.previous_version if conf else None,
+                         record=conf.raw if conf else None, mac=conf.mac if conf else None,
+                         verified=conf is not None, last_seen=last_seen, attempts=attempts, t=t)
 
 
 class _ConcLink:
@@ -518,37 +618,60 @@ class _ConcLink:
             self.client.t.close()
 
 
-def abort(ledger: Ledger, cid: str, reason: str, timeout: float = 3.0, retries: int = 3) -> list[str]:
-    """Mark a campaign aborted. A running `campaign run` notices within a
-    second and cancels its jobs; when none runs, its open jobs are cancelled
-    here. Returns what was done, a line each."""
+def abort(ledger: Ledger, cid: str, reason: str, timeout: float = 3.0, retries: int = 3,
+          job_wait: float = 120.0) -> list[str]:
+    """Mark a campaign aborted. A running `campaign run` (the holder of its
+    lease) notices within a second, cancels its jobs and takes their results
+    in. When none runs, this takes the lease, cancels the open jobs, waits
+    for each to end (a meter in flight finishes) and takes in what they did
+    before the rest become CANCELLED. Returns what was done, a line each."""
     c = ledger.campaign(cid)
     if c is None:
         raise PlanError(f"no campaign {cid}")
     if c["state"] != "running":
         raise PlanError(f"campaign {cid} is {c['state']}, not running")
+    alive = ledger.owned_elsewhere(cid)
+    if not alive:
+        try:
+            ledger.acquire(cid)  # a stopped runner that comes back finds it taken and stops
+        except CampaignBusy:
+            alive = True
     ledger.set_campaign(cid, state="aborted", reason=reason)
     ledger.event(cid, "abort", reason=reason)
-    alive = c["heartbeat"] is not None and time.time() - float(c["heartbeat"]) < 5 * POLL_S and c["pid"] and \
-        _pid_alive(int(c["pid"]))
     done = [f"campaign {cid} marked aborted"]
     if alive:
-        done.append(f"the running campaign process (pid {c['pid']}) stops its work and cancels its jobs")
+        c = ledger.campaign(cid) or c
+        done.append(f"the running campaign process ({c['owner']}) stops its work, cancels its jobs and takes "
+                    "their results in")
         return done
+    plan = Plan.from_dict(c["plan"])
     for j in ledger.jobs(cid):
         if j["state"] in ("running", "creating") and j["job"] is not None:
+            job = int(j["job"])
             try:
                 with _ConcLink(j["concentrator"], timeout, retries) as conc:
-                    conc.cancel(int(j["job"]))
-                ledger.put_job(cid, j["concentrator"], j["round"], j["job"], "cancelled")
-                done.append(f"job {j['job']} on {j['concentrator']} cancelled")
+                    conc.cancel(job)
+                    conc.wait(job, job_wait)  # "cancelling" while a meter is in flight
+                    conc_id = str((conc.c.device_info or {}).get("id") or j["concentrator"])
+                    seen = int(j["seen"] or 0)
+                    taken = 0
+                    for e in list(conc.results_from(job, seen)):
+                        take_meter_result(ledger, ledger.store, cid, plan, bytes.fromhex(c["image_hash"]),
+                                          c["version"], e, conc_id, job, None)
+                        seen += 1
+                        taken += 1
+                        ledger.job_seen(cid, j["concentrator"], j["round"], seen)
+                ledger.put_job(cid, j["concentrator"], j["round"], job, "cancelled")
+                done.append(f"job {job} on {j['concentrator']} cancelled" +
+                            (f"; {taken} results it reached taken in" if taken else ""))
             except MeterotaError as e:
-                done.append(f"job {j['job']} on {j['concentrator']} NOT cancelled: {e}")
+                done.append(f"job {job} on {j['concentrator']} NOT cancelled: {e}")
     for r in ledger.devices(cid):
         if r["state"] not in FINAL:
             ledger.finish_device(cid, r["target"], "CANCELLED", f"not upgraded: campaign aborted ({reason})",
                                  final=True, count=False)
     ledger.set_campaign(cid, finished=time.time())
+    ledger.release(cid)
     return done
 
 
@@ -575,7 +698,9 @@ def record_field_upgrade(ledger: Ledger, cid: str, res: Any) -> list[dict[str, A
         ledger.add_target(cid, target, "field", "direct", device=res.device, address=res.address,
                           image_hash=res.image_hash, version=res.to_version)
     conf = res.confirmation or {}
-    ok = res.result == "OK" and res.image_hash == c["image_hash"]
+    # Only a verified OK record of this image closes a work order (Upgrader says OK on nothing less).
+    ok = res.result == "OK" and res.image_hash == c["image_hash"] and conf.get("result") == "OK" \
+        and conf.get("hash") == c["image_hash"]
     ledger.update_device(cid, target, attempts=int((ledger.device_row(cid, target) or {}).get("attempts", 0)) + 1,
                          last_attempt=time.time())
     ledger.finish_device(cid, target, res.result, f"field upgrade: {res.reason}", final=True, device=res.device,
