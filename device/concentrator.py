@@ -43,6 +43,7 @@ KMAX = const(64)  # meters worked on at once at most (config `parallel`, job `pa
 _CHUNK_HDR = const(26)  # SMP header + {"off": u32, "data": bstr16} before the data
 _BLOCK_HDR = const(32)  # SMP header + {"s", "o", ["p"], "d"} before a multicast block's data
 MC_OVERHEAD = const(32)  # bytes of medium framing per frame the broadcast pacing assumes
+REPLY_EST = const(600)  # bytes of a large reply (state, info) with the medium's framing
 DRAIN_MS = const(500)  # after the last block: time for it to cross the medium
 FLOW = const(0)  # slot kinds; ANNOUNCE is also the session's first phase
 ANNOUNCE = const(1)
@@ -445,9 +446,10 @@ class Engine:
 
     # -- requests in flight ----------------------------------------------------------
     def _tmo(self, base, n):
-        # On a medium of known rate, a reply also waits for what is queued before it.
+        # On a medium of known rate, a reply also waits for what is queued before
+        # it: our requests in flight, and a reply (up to REPLY_EST) per meter worked on.
         if self.med_bps:
-            return base + (self.inflight_bytes + n + 2 * MC_OVERHEAD) * 16000 // self.med_bps
+            return base + (self.inflight_bytes + n + len(self.work) * REPLY_EST) * 16000 // self.med_bps
         return base
 
     def _send(self, s, frame, tmo, retries):

@@ -53,7 +53,8 @@ class Fleet:
         self.meters: list[SimDevice] = []
         self.concentrators: list[SimDevice] = []
         self.proxies: list[UDPFaultProxy] = []
-        self.media: list[Medium] = []
+        self.media: list[Medium] = []  # one per concentrator, with FleetOptions.medium
+        self.links: list[Medium] = []  # the slow meters' own links
         self.spec = MediumSpec.parse(self.opts.medium) if self.opts.medium else None
         self._reserved: list[str] = []
 
@@ -99,13 +100,17 @@ class Fleet:
         addr = d.address[len("udp:"):]
         if med is not None:
             return {"id": mid, "link": f"udp:{med.add(addr)}"}  # loss and delay are the medium's
-        if mid in self.opts.lossy or mid in self.opts.slow:
-            if mid in self.opts.slow:
-                # Every datagram is held and, with no successor in stop-and-wait
-                # traffic, released after hold_s: a fixed added latency.
-                p = UDPFaultProxy(None, addr, reorder=1.0, hold_s=self.opts.slow_delay_s, seed=c * 100 + m)
-            else:
-                p = UDPFaultProxy(None, addr, loss=self.opts.loss, seed=c * 100 + m)
+        if mid in self.opts.slow:
+            # A link of its own with a fixed latency each way (pipelined traffic
+            # stays in order, as on a real slow link).
+            slow = Medium(MediumSpec(kind="star", rate_bps=1e9, latency_s=self.opts.slow_delay_s, overhead=0,
+                                     seed=c * 100 + m))
+            link = slow.add(addr)
+            slow.start()
+            self.links.append(slow)
+            return {"id": mid, "link": f"udp:{link}"}
+        if mid in self.opts.lossy:
+            p = UDPFaultProxy(None, addr, loss=self.opts.loss, seed=c * 100 + m)
             p.start()
             self.proxies.append(p)
             addr = f"{p.host}:1337"
@@ -116,7 +121,7 @@ class Fleet:
             d.stop()
         for p in self.proxies:
             p.stop()
-        for med in self.media:
+        for med in self.media + self.links:
             med.stop()
         for h in self._reserved:
             _release_udp(h)
