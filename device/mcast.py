@@ -147,6 +147,8 @@ class Receiver:
 
 
 def register(disp, images):
+    """Register eagerly (receiver._multicast registers lazily, loading this on
+    the first announce)."""
     r = Receiver(disp, images)
     disp.register(GROUP, CMD_ANNOUNCE, r.status, r.announce)
     disp.register(GROUP, CMD_BLOCK, None, r.block)
