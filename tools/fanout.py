@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "host"))
@@ -40,7 +41,7 @@ from meterota.transport import from_address  # noqa: E402
 MODES = {"sequential": (1, "unicast"), "parallel": (None, "unicast"), "multicast": (None, "multicast")}
 
 
-def run(fleet: Fleet, data: bytes, version: str, mode: str, k: int) -> dict[str, object]:
+def run(fleet: Fleet, data: bytes, version: str, mode: str, k: int) -> dict[str, Any]:
     par, how = MODES[mode]
     tr = from_address(port=fleet.concentrators[0].address)
     tr.open()
@@ -96,7 +97,7 @@ def main() -> int:
         if m not in MODES:
             p.error(f"unknown mode {m}")
     versions = iter(f"1.{i}.0" for i in range(1, 100))
-    images = {}
+    images: dict[str, bytes] = {}
     print(f"medium {spec}; concentrator -X heapsize=256wK, meters 128wK; K={a.parallel}", flush=True)
     for n in [int(x) for x in a.meters.split(",")]:
         with tempfile.TemporaryDirectory(dir=os.environ.get("FANOUT_DIR")) as t:

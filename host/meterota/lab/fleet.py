@@ -77,8 +77,8 @@ class Fleet:
                 if self.opts.multicast is not None:
                     extra["multicast"] = self.opts.multicast
                 d = SimDevice(self.base / concentrator_id(c), device_id=concentrator_id(c),
-                              transport=self.opts.transport, heap=self.opts.concentrator_heap,
-                              extra=extra)  # type: ignore[arg-type]
+                              transport=self.opts.transport,  # type: ignore[arg-type]
+                              heap=self.opts.concentrator_heap, extra=extra)
                 self.concentrators.append(d)
                 d.start(timeout=timeout)
         except BaseException:

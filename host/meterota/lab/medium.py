@@ -269,8 +269,9 @@ class Medium:
                         self._wake_r.recv(64)
                         continue
                     role, st = key.data
-                    sock = key.fileobj
-                    assert isinstance(sock, socket.socket)
+                    fo = key.fileobj
+                    assert isinstance(fo, socket.socket)
+                    sock = fo
                     while True:
                         try:
                             data, src = sock.recvfrom(65536)
