@@ -39,7 +39,9 @@ RC_STORE_BUSY = const(5)  # a job still uses the stored image
 META_STORE_SESSION = const(3)  # meta sector of the image store's upload session
 CHUNK = const(1024)  # bytes of image per request to a meter, and per multicast block (upload.BLOCK)
 WMAX = const(4)  # upload requests in flight to one meter at most (and its buf_count)
-KMAX = const(64)  # meters worked on at once at most (config `parallel`, job `parallel`)
+KMAX = const(64)  # meters worked on at once at most (config `parallel`, job `parallel`), and as the heap allows:
+SLOT_HEAP = const(12288)  # heap a busy slot takes (its 4 frames, its flow, requests, replies)
+HEAP_RESERVE = const(131072)  # heap kept for the host's requests and everything else
 _CHUNK_HDR = const(26)  # SMP header + {"off": u32, "data": bstr16} before the data
 _BLOCK_HDR = const(32)  # SMP header + {"s", "o", ["p"], "d"} before a multicast block's data
 MC_OVERHEAD = const(32)  # bytes of medium framing per frame the broadcast pacing assumes
@@ -199,7 +201,11 @@ class Engine:
         self.probe_at = time.ticks_ms()
         self.probe_i = 0
         # Meters worked on at once: K slots, each with its frames preallocated.
-        self.kmax = max(1, min(KMAX, int(cfg.get("parallel", 8))))
+        # Within the heap: a busy slot holds its frames and what its flow
+        # allocates; what is left must serve the host (a datagram of buf_size).
+        gc.collect()
+        fit = max(1, (gc.mem_free() - HEAP_RESERVE) // SLOT_HEAP)
+        self.kmax = max(1, min(KMAX, int(cfg.get("parallel", 8)), fit))
         self.slots = [Slot() for _ in range(self.kmax)]
         self.work = {}  # meter id -> slot
         self.by_addr = {}  # UDP address -> slot
@@ -493,7 +499,9 @@ class Engine:
     def _rx(self):
         sock = smpc.udp_socket()
         n = self.ctx.buf_size + 8
-        while True:
+        # Bounded: replies can come in as fast as they are handled (each sends
+        # the next request), and the host must be served in between.
+        for _ in range(2 * len(self.work) + 2):
             try:
                 data, src = sock.recvfrom(n)
             except OSError:
