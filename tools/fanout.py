@@ -80,7 +80,7 @@ def run(fleet: Fleet, data: bytes, version: str, mode: str, k: int) -> dict[str,
             "down_airtime_s": round(counts["down"]["airtime_s"], 1), "up_airtime_s": round(counts["up"]["airtime_s"], 1),
             "lost": counts["total"]["lost"], "heap_peak": full["heap_peak"], "heap_live_peak": full["heap_live_peak"],
             "via": via, "failures": fails, "requests": full["requests"] - before["requests"],
-            "resent": full["resent"] - before["resent"]}
+            "resent": full["resent"] - before["resent"], "k": full["jobs"][0]["parallel"]}
 
 
 def main() -> int:
@@ -114,7 +114,7 @@ def main() -> int:
                     if a.json:
                         print(json.dumps(r), flush=True)
                     else:
-                        print(f"{n:>4} meters {mode:<10} {r['ok']:>3} OK {r['seconds']:>7.1f} s  medium bytes "
+                        print(f"{n:>4} meters {mode:<10} K={r['k']:<3} {r['ok']:>3} OK {r['seconds']:>7.1f} s  medium bytes "
                               f"{r['medium_bytes_per_image']:>6.2f} x image (image data {r['image_bytes_per_image']:.2f} x)"
                               f"  airtime {r['airtime_per_image']:>6.2f} x one image (broadcast "
                               f"{r['broadcast_airtime_s']} s, down {r['down_airtime_s']} s, up {r['up_airtime_s']} s)  "
