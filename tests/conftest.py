@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,6 +33,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--port", default=None, help="run the end-to-end tests against a real board on this port")
     parser.addoption("--board", default=None, help="board type of --port (esp32, rp2)")
     parser.addoption("--key", default=None, help="the board's HMAC key (hex); default: the key registry")
+    parser.addoption("--sim-board", default=None, choices=["rp2", "esp32"],
+                     help="HIL mode against a simulated board (meterota sim --board): one board for the "
+                          "session, used exactly as --port uses a real one")
+    parser.addoption("--sim-speed", type=float, default=1.0,
+                     help="--sim-board CPU speed as a multiple of the board's (default 1.0)")
 
 
 def run_mp(tmp_path: Path, code: str, heap: str = "128wK", env: dict[str, str] | None = None,
@@ -69,10 +76,12 @@ def image_vectors() -> dict[str, Any]:
 
 
 class Images:
-    """Application images made with the real pipeline (littlefs-python + imgtool), cached."""
+    """Application images made with the real pipeline (littlefs-python + imgtool), cached; in HIL
+    mode built for the board under test (its slot size and board TLV)."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, board: str | None = None):
         self.base = base
+        self.board = board
         self._cache: dict[tuple[str, str], Path] = {}
 
     def app(self, version: str, *, app_py: str | None = None, key: Path | None = None) -> Path:
@@ -83,7 +92,12 @@ class Images:
         d.mkdir(parents=True)
         if app_py is not None:
             (d / "app.py").write_text(app_py)
-        data = img.build_image(d, version, slot_size=unix_slot_size(), key=key)
+        if self.board:
+            from meterota.boards import slot_size
+
+            data = img.build_image(d, version, slot_size=slot_size(self.board), key=key, board=self.board)
+        else:
+            data = img.build_image(d, version, slot_size=unix_slot_size(), key=key)
         out = self.base / f"app-{version}-{len(self._cache)}.bin"
         out.write_bytes(data)
         if key is None:
@@ -92,8 +106,56 @@ class Images:
 
 
 @pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
-    return Images(tmp_path_factory.mktemp("images"))
+def images(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Images:
+    board = request.config.getoption("--sim-board") or (
+        (request.config.getoption("--board") or "rp2") if request.config.getoption("--port") else None)
+    return Images(tmp_path_factory.mktemp("images"), board)
+
+
+@dataclass
+class HilTarget:
+    """The board of a HIL run: a real one (--port) or a simulated one (--sim-board)."""
+
+    port: str
+    board: str
+    key: bytes | None
+    sim: SimDevice | None = None
+
+
+def hil_mode(config: pytest.Config) -> bool:
+    return bool(config.getoption("--port") or config.getoption("--sim-board"))
+
+
+HIL_TEST_TIMEOUT = 1800  # s: a Pico's upgrade takes ~100 s, and each test starts with a return to factory
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hil_mode(config):
+        for item in items:
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(HIL_TEST_TIMEOUT))
+
+
+@pytest.fixture(scope="session")
+def hil(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HilTarget]:
+    cfg = request.config
+    sim_board = cfg.getoption("--sim-board")
+    if sim_board:
+        # As a lab rig deploys it for HIL: the factory image, downgrades allowed (each test starts
+        # from 1.0.0), no REPL grace at boot.
+        d = SimDevice(tmp_path_factory.mktemp("hil") / "board", device_id=f"hil-{sim_board}", board=sim_board,
+                      speed=cfg.getoption("--sim-speed") or None, extra={"grace_ms": 0, "allow_downgrade": True})
+        d.start(timeout=600)
+        try:
+            yield HilTarget(d.address[len("serial:"):], sim_board, d.key, d)
+        finally:
+            d.stop()
+        return
+    port = cfg.getoption("--port")
+    if not port:
+        pytest.skip("HIL only: pass --port PORT --board B, or --sim-board rp2|esp32")
+    key = cfg.getoption("--key")
+    yield HilTarget(port, cfg.getoption("--board") or "rp2", bytes.fromhex(key) if key else None)
 
 
 class BoardDevice:
@@ -104,12 +166,15 @@ class BoardDevice:
     test the board is brought back to the factory runtime 1.0.0 (deploy it with
     --allow-downgrade for HIL)."""
 
-    def __init__(self, port: str, board: str, key: bytes | None):
+    def __init__(self, port: str, board: str, key: bytes | None, sim: SimDevice | None = None):
         from meterota.client import SMPClient
         from meterota.transport import from_address
 
         self.address = f"serial:{port}"
         self.board = board
+        self.sim = sim
+        # A HIL board is deployed with downgrades allowed: every test starts from the factory 1.0.0.
+        self.allows_downgrade = True
         t = from_address(port=port)
         t.open()
         self._c = SMPClient(t, timeout=3.0)
@@ -126,22 +191,52 @@ class BoardDevice:
         self.key = key
 
     def baseline(self) -> None:
+        """Back to the factory runtime 1.0.0, confirmed, nothing pending, from whatever state the
+        last test left: a trial image (reset: it reverts), a test pending in the free slot or a
+        half-done upload (erased), another uploader's session (it expires: wait, then erase)."""
         from meterota.boards import slot_size
-        from meterota.upgrade import Upgrader
+        from meterota.client import SMPError
+        from meterota.upgrade import Upgrader, _send_reset, reset_wait, wait_back
 
+        c = self._c
+        c.connect()
+        info = c.info()
+        if info.get("trial"):
+            boots = int(info.get("boots", 0))
+            _send_reset(c)
+            info = wait_back(c, reset_wait(c), boots)
+        busy_until = time.monotonic() + 30.0  # the device hands an idle session over after 10 s
+        while True:
+            try:
+                c.image_erase(1)
+                break
+            except SMPError as e:
+                if e.rc != 10 or time.monotonic() > busy_until:  # EBUSY: another uploader's session
+                    raise
+                time.sleep(1.0)  # polling the device's session at 1 Hz until it expires; not synchronisation
         factory = img.build_image(None, "1.0.0", slot_size=slot_size(self.board), board=self.board)
-        Upgrader(self._c, None, key=self.key, allow_downgrade=True, reset_timeout=60).run(factory)
+        info = c.info()
+        active = next((sl for sl in info["slots"] if sl.get("active")), {})
+        if active.get("hash") == img.parse(factory).hash and not info.get("trial"):
+            return  # the factory image runs confirmed (a fresh board has no record to verify yet)
+        Upgrader(c, None, key=self.key, allow_downgrade=True).run(factory)
 
     def ready_generation(self) -> int:
         return int(self._c.info()["boots"])
 
-    def wait_ready(self, timeout: float = 60.0, *, after: int | None = None) -> None:
-        from meterota.upgrade import wait_back
+    def wait_ready(self, timeout: float | None = None, *, after: int | None = None) -> None:
+        from meterota.upgrade import reset_wait, wait_back
 
-        wait_back(self._c, timeout, after if after is not None else self.ready_generation())
+        wait_back(self._c, reset_wait(self._c, timeout), after if after is not None else self.ready_generation())
 
     def close(self) -> None:
         self._c.t.close()
+
+    def start(self, *a: Any, **k: Any) -> None:
+        self._needs_sim("starting the device process at will")
+
+    def stop(self, *a: Any, **k: Any) -> None:
+        self._needs_sim("stopping the device process at will")
 
     def _needs_sim(self, what: str) -> Any:
         pytest.skip(f"needs the simulator: {what}")
@@ -162,14 +257,14 @@ def make_device(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Call
     """Start simulated devices (real MicroPython device code); stopped at teardown.
     With --port, hand out the real board instead (see BoardDevice)."""
     devs: list[Any] = []
-    port = request.config.getoption("--port")
+    hil_on = hil_mode(request.config)
 
     def make(transport: str = "serial", name: str = "meter-0001", **kw: Any) -> Any:
-        if port:
+        if hil_on:
             if kw:
                 pytest.skip(f"needs the simulator: {', '.join(kw)}")
-            key = request.config.getoption("--key")
-            b = BoardDevice(port, request.config.getoption("--board") or "rp2", bytes.fromhex(key) if key else None)
+            h: HilTarget = request.getfixturevalue("hil")
+            b = BoardDevice(h.port, h.board, h.key, h.sim)
             devs.append(b)
             b.baseline()
             return b
@@ -209,3 +304,38 @@ def smpmgr_target(dev: SimDevice) -> list[str]:
     if a.startswith("serial:"):
         return ["--port", a[len("serial:"):]]
     return ["--ip", a[len("udp:"):].rsplit(":", 1)[0]]
+
+
+# -- the records database on both backends -------------------------------------------------
+# A real PostgreSQL server from Debian's packages (tests/pg.py), started once per session
+# when a test asks for it. `db_target` parametrizes a test over SQLite and PostgreSQL; the
+# PostgreSQL variants carry the `pg` mark, and `make test` keeps those also marked
+# `pg_core` (`make test-pg` runs them all).
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    from pg import PgServer
+
+    s = PgServer()
+    try:
+        s.init()
+    except Exception as e:  # noqa: BLE001 - say what is missing, fail (not skip)
+        s.destroy()
+        pytest.fail(f"cannot start PostgreSQL for the tests: {e}")
+    yield s
+    s.destroy()
+
+
+@pytest.fixture(params=BACKENDS)
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The records database of one test: a SQLite file, or a fresh database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "db")
+    return str(request.getfixturevalue("pg_server").new_database())
+
+
+def db_ready(target: str) -> bool:
+    """Whether a test's database exists yet (a SQLite file appears with the first command)."""
+    return target.startswith("postgresql://") or Path(target).exists()

@@ -108,11 +108,16 @@ def _connected(args: argparse.Namespace) -> Iterator[SMPClient]:
         c.t.close()
 
 
-def open_store(path: Path | None) -> Store:
-    """The records database, or one line saying why it cannot be opened (exit 12)."""
+def open_store(path: Path | str | None) -> Store:
+    """The records database (a SQLite file or a postgresql:// URL), or one line
+    saying why it cannot be opened (exit 12)."""
+    from .db import is_url
     from .store import default_path
 
-    where = Path(path) if path else default_path()
+    target = path if path else default_path()
+    if is_url(target):
+        return Store(str(target))  # db.DatabaseError (a StoreError, exit 12) says what is wrong, in one line
+    where = Path(target)
     if where.is_dir():
         raise errors.StoreError(f"records database {where}: is a directory")
     try:
@@ -125,6 +130,16 @@ def open_store(path: Path | None) -> Store:
 
 def _store(args: argparse.Namespace) -> Store:
     return open_store(args.db)
+
+
+def _publishing(args: argparse.Namespace, st: Store) -> Any:
+    """--publish: outcomes recorded in `st` inside this block also go to the broker."""
+    from .cli_events import note, warn
+    from .publish import publishing
+
+    wait = getattr(args, "publish_wait", None)
+    return publishing(st, getattr(args, "publish", None), wait=10.0 if wait is None else wait, warn=warn,
+                      note=note)
 
 
 def _read_image(path: Path) -> bytes:
@@ -161,7 +176,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     def register(cluster: Any) -> None:
         with _store(args) as st:
             for d in cluster:
-                st.set_key(d.device_id, d.key, "unix", d.address)
+                st.set_key(d.device_id, d.key, d.board, d.address)
 
     return run_sim_cli(args, provision=provision_unix, on_started=register)
 
@@ -188,7 +203,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        fleet.start(timeout=max(args.timeout, 60.0))
+        fleet.start(timeout=max(args.timeout or 20.0, 60.0))
         with _store(args) as st:
             for d in fleet.meters + fleet.concentrators:
                 st.set_key(d.device_id, d.key, "unix", d.address)
@@ -414,7 +429,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         _check_campaign(args, campaign)
     c = _client(args)
     try:
-        with _store(args) as st, out.progress("upload") as prog:
+        with _store(args) as st, _publishing(args, st), out.progress("upload") as prog:
             up = Upgrader(c, st, key=args.key, allow_downgrade=args.allow_downgrade,
                           reset_timeout=args.reset_timeout, progress=prog, step=out.step,
                           campaign=campaign, negotiate=not args.console)
@@ -422,7 +437,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
                 res = up.run(data)
             finally:
                 if campaign and up.last is not None and up.last.recorded:
-                    _field_result(args, campaign, up.last, out)
+                    _field_result(st, campaign, up.last, out)
     finally:
         c.t.close()
     conf = res.confirmation or {}
@@ -442,13 +457,12 @@ def _check_campaign(args: argparse.Namespace, cid: str) -> None:
             raise errors.UsageError(f"no campaign {cid} in {st.path}")
 
 
-def _field_result(args: argparse.Namespace, cid: str, res: Any, out: Out) -> None:
+def _field_result(st: Store, cid: str, res: Any, out: Out) -> None:
     """A technician's upgrade under --campaign: into the ledger; an OK closes the work order."""
     from .campaign.runner import record_field_upgrade
     from .campaign.ledger import Ledger
 
-    with _store(args) as st:
-        closed = record_field_upgrade(Ledger(st), cid, res)
+    closed = record_field_upgrade(Ledger(st), cid, res)
     for w in closed:
         out.step(f"work order {w['id']} for {w['device']} closed")
 
@@ -527,7 +541,7 @@ def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
     h = bytes(st["hash"])
     info = conc.store_info() or {}
     version = str(info.get("version", "?")) if info.get("hash") == h else "?"
-    with _store(args) as db:
+    with _store(args) as db, _publishing(args, db):
         rows = record_results(list(conc.results(job)), db, h, version, conc.c.t.name, getattr(args, "campaign", None),
                               conc_id=str((conc.c.device_info or {}).get("id") or conc.c.t.name), job=job)
     out.result({"job": job, "status": st, "results": rows}, lambda: _print_results(job, st, rows))
@@ -612,7 +626,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _store(args) as st:
-        for row in st.db.execute("SELECT id, board, address FROM devices ORDER BY id"):
+        for row in st.db.rows("SELECT id, board, address FROM devices ORDER BY id"):
             print(f"{row['id']:<16} {row['board'] or '-':<8} {row['address'] or ''}")
     return 0
 
@@ -692,11 +706,14 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_events import add_publish_arguments
+
     p = _Parser(prog="meterota", description="Firmware upgrades for MicroPython meter NICs over SMP")
     p.add_argument("--version", action="version", version=f"meterota {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v steps, -vv protocol traces")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--db", type=Path, default=None, help="SQLite records file (default $METEROTA_DB or "
+    p.add_argument("--db", default=None, metavar="FILE|URL", help="records database: a SQLite file or a "
+                   "postgresql://user:password@host/db URL (default $METEROTA_DB or "
                    "~/.local/share/meterota/meterota.db)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -761,8 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("image", type=Path)
     u.add_argument("--key", type=_hexkey, help="device HMAC key (hex); default: the key registry")
     u.add_argument("--allow-downgrade", action="store_true", help="accept an image older than the running one")
-    u.add_argument("--reset-timeout", type=at.positive_float, default=30.0,
-                   help="seconds to wait for the device after reset")
+    u.add_argument("--reset-timeout", type=at.positive_float, default=None,
+                   help="seconds to wait for the device after reset (default: by its board, 30 s for the "
+                        "simulator, 120 s for rp2/esp32, at least five reply waits of the link)")
     u.add_argument("--campaign", help="a field upgrade for this campaign: its verified result goes into the "
                    "campaign's ledger and an OK closes the device's work order")
     u.add_argument("--via", metavar="CONCENTRATOR", type=_via_address, help="upgrade a meter through this concentrator "
@@ -772,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --via: seconds to wait for the job")
     u.add_argument("--job-retries", dest="job_retries", type=at.int_range(0, 255), default=2,
                    help="with --via: retries of the meter")
+    add_publish_arguments(u)
     u.set_defaults(fn=cmd_upgrade)
 
     up = sub.add_parser("upload", help="upload an image into the free slot (resumes)")
@@ -836,12 +855,15 @@ def build_parser() -> argparse.ArgumentParser:
     jc.add_argument("--wait", action="store_true", help="wait for the job, then verify and record its results")
     jc.add_argument("--wait-timeout", type=at.positive_float, default=3600.0)
     jc.add_argument("--campaign")
+    add_publish_arguments(jc)
     for name, hlp in (("status", "job status (all jobs, or one)"), ("cancel", "cancel a job"),
                       ("results", "per-meter results, relayed records verified and recorded")):
         jp = jb.add_parser(name, help=hlp)
         _device_args(jp)
         jp.add_argument("job", type=at.count, nargs="?" if name == "status" else None)
         jp.add_argument("--campaign")
+        if name == "results":
+            add_publish_arguments(jp)
     jb.choices["create"].set_defaults(fn=cmd_job)
     for name in ("status", "cancel", "results"):
         jb.choices[name].set_defaults(fn=cmd_job)
@@ -857,6 +879,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .campaign.cli import add_parsers, campaign_device_defaults
 
     add_parsers(sub, campaign_device_defaults)
+
+    from .cli_events import add_parser as add_events_parser
+
+    add_events_parser(sub)
 
     r = sub.add_parser("records", help="list recorded upgrade outcomes; `records import [SPOOL]` records the "
                        "outcomes a locked database could not take")

@@ -52,7 +52,16 @@ class UploadStats:
 Progress = Callable[[int, int], None]
 
 
+MAX_WAIT = 120.0  # the longest single wait for a reply, backoff included
+
+
 class SMPClient:
+    """Waits follow the link and the device: each wait for a reply is the link's time for the
+    request and its reply at the port's rate (Transport.line_time), plus the larger of `timeout`
+    and the round trip measured so far (RFC 6298's srtt + 4 rttvar: a slow board, a flash erase
+    it does before answering); a retry waits half as long again. So `timeout` is the floor for a fast
+    link and a quick device, and defaults hold on a 9600-baud line or a Pico."""
+
     def __init__(self, transport: Transport, timeout: float = 2.0, retries: int = 3):
         self.t = transport
         self.timeout = timeout
@@ -60,6 +69,32 @@ class SMPClient:
         self._seq = 0
         self.params = DeviceParams()
         self.device_info: dict[str, Any] | None = None
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+
+    # -- waits -----------------------------------------------------------------
+    def observe_rtt(self, seconds: float) -> None:
+        """One measured round trip, the link's own time taken out (Karn: only for requests that
+        were answered on their first send)."""
+        r = max(0.0, seconds)
+        if self._srtt is None:
+            self._srtt, self._rttvar = r, r / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
+            self._srtt = 0.875 * self._srtt + 0.125 * r
+
+    @property
+    def rto(self) -> float:
+        """The measured round trip with its margin (0 before any measurement)."""
+        return 0.0 if self._srtt is None else self._srtt + 4 * self._rttvar
+
+    def reply_wait(self, out_bytes: int, in_bytes: int | None = None, floor: float | None = None,
+                   attempt: int = 0) -> float:
+        """How long to wait for the reply to a request of `out_bytes` (reply of `in_bytes`, by
+        default the device's largest message) on its `attempt`-th send."""
+        in_bytes = self.max_message if in_bytes is None else in_bytes
+        base = max(self.timeout if floor is None else floor, self.rto)
+        return min(MAX_WAIT, (base + self.t.line_time(out_bytes) + self.t.line_time(in_bytes)) * (1.5 ** attempt))
 
     # -- plumbing ------------------------------------------------------------
     def _next_seq(self) -> int:
@@ -94,11 +129,15 @@ class SMPClient:
         """One request/response; retried on silence; raises SMPError on an error reply."""
         body = body or {}
         tries = (self.retries if retries is None else retries) + 1
-        wait = self.timeout if timeout is None else timeout
         name = what or f"group {group} command {cmd}"
-        for _ in range(tries):
+        out = len(P.encode_request(op, group, cmd, 0, body))
+        waits = []
+        for attempt in range(tries):
+            wait = self.reply_wait(out, floor=timeout, attempt=attempt)
+            waits.append(wait)
+            sent = time.monotonic()
             seq = self.send(op, group, cmd, body)
-            deadline = time.monotonic() + wait
+            deadline = sent + wait
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -109,13 +148,17 @@ class SMPClient:
                 h, rbody = got
                 if h.seq != seq or h.group != group or h.cmd != cmd or h.op != op + 1:
                     continue  # a late reply to an earlier request
+                if attempt == 0:
+                    self.observe_rtt(time.monotonic() - sent - self.t.line_time(out)
+                                     - self.t.line_time(len(cbor2.dumps(rbody)) + 8))
                 err = P.error_of(group, rbody)
                 if err:
                     raise SMPError(err[0], err[1], err[2], name)
                 if not isinstance(rbody, dict):
                     raise ProtocolError(f"{name}: reply is not a CBOR map")
                 return rbody
-        raise DeviceTimeout(f"{name}: no reply from {self.t.name} after {tries} tries of {wait:g} s")
+        raise DeviceTimeout(f"{name}: no reply from {self.t.name} after {tries} tries "
+                            f"(waited {', '.join(f'{w:.3g}' for w in waits)} s)")
 
     # -- connection ----------------------------------------------------------
     def connect(self, negotiate: bool = True) -> None:
@@ -219,14 +262,14 @@ class SMPClient:
         """One session from off=0; False when the device dropped it (start again)."""
         total = plan.total
         group, cmd, body, first_end = plan.request(0)
-        # The first chunk may cost the device a sector erase: a little more time than the rest.
-        r = self.request(P.Op.WRITE, group, cmd, body, timeout=max(self.timeout, 2.0), what="upload")
+        r = self.request(P.Op.WRITE, group, cmd, body, what="upload")
         acked = _off(r, total)
         stats.resumed_from = acked if acked != first_end else 0
         stats.requests += 1
         if acked == total:
             stats.match = r.get("match")
         inflight: dict[int, tuple[int, int, int]] = {}  # seq -> (end offset, group, cmd)
+        sent_at: dict[int, float] = {}  # seq -> when sent, for requests sent once (Karn)
         pos = acked
         stalls = 0
         if progress:
@@ -238,15 +281,19 @@ class SMPClient:
                 group, cmd, body, end = plan.request(pos)
                 seq = self.send(P.Op.WRITE, group, cmd, body)
                 inflight[seq] = (end, group, cmd)
+                if not stalls:
+                    sent_at[seq] = time.monotonic()
                 pos = end
                 stats.requests += 1
-            got = self.receive(self.timeout)
+            # Every request in flight crosses the link before the last reply can come back.
+            got = self.receive(self.reply_wait(plan.msg * len(inflight), 32 * len(inflight), attempt=stalls))
             if got is None:
                 stalls += 1
                 stats.timeouts += 1
                 if stalls > max_stalls:
                     raise DeviceTimeout(f"upload: device {self.t.name} stopped answering at offset {acked}")
                 inflight.clear()
+                sent_at.clear()
                 pos = acked  # resend from what the device confirmed
                 continue
             h, rbody = got
@@ -255,6 +302,10 @@ class SMPClient:
                 continue  # stale: a reply to a request we already gave up on
             stalls = 0
             del inflight[h.seq]
+            t_sent = sent_at.pop(h.seq, None)
+            if t_sent is not None:
+                # Queued behind the others in flight: a conservative sample.
+                self.observe_rtt(time.monotonic() - t_sent - self.t.line_time(plan.msg))
             err = P.error_of(h.group, rbody)
             if err:
                 raise SMPError(err[0], err[1], err[2], "upload")

@@ -143,7 +143,7 @@ class Relayed:
 
 
 def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: str | None, via: str,
-                   conc_id: str, job: int, campaign: str | None = None) -> Relayed:
+                   conc_id: str, job: int, campaign: str | None = None, publish: bool | None = None) -> Relayed:
     """Judge one relayed result and record it, for `job results` and campaigns
     alike: the meter's record verified with its key (OK needs one), fresh (a
     replayed older record is an ERROR), and recorded once (read again, it is
@@ -167,11 +167,11 @@ def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: 
                 reason, max(1, attempts), t, t, campaign=campaign)
     ref = result_ref(conc_id, job, e)
     try:
-        got = store.record(o, conf, ref)
+        got = store.record(o, conf, ref, publish=publish)
     except StaleRecord as err:
         conf, result, reason = None, "ERROR", f"relayed record rejected: {err}"
         o.result, o.reason = result, reason
-        got = store.record(o, None, ref)
+        got = store.record(o, None, ref, publish=publish)
     return Relayed(meter, result, reason, attempts, conf, got.id, got.duplicate, e.get("via"), e.get("unicast_bytes"))
 
 
@@ -179,5 +179,6 @@ def record_results(results: list[dict[str, Any]], store: Store, image_hash: byte
                    campaign: str | None = None, conc_id: str | None = None, job: int = 0) -> list[dict[str, Any]]:
     """Verify every relayed record and record each meter's outcome (once);
     returns rows for output."""
+    # No ledger records these, even under --campaign: the record is the outcome, so it is published.
     return [record_relayed(e, store, image_hash, None if version == "?" else version, via, conc_id or via, job,
-                           campaign).row() for e in results]
+                           campaign, publish=True).row() for e in results]

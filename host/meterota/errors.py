@@ -14,7 +14,9 @@ EXIT_IMAGE = 8  # the image file is missing or not an MCUboot image
 EXIT_STOPPED = 9  # a campaign ended before its end: aborted, halted at a group's threshold, or expired
 EXIT_NOT_RECORDED = 10  # the device reached an outcome the records database could not take: spooled, import it
 EXIT_BUSY = 11  # another process owns the campaign (its lease is live), or this one lost its lease
-EXIT_RECORDS = 12  # the records database cannot be opened, read or written
+EXIT_RECORDS = 12  # the records database cannot be opened, read or written: a file that is not one, PostgreSQL
+# unreachable (at start, or longer than 10 minutes mid-run), credentials refused, a schema newer than this meterota
+EXIT_DATABASE = EXIT_RECORDS
 
 
 class MeterotaError(Exception):

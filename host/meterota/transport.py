@@ -30,6 +30,11 @@ class Transport:
     max_frame: int = 65535
     name: str = "?"
 
+    def line_time(self, nbytes: int) -> float:
+        """Seconds the link needs to carry an SMP message of `nbytes` one way, framing included
+        (0 where the link's rate is not the limit, as on UDP)."""
+        return 0.0
+
     def open(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -69,6 +74,12 @@ class SerialTransport(Transport):
     @property
     def max_frame(self) -> int:  # type: ignore[override]
         return 65535
+
+    def line_time(self, nbytes: int) -> float:
+        # 10 bits a byte at the port's baud rate (a USB CDC port ignores it: then this is only an
+        # upper bound). The console framing base64-encodes and adds a header line per 127 bytes.
+        wire = nbytes * 4 // 3 + 8 * (1 + nbytes // 93) if self.framing is Framing.CONSOLE else nbytes + 8
+        return wire * 10 / max(1, self.baudrate)
 
     def open(self) -> None:
         try:

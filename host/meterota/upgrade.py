@@ -75,6 +75,22 @@ def _active(info: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# How long a board takes from a reset to answering (boot ROM/bootloader, the firmware's start, the
+# boot stage's image check, the receiver's imports): the default reset wait, by the board the
+# device reports. A Pico after deploy needs ~25 s (issue 16), a stock ESP32 about as long.
+RESET_WAIT = {"unix": 30.0, "rp2": 120.0, "esp32": 120.0}
+RESET_WAIT_OTHER = 120.0
+
+
+def reset_wait(client: SMPClient, override: float | None = None) -> float:
+    """The reset wait: `override` (--reset-timeout) if given, else the device's board's, and never
+    less than a few reply waits of this link (--timeout, the measured round trip, the baud rate)."""
+    if override is not None:
+        return override
+    board = str((client.device_info or {}).get("board", ""))
+    return max(RESET_WAIT.get(board, RESET_WAIT_OTHER), 5 * client.reply_wait(64))
+
+
 def wait_back(client: SMPClient, timeout: float, boots_before: int, resend_reset_after: float | None = None
               ) -> dict[str, Any]:
     """After a reset: poll until the device answers from a new boot (its boot
@@ -141,7 +157,7 @@ def _reopen(client: SMPClient) -> None:
 
 class Upgrader:
     def __init__(self, client: SMPClient, store: Store | None, *, key: bytes | None = None,
-                 allow_downgrade: bool = False, reset_timeout: float = 30.0, confirm_timeout: float = 30.0,
+                 allow_downgrade: bool = False, reset_timeout: float | None = None, confirm_timeout: float = 30.0,
                  progress: Callable[[int, int], None] | None = None, step: Step | None = None,
                  campaign: str | None = None, negotiate: bool = True,
                  claim: Callable[[str], None] | None = None):
@@ -306,7 +322,8 @@ class Upgrader:
         boots = int(self.c.info().get("boots", 0))
         _send_reset(self.c)
         try:
-            return wait_back(self.c, self.reset_timeout, boots, resend_reset_after=3.0)
+            return wait_back(self.c, reset_wait(self.c, self.reset_timeout), boots,
+                             resend_reset_after=max(3.0, 2 * self.c.reply_wait(64)))
         except DeviceTimeout as e:
             # The device took the test image and went silent: from here only
             # a field visit tells, so this is a KO, not "unreachable".

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import BIN, Images, run_cli, sim_client
+from conftest import BIN, Images, db_ready, run_cli, sim_client
 from meterota.concentrator import Concentrator
 from meterota.confirm import verify
 from meterota.lab.fleet import Fleet, FleetOptions, concentrator_id, meter_id
@@ -24,13 +24,19 @@ from meterota.lab.sim import SimDevice
 from meterota.store import Store
 
 
+@pytest.fixture
+def db(db_target: str) -> str:
+    """The records database: each test runs on SQLite and on PostgreSQL."""
+    return db_target
+
+
 @pytest.fixture(autouse=True)
 def _sim_only(request: pytest.FixtureRequest) -> None:
     if request.config.getoption("--port"):
         pytest.skip("needs the simulator: simulated fleets")
 
 
-def register(db: Path, devices: list[SimDevice]) -> None:
+def register(db: str, devices: list[SimDevice]) -> None:
     with Store(db) as st:
         for d in devices:
             st.set_key(d.device_id, d.key)
@@ -70,11 +76,11 @@ def write_plan(path: Path, image: Path, groups: list[dict[str, Any]], **campaign
     return path
 
 
-def campaign(db: Path, *args: str, check: bool | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def campaign(db: str, *args: str, check: bool | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return run_cli("meterota", "--db", str(db), "campaign", *args, check=check, timeout=timeout)
 
 
-def ledger_rows(db: Path, cid: str) -> dict[str, dict[str, Any]]:
+def ledger_rows(db: str, cid: str) -> dict[str, dict[str, Any]]:
     with Store(db) as st:
         return {r["device"] or r["target"]: r for r in Ledger(st).devices(cid)}
 
@@ -106,9 +112,9 @@ def directs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SimDevice
             d.stop()
 
 
+@pytest.mark.pg_core
 def test_campaign_with_workorder_closed_by_a_field_upgrade(fleet: Fleet, directs: list[SimDevice],
-                                                          images: Images, tmp_path: Path) -> None:
-    db = tmp_path / "db"
+                                                          images: Images, tmp_path: Path, db: str) -> None:
     register(db, fleet.meters + fleet.concentrators + directs)
     image = images.app("1.1.0")
     h = parse(image.read_bytes()).hash
@@ -186,8 +192,7 @@ def test_campaign_with_workorder_closed_by_a_field_upgrade(fleet: Fleet, directs
     assert rep.stdout.strip() == str(html.resolve()) and "c1" in html.read_text()
 
 
-def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Images, tmp_path: Path) -> None:
-    db = tmp_path / "db"
+def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Images, tmp_path: Path, db: str) -> None:
     register(db, fleet.meters + fleet.concentrators)
     conc = fleet.concentrators[1]
     plan = write_plan(tmp_path / "plan.toml", images.app("1.2.0"), [
@@ -196,7 +201,7 @@ def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Image
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not any(r["state"] == "OK" for r in (ledger_rows(db, "ab") if db.exists() else {}).values()):
+        while not any(r["state"] == "OK" for r in (ledger_rows(db, "ab") if db_ready(db) else {}).values()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)  # polling the ledger for the first result; not synchronisation
         listed = run_cli("meterota", "--db", str(db), "campaign", "list", check=True).stdout
@@ -219,8 +224,7 @@ def test_operator_abort_cancels_the_concentrator_job(fleet: Fleet, images: Image
         c.t.close()
 
 
-def test_ctrl_c_leaves_the_campaign_resumable(fleet: Fleet, images: Images, tmp_path: Path) -> None:
-    db = tmp_path / "db"
+def test_ctrl_c_leaves_the_campaign_resumable(fleet: Fleet, images: Images, tmp_path: Path, db: str) -> None:
     register(db, fleet.meters + fleet.concentrators)
     conc = fleet.concentrators[0]
     plan = write_plan(tmp_path / "plan.toml", images.app("1.3.0"), [
@@ -229,7 +233,7 @@ def test_ctrl_c_leaves_the_campaign_resumable(fleet: Fleet, images: Images, tmp_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not any(r["state"] == "OK" for r in (ledger_rows(db, "int") if db.exists() else {}).values()):
+        while not any(r["state"] == "OK" for r in (ledger_rows(db, "int") if db_ready(db) else {}).values()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)  # polling the ledger for the first result; not synchronisation
         proc.send_signal(signal.SIGINT)
@@ -251,8 +255,7 @@ def fleet_key(fleet: Fleet, directs: list[SimDevice], device: str) -> bytes:
     return next(d.key for d in fleet.meters + directs if d.device_id == device)
 
 
-def test_abort_threshold_stops_the_phased_rollout(directs: list[SimDevice], images: Images, tmp_path: Path) -> None:
-    db = tmp_path / "db"
+def test_abort_threshold_stops_the_phased_rollout(directs: list[SimDevice], images: Images, tmp_path: Path, db: str) -> None:
     register(db, directs)
     d1, d2, d3, d4 = directs
     boots_before = {d.device_id: device_info(d)["boots"] for d in (d2, d3)}
@@ -274,8 +277,7 @@ def test_abort_threshold_stops_the_phased_rollout(directs: list[SimDevice], imag
     assert {d.device_id: device_info(d)["boots"] for d in (d2, d3)} == boots_before
 
 
-def test_success_threshold_gates_the_next_group(directs: list[SimDevice], images: Images, tmp_path: Path) -> None:
-    db = tmp_path / "db"
+def test_success_threshold_gates_the_next_group(directs: list[SimDevice], images: Images, tmp_path: Path, db: str) -> None:
     register(db, directs)
     d1, d2, d3, d4 = directs
     boots = device_info(d3)["boots"]
@@ -295,8 +297,7 @@ def test_success_threshold_gates_the_next_group(directs: list[SimDevice], images
     assert [w["device"] for w in wo] == ["direct-4"]
 
 
-def test_time_window_is_respected(directs: list[SimDevice], images: Images, tmp_path: Path) -> None:
-    db = tmp_path / "db"
+def test_time_window_is_respected(directs: list[SimDevice], images: Images, tmp_path: Path, db: str) -> None:
     register(db, directs)
     d3 = directs[2]
     image = images.app("1.4.0")
@@ -317,15 +318,15 @@ def test_time_window_is_respected(directs: list[SimDevice], images: Images, tmp_
     assert row["state"] == "OK" and row["first_attempt"] >= opens
 
 
-def test_host_killed_mid_campaign_resumes_without_upgrading_twice(images: Images, tmp_path: Path) -> None:
+@pytest.mark.pg_core
+def test_host_killed_mid_campaign_resumes_without_upgrading_twice(images: Images, tmp_path: Path, db: str) -> None:
     f = Fleet(tmp_path / "f", 1, 5, FleetOptions(meter_reset_s=8))
     directs = [SimDevice(tmp_path / f"k{i}", device_id=f"direct-k{i}", transport="udp") for i in (1, 2)]
     f.start()
     try:
         for d in directs:
             d.start()
-        db = tmp_path / "db"
-        register(db, f.meters + f.concentrators + directs)
+            register(db, f.meters + f.concentrators + directs)
         plan = write_plan(tmp_path / "plan.toml", images.app("1.1.0"), [
             {"name": "direct", "devices": [d.address for d in directs]},
             {"name": "meters", "concentrators": [{"address": f.concentrators[0].address}]},
@@ -336,7 +337,7 @@ def test_host_killed_mid_campaign_resumes_without_upgrading_twice(images: Images
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.communicate()
-            rows = ledger_rows(db, "k") if db.exists() else {}
+            rows = ledger_rows(db, "k") if db_ready(db) else {}
             if sum(r["state"] == "OK" and r["kind"] == "meter" for r in rows.values()) >= 1:
                 break
             assert time.monotonic() < deadline, rows

@@ -127,6 +127,12 @@ def test_wrong_key_on_an_already_running_image_is_not_ok_and_closes_no_work_orde
         (wo,) = Ledger(st).workorders("wo")
         assert wo["state"] == "open"
         assert Ledger(st).device_row("wo", dev.device_id)["state"] != "OK"  # type: ignore[index]
+    # A campaign over it counts no OK either: the device ends ERROR (its work order says why).
+    plan = db.with_name("plan.toml")
+    plan.write_text(f'[campaign]\nname = "x"\nimage = "{app}"\n[[group]]\nname = "a"\ndevices = ["{dev.address}"]\n')
+    r = meterota(db, "--json", "campaign", "run", str(plan), "--id", "c")
+    assert r.returncode == 5 and json.loads(r.stdout)["counts"] == {"ERROR": 1}, (r.stdout, r.stderr)
+    assert [r["result"] for r in rows(db) if r["result"] == "OK"] == ["OK"]
 
 
 # -- 2. freshness: replays refused, results recorded once, no double OK ---------------------------------
@@ -516,14 +522,12 @@ def test_stopped_runner_taken_over_stops_when_continued(make_device: Callable[..
             if "uploading" in line:
                 break
         a.send_signal(signal.SIGSTOP)
-        # While A's lease lasts, nobody else may run the campaign.
-        busy = meterota(db, "campaign", "resume", "s", env=env)
-        assert busy.returncode == EXIT_BUSY and "being run by" in one_line_error(busy)
+        # (While A's lease lasts nobody else may run it: test_three_runs_of_one_campaign_id_one_owner.)
         deadline = time.monotonic() + 30
         while True:
             with Store(db) as st:
-                c = Ledger(st).campaign("s") or {}
-            if float(c.get("lease_expires") or 0) < time.time():
+                units = Ledger(st).units("s")  # A's lease on the campaign's one unit, on the database's clock
+            if units and all(u["expires"] is not None and float(u["expires"]) < float(u["now"]) for u in units):
                 break
             assert time.monotonic() < deadline
             time.sleep(0.1)  # waiting for A's lease to run out; not synchronisation

@@ -180,26 +180,35 @@ def test_user_errors_are_one_line_with_documented_exit_codes(make_device: Callab
         assert len(errs) == 1 and text in errs[0] and "Traceback" not in r.stderr, r.stderr
 
     one_line(meterota(db, "upgrade", "--port", "/dev/ttyNOPE", str(app)), 3, "cannot open serial port")
-    one_line(meterota(db, "info", "--udp", "127.0.0.254", "--timeout", "0.3", "--retries", "0"), 3, "no reply")
+    # A UDP port that takes datagrams and never answers (a fixed address may be another run's device).
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        where = f"127.0.0.1:{silent.getsockname()[1]}"
+        one_line(meterota(db, "info", "--udp", where, "--timeout", "0.3", "--retries", "0"), 3, "no reply")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 100)
     dev = make_device("udp")
     register(db, dev)
     one_line(meterota(db, "upgrade", *port_of(dev), str(junk)), 8, "not an MCUboot image")
     one_line(meterota(db, "upgrade", *port_of(dev), str(tmp_path / "missing.bin")), 8, "cannot read image")
+    # In HIL mode the device is an rp2 or esp32 board: the images follow it.
+    board = getattr(dev, "board", "unix")
     big_dir = tmp_path / "big"
     big_dir.mkdir()
     (big_dir / "blob.bin").write_bytes(os.urandom(600 * 1024))
     big = tmp_path / "big.bin"
-    meterota(db, "image", "build", str(big_dir), "--version", "9.0.0", "--slot-size", "0x100000", "-o", str(big),
-             check=True)
+    meterota(db, "image", "build", str(big_dir), "--version", "9.0.0", "--slot-size", "0x100000", "--board", board,
+             "-o", str(big), check=True)
     one_line(meterota(db, "upgrade", *port_of(dev), str(big)), 4, "too large")
-    esp = tmp_path / "esp.bin"
-    meterota(db, "image", "build", "--version", "5.0.0", "--board", "esp32", "-o", str(esp), check=True)
-    one_line(meterota(db, "upgrade", *port_of(dev), str(esp)), 4, "built for board esp32")
+    other = "rp2" if board == "esp32" else "esp32"
+    esp = tmp_path / "other.bin"
+    meterota(db, "image", "build", "--version", "5.0.0", "--board", other, "-o", str(esp), check=True)
+    one_line(meterota(db, "upgrade", *port_of(dev), str(esp)), 4, f"built for board {other}")
     # An image for this board carries the board in a protected TLV, which the device parses.
-    mine = tmp_path / "unix.bin"
-    meterota(db, "image", "build", "--version", "1.6.0", "--board", "unix", "-o", str(mine), check=True)
+    mine = tmp_path / "mine.bin"
+    meterota(db, "image", "build", "--version", "1.6.0", "--board", board, "-o", str(mine), check=True)
     meterota(db, "upgrade", *port_of(dev), str(mine), check=True)
     one_line(meterota(db, "upgrade", *port_of(dev), str(app)), 4, "older than the running")
     one_line(meterota(db, "upgrade", *port_of(dev), str(images.app("1.7.0")), "--key", "00" * 32), 6,

@@ -1,4 +1,4 @@
-"""The campaign commands of the CLI: campaign run|resume|status|list|abort,
+"""The campaign commands of the CLI: campaign run|resume|worker|status|list|abort,
 workorders, export, report. Thin: the work is in campaign.py, ledger.py,
 export.py and report.py."""
 
@@ -8,6 +8,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -34,6 +35,14 @@ def _ledger(args: argparse.Namespace, campaign: str | None = None) -> Iterator[t
         if campaign is not None and led.campaign(campaign) is None:
             raise errors.UsageError(f"no campaign {campaign} in {st.path}")
         yield st, led
+
+
+def lease_default() -> float:
+    """--lease's default: $METEROTA_LEASE_S, else 15 s."""
+    try:
+        return max(1.0, float(os.environ.get("METEROTA_LEASE_S", "15")))
+    except ValueError:
+        return 15.0
 
 
 def _when(t: float | None) -> str:
@@ -64,6 +73,14 @@ class Progress:
                 self._live.console.print(f"  {text}", markup=False, highlight=False)
             else:
                 print(f"  {text}", file=sys.stderr, flush=True)
+
+    def warn(self, text: str) -> None:
+        """One line even with --json (on stderr): the operator must see it."""
+        with self._print:
+            if self._live is not None:
+                self._live.console.print(f"meterota: warning: {text}", markup=False, highlight=False)
+            else:
+                print(f"meterota: warning: {text}", file=sys.stderr, flush=True)
 
     def _table(self) -> Any:
         from rich.table import Table
@@ -121,14 +138,28 @@ class Progress:
             self._live.stop()
 
 
+def _publish_url(args: argparse.Namespace, led: Ledger, cid: str) -> tuple[Any, float]:
+    """--publish, else the plan's [publish] table; and how long to wait for the broker at the end."""
+    from ..events import parse_url
+
+    c = led.campaign(cid) or {}
+    plan = c.get("plan", {})
+    url = args.publish or (parse_url(plan["publish"]) if plan.get("publish") else None)
+    wait = args.publish_wait if args.publish_wait is not None else float(plan.get("publish_wait", 10.0))
+    return url, wait
+
+
 def _run(args: argparse.Namespace, cid: str, st: Store, led: Ledger) -> int:
+    from ..cli_events import warn
+    from ..publish import publishing
     from .runner import Runner
 
     as_json = bool(getattr(args, "json", False))
+    url, wait = _publish_url(args, led, cid)
     try:
-        with Progress(led, cid, as_json) as prog:
+        with Progress(led, cid, as_json) as prog, publishing(st, url, wait=wait, warn=prog.warn, note=prog.step):
             runner = Runner(st, led, cid, timeout=args.timeout, retries=args.retries, step=prog.step)
-            summary = runner.run()
+            summary = runner.run(lease=args.lease)
     except KeyboardInterrupt:
         print(f"meterota: campaign {cid} interrupted; `meterota campaign resume {cid}` carries on", file=sys.stderr)
         return 130
@@ -160,7 +191,54 @@ def cmd_campaign_run(args: argparse.Namespace) -> int:
 
 def cmd_campaign_resume(args: argparse.Namespace) -> int:
     with _ledger(args, args.id) as (st, led):
-        return _run(args, args.id, st, led)  # the runner takes the campaign's lease, or says who holds it
+        # Other processes working it (here or on other hosts) are fine: units are leased.
+        return _run(args, args.id, st, led)
+
+
+def cmd_campaign_worker(args: argparse.Namespace) -> int:
+    """Take units of running campaigns until stopped (Ctrl-C, SIGTERM) or, with
+    --until-idle, until no campaign is left unfinished."""
+    import signal
+
+    from .runner import Worker
+
+    def term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, term)
+    quiet = bool(getattr(args, "json", False))
+    lock = threading.Lock()
+
+    def step(text: str) -> None:
+        if not quiet:
+            with lock:
+                print(f"  {text}", file=sys.stderr, flush=True)
+
+    from ..cli_events import warn
+    from ..publish import publishing
+
+    with _ledger(args) as (st, led):
+        for cid in args.campaign or []:
+            if led.campaign(cid) is None:
+                raise errors.MeterotaError(f"no campaign {cid} in {st.path}")
+        w = Worker(st, led, concurrency=args.concurrency, lease=args.lease, campaigns=args.campaign or None,
+                   timeout=args.timeout, retries=args.retries, step=step,
+                   image=str(args.image) if args.image else None, until_idle=args.until_idle)
+        if not quiet:
+            print(f"worker {w.owner}: {args.concurrency} units at a time, leases of {args.lease:g} s, "
+                  f"ledger {st.path}", file=sys.stderr, flush=True)
+        # --publish, or the [publish] table of the one campaign it was given.
+        url, wait = _publish_url(args, led, args.campaign[0]) if len(args.campaign or []) == 1 else \
+            (args.publish, 10.0 if args.publish_wait is None else args.publish_wait)
+        try:
+            with publishing(st, url, wait=wait, warn=warn, note=step):
+                w.run()
+        except KeyboardInterrupt:
+            print(f"meterota: worker {w.owner} stopped; its units were handed back", file=sys.stderr)
+            return 0
+        if quiet:
+            print(json.dumps({"worker": w.owner, "units": w.took}, sort_keys=True))
+        return 0
 
 
 def cmd_campaign_status(args: argparse.Namespace) -> int:
@@ -172,12 +250,19 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
         per_via = led.counts(args.id, "via")
         wos = led.workorders(args.id)
         devices = led.devices(args.id)
+        units = led.units(args.id)
+        unit_counts: dict[str, int] = {}
+        for u in units:
+            unit_counts[u["state"]] = unit_counts.get(u["state"], 0) + 1
+        workers = sorted({str(u["owner"]) for u in units if u["state"] == "leased" and u["expires"] is not None
+                          and float(u["expires"]) >= float(u["now"])})
         if getattr(args, "json", False):
             doc = {k: c[k] for k in ("id", "name", "state", "reason", "version", "image_hash", "created",
                                      "finished", "phase")}
             doc.update(counts=counts.get("", {}), groups=per_group, concentrators=per_via,
                        workorders={"open": sum(w["state"] == "open" for w in wos),
-                                   "closed": sum(w["state"] == "closed" for w in wos)})
+                                   "closed": sum(w["state"] == "closed" for w in wos)},
+                       units=unit_counts, workers=workers)
             if args.devices:
                 doc["devices"] = [{k: v for k, v in d.items() if k not in ("record", "mac")} for d in devices]
             print(json.dumps(doc, sort_keys=True))
@@ -189,6 +274,8 @@ def cmd_campaign_status(args: argparse.Namespace) -> int:
         def line(name: str, cc: dict[str, int]) -> None:
             print(f"  {name:<24} " + "  ".join(f"{s} {cc.get(s, 0)}" for s in STATES) + f"  total {sum(cc.values())}")
 
+        print("  units: " + ", ".join(f"{n} {k}" for k, n in sorted(unit_counts.items()))
+              + (f"; leased by {', '.join(workers)}" if workers else ""))
         line("all", counts.get("", {}))
         for k, v in sorted(per_group.items()):
             line(f"group {k}", v)
@@ -219,9 +306,15 @@ def cmd_campaign_list(args: argparse.Namespace) -> int:
 def cmd_campaign_abort(args: argparse.Namespace) -> int:
     from .runner import abort
 
+    from ..cli_events import note, warn
+    from ..publish import publishing
+
     with _ledger(args, args.id) as (st, led):
-        for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
-            print(line)
+        url, wait = _publish_url(args, led, args.id)
+        # With no campaign process left, the CANCELLED outcomes are recorded here: published from here.
+        with publishing(st, url, wait=wait, warn=warn, note=note):
+            for line in abort(led, args.id, args.reason, timeout=args.timeout, retries=args.retries):
+                print(line)
         return 0
 
 
@@ -284,6 +377,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], None]) -> None:
+    from ..cli_events import add_publish_arguments
+
     cp = sub.add_parser("campaign", help="batch upgrades over devices and concentrators (PLAN.toml)")
     cs = cp.add_subparsers(dest="campaign_cmd", required=True, metavar="ACTION")
     r = cs.add_parser("run", help="create a campaign from PLAN.toml and run it")
@@ -293,8 +388,19 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     rs = cs.add_parser("resume", help="continue a campaign whose host process was stopped")
     rs.add_argument("id")
     rs.set_defaults(fn=cmd_campaign_resume)
-    for p in (r, rs):
+    wk = cs.add_parser("worker", help="take units of running campaigns (any number of workers on any hosts "
+                       "sharing a PostgreSQL ledger)")
+    wk.add_argument("--concurrency", type=int, default=4, help="units worked at once (default 4)")
+    wk.add_argument("--campaign", action="append", metavar="ID", help="only this campaign (repeatable)")
+    wk.add_argument("--image", type=Path, help="the campaign's image file on this host (default: the plan's path)")
+    wk.add_argument("--until-idle", action="store_true", help="exit when no campaign is left unfinished")
+    wk.set_defaults(fn=cmd_campaign_worker)
+    for p in (r, rs, wk):
         device_defaults(p)
+        add_publish_arguments(p, plan=True)
+        p.add_argument("--lease", type=at.positive_float, default=lease_default(), metavar="S",
+                       help="seconds a unit stays leased without renewal: the takeover time of a dead worker "
+                            "(default $METEROTA_LEASE_S or 15)")
     s = cs.add_parser("status", help="counts overall, per group and per concentrator")
     s.add_argument("id")
     s.add_argument("--devices", action="store_true", help="one line per device")
@@ -305,8 +411,9 @@ def add_parsers(sub: Any, device_defaults: Callable[[argparse.ArgumentParser], N
     a.add_argument("id")
     a.add_argument("--reason", default="aborted by the operator")
     device_defaults(a)
+    add_publish_arguments(a, plan=True)
     a.set_defaults(fn=cmd_campaign_abort)
-    for p in (s, li, a, r, rs):
+    for p in (s, li, a, r, rs, wk):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
 
     w = sub.add_parser("workorders", help="field work orders: meters KO or unreachable after all retries")

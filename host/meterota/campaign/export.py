@@ -190,21 +190,27 @@ def export_cim(ledger: Ledger, cid: str) -> str:
     code used. Devices still pending or running have no event yet. Validates against
     schemas/end_device_events.xsd (schema_path())."""
     c = campaign_row(ledger, cid)
+    rows = [r for r in ledger.devices(cid) if r["state"] in FINAL]
+    return cim_document([(r, event_mrid(cid, r["target"])) for r in rows], c)
+
+
+def cim_document(events: list[tuple[dict[str, Any], str]], c: dict[str, Any]) -> str:
+    """EndDeviceEvents text for (ledger device row, mRID) pairs of campaign row `c` (keys id,
+    created, version, image_hash). The one builder of the CIM XML: `export --format cim` and the
+    per-outcome messages of the event stream (events.py) both use it."""
     ET.register_namespace("", CIM_NS)
     root = ET.Element(f"{{{CIM_NS}}}EndDeviceEvents")
     used: dict[str, str] = {}
-    for r in ledger.devices(cid):
+    for r, mrid in events:
         result = r["state"]
-        if result not in FINAL:
-            continue
         code = event_type_code(result)
         used[code] = result
         ev = _sub(root, "EndDeviceEvent")
-        _sub(ev, "mRID", event_mrid(cid, r["target"]))
+        _sub(ev, "mRID", mrid)
         created = r["finished"] or r["last_attempt"] or r["first_attempt"]
         _sub(ev, "createdDateTime", iso(created if created is not None else c["created"]))
         _sub(ev, "issuerID", ISSUER)
-        _sub(ev, "issuerTrackingID", cid)
+        _sub(ev, "issuerTrackingID", c["id"])
         if r["reason"]:
             _sub(ev, "reason", str(r["reason"]))
         asset = _sub(ev, "Assets")

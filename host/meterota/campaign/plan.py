@@ -32,6 +32,10 @@ problem is one readable line (PlanError, exit code 2).
     [[group.concentrators]]
     address = "udp:10.0.1.1"
     meters = "all"                  # or ["meter-0101", "meter-0102"]
+
+    [publish]                       # optional: every outcome on an MQTT broker (docs/events.md)
+    url = "mqtt://user:pass@broker.example:1883/utility/head-end"
+    wait = 10                       # at the end, seconds to wait for the broker to take the rest
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ class Plan:
     retry_delay: float = 10.0
     retries: dict[str, int] = field(default_factory=lambda: {"UNREACHABLE": 2, "KO": 0, "ERROR": 0})
     abort: Abort = field(default_factory=Abort)
+    publish: str | None = None  # broker URL of the event stream ([publish] url)
+    publish_wait: float = 10.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,7 +244,7 @@ def load(path: Path) -> Plan:
 
 
 def parse(doc: dict[str, Any], base: Path) -> Plan:
-    _known(doc, {"campaign", "group"}, "plan")
+    _known(doc, {"campaign", "group", "publish"}, "plan")
     c = doc.get("campaign")
     if not isinstance(c, dict):
         raise PlanError("plan: a [campaign] table is required")
@@ -324,6 +330,20 @@ def parse(doc: dict[str, Any], base: Path) -> Plan:
         daily=_daily(c["daily"]) if "daily" in c else None,
         retry_delay=parse_duration(c.get("retry_delay", 10), "campaign.retry_delay"),
         retries=retries, abort=abort)
+    pub = doc.get("publish")
+    if pub is not None:
+        from ..events import BadURL, parse_url
+
+        if not isinstance(pub, dict) or not isinstance(pub.get("url"), str):
+            raise PlanError("[publish]: a url = \"mqtt://HOST/PREFIX\" is required")
+        _known(pub, {"url", "wait"}, "[publish]")
+        try:
+            parse_url(pub["url"])
+        except BadURL as e:
+            raise PlanError(f"[publish] url: {e}") from None
+        plan.publish = pub["url"]
+        if "wait" in pub:
+            plan.publish_wait = parse_duration(pub["wait"], "publish.wait")
     if plan.not_before and plan.not_after and plan.not_after <= plan.not_before:
         raise PlanError("campaign.not_after must be later than campaign.not_before")
     return plan

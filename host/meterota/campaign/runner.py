@@ -17,11 +17,16 @@ starts; after the campaign's duration, or when the window will not open again,
 it ends `expired`. Devices never tried end CANCELLED; devices that failed
 after their retries become work orders.
 
-Ownership: a campaign is run by one process at a time, the holder of its
-lease (ledger.acquire: owner and expiry, taken in one transaction, renewed at
-2 Hz). Every ledger write checks the lease inside its transaction and the
-upgrade steps check it before they act on a device, so a process that was
-stopped (SIGSTOP) past its lease and taken over stops instead of carrying on.
+Workers: a campaign's units (a direct device; a concentrator with its meters)
+are leased to workers (Worker: any number of processes on any number of hosts
+over one ledger; `campaign run` and `resume` are one more). A lease has an
+owner and an expiry on the database's clock, is taken with FOR UPDATE SKIP
+LOCKED on PostgreSQL and renewed every third of its length; a dead worker's
+units are taken over when their leases expire. The upgrade steps check the
+lease before they act on a device (Runner.own), so a worker that was stopped
+(SIGSTOP, a long database outage) past its lease and taken over stops instead
+of carrying on. Phases, thresholds, aborts and the wind-up are decided
+campaign-wide in the ledger, by whichever worker sees them first.
 
 One device is flashed once: plan targets are compared by canonical address
 (plan.py), and each direct device's answered id is claimed in the ledger
@@ -34,9 +39,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +52,7 @@ from .. import image as img
 from ..client import SMPClient
 from ..concentrator import Concentrator, JobSpec, record_relayed
 from ..errors import (CampaignBusy, ImageError, MeterotaError, NotRecorded, SilentAfterReset, TransportError, UpgradeKO,
-                      EXIT_KO, EXIT_OK, EXIT_STOPPED)
+                      EXIT_KO, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED)
 from .ledger import FAILED, FINAL, LeaseLost, Ledger
 from .plan import ConcentratorTarget, Group, Plan, PlanError
 from ..store import Outcome, Store
@@ -85,7 +92,7 @@ def read_image(path: str) -> tuple[bytes, img.ImageInfo]:
 
 
 def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = None) -> str:
-    """Register a campaign and its known targets; returns its id."""
+    """Register a campaign, its known targets and its units of work; returns its id."""
     _, info = read_image(plan.image)
     if cid is None:
         base = f"{_slug(plan.name)}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -93,26 +100,52 @@ def create(ledger: Ledger, plan: Plan, plan_file: str | None, cid: str | None = 
         while ledger.campaign(cid) is not None:
             n += 1
             cid = f"{base}-{n}"
-    elif ledger.campaign(cid) is not None:
-        if ledger.owned_elsewhere(cid):
-            ledger.acquire(cid)  # raises CampaignBusy naming the owner
+    elif (old := ledger.campaign(cid)) is not None:
+        if old["finished"] is None:
+            owners = sorted({str(u["owner"]) for u in ledger.live_leases(cid)})
+            raise CampaignBusy(f"campaign {cid} exists already and is running"
+                               + (f" (worked by {', '.join(owners)})" if owners else "")
+                               + f": `meterota campaign resume {cid}` or `campaign worker` joins it")
         raise PlanError(f"campaign {cid} exists already: use `meterota campaign resume {cid}`")
-    ledger.create_campaign(cid, plan.name, plan.as_dict(), plan_file, info.hash.hex(), info.version_str)
-    for g in plan.groups:
-        for d in g.devices:
-            ledger.add_target(cid, d, g.name, "direct", address=d, image_hash=info.hash.hex(),
-                              version=info.version_str)
-        for ct in g.concentrators:
-            for m in ct.meters or []:
-                ledger.add_target(cid, m, g.name, "meter", device=m, via=ct.address, address=ct.address,
-                                  image_hash=info.hash.hex(), version=info.version_str)
-    ledger.event(cid, "created", reason=f"{plan.name}: {info.version_str}")
+    with ledger.transaction():
+        ledger.create_campaign(cid, plan.name, plan.as_dict(), plan_file, info.hash.hex(), info.version_str)
+        for g in plan.groups:
+            for d in g.devices:
+                ledger.add_target(cid, d, g.name, "direct", address=d, image_hash=info.hash.hex(),
+                                  version=info.version_str)
+            for ct in g.concentrators:
+                for m in ct.meters or []:
+                    ledger.add_target(cid, m, g.name, "meter", device=m, via=ct.address, address=ct.address,
+                                      image_hash=info.hash.hex(), version=info.version_str)
+        add_units(ledger, cid, plan)
+        ledger.event(cid, "created", reason=f"{plan.name}: {info.version_str}")
+        if plan.groups:
+            ledger.event(cid, "phase", grp=plan.groups[0].name)
     return cid
 
 
+def add_units(ledger: Ledger, cid: str, plan: Plan) -> None:
+    """The campaign's units of work: one per direct device, one per concentrator
+    (with all its meters). Idempotent: a campaign from before units existed gets them."""
+    with ledger.transaction():
+        n = 0
+        for i, g in enumerate(plan.groups):
+            for d in g.devices:
+                ledger.add_unit(cid, d, g.name, i, "direct", n)
+                n += 1
+            for ct in g.concentrators:
+                ledger.add_unit(cid, ct.address, g.name, i, "concentrator", n)
+                n += 1
+
+
 class Runner:
+    """One campaign as a worker sees it: its plan, its image (checked against
+    the campaign's hash: a worker with another image is refused), its policy
+    (thresholds, windows, duration) applied campaign-wide through the ledger,
+    and the work of one unit at a time per thread."""
+
     def __init__(self, store: Store, ledger: Ledger, cid: str, *, timeout: float = 3.0, retries: int = 3,
-                 step: Callable[[str], None] | None = None):
+                 step: Callable[[str], None] | None = None, image: str | None = None):
         c = ledger.campaign(cid)
         if c is None:
             raise PlanError(f"no campaign {cid} in {store.path}")
@@ -121,9 +154,12 @@ class Runner:
         self.ledger = ledger
         self.cid = cid
         self.plan = Plan.from_dict(c["plan"])
-        self.data, self.info = read_image(self.plan.image)
+        path = image or self.plan.image
+        self.data, self.info = read_image(path)
         if self.info.hash.hex() != c["image_hash"]:
-            raise PlanError(f"{self.plan.image} is no longer the image campaign {cid} was created with")
+            raise ImageMismatch(f"refusing campaign {cid}: {path} is {self.info.version_str} "
+                                f"{self.info.hash.hex()[:16]}…, the campaign was created with {c['version']} "
+                                f"{c['image_hash'][:16]}… (every worker of a campaign must have its image)")
         self.hash = self.info.hash
         self.version = self.info.version_str
         self.timeout = timeout
@@ -131,62 +167,59 @@ class Runner:
         self.step: Callable[[str], None] = step or (lambda s: log.info(s))
         self.deadline = float(c["created"]) + self.plan.duration
         self._stop = threading.Event()
-        self._halt_lock = threading.Lock()
+        self._unit = threading.local()  # the lease of the unit this thread works
         self.end_state: str | None = None
         self.end_reason = ""
         self.interrupted = False  # Ctrl-C: stop without ending the campaign, so it can be resumed
-        self.lost: LeaseLost | None = None  # another process took the campaign over: stop, write nothing
-        self.lease_until = 0.0
+        self.lost_lease: LeaseLost | None = None  # a unit of ours was taken over (we were stopped past its lease)
+        add_units(ledger, cid, self.plan)
 
     # -- control ---------------------------------------------------------------
     def halt(self, state: str, reason: str) -> None:
-        """Stop starting work; the first reason wins."""
-        with self._halt_lock:
-            if self.end_state is None:
-                self.end_state, self.end_reason = state, reason
-                self.ledger.event(self.cid, "abort" if state == "aborted" else state, reason=reason)
-                self.step(f"campaign {state}: {reason}")
-            self._stop.set()
-
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def _lose(self, e: LeaseLost) -> None:
-        if self.lost is None:
-            self.lost = e
-            self.interrupted = True  # leave jobs and devices to the new owner
-            self.step(str(e))
+        """Stop the campaign, campaign-wide: the first reason of any worker wins."""
+        if self.ledger.stop_campaign(self.cid, state, reason):
+            self.end_state, self.end_reason = state, reason
+            self.step(f"campaign {state}: {reason}")
         self._stop.set()
 
-    def own(self) -> None:
-        """Raise LeaseLost unless this process still owns the campaign: checked
-        before every unit and every step that acts on a device. Free while
-        the lease we renewed has time left; past it, renewed first (a process
-        resumed from SIGSTOP finds out here that it was taken over)."""
-        if self.lost is not None:
-            raise self.lost
-        if time.time() < self.lease_until - 1.0:
-            return
-        try:
-            self.lease_until = self.ledger.renew(self.cid)
-        except LeaseLost as e:
-            self._lose(e)
-            raise
+    def stopping(self) -> bool:
+        lost = getattr(self._unit, "lost", None)
+        return self._stop.is_set() or (lost is not None and lost.is_set())
 
-    def _watch(self, done: threading.Event) -> None:
-        """A user's `campaign abort` (written to the ledger), the campaign's
-        duration and our lease, noticed within POLL_S."""
-        while not done.wait(POLL_S):
-            try:
-                self.lease_until = self.ledger.renew(self.cid)
-            except LeaseLost as e:
-                self._lose(e)
-                return
-            c = self.ledger.campaign(self.cid)
-            if c and c["state"] == "aborted":
-                self.halt("aborted", c["reason"] or "aborted by the operator")
-            if time.time() >= self.deadline:
-                self.halt("expired", "the campaign's duration is over")
+    def _lost(self) -> bool:
+        lost = getattr(self._unit, "lost", None)
+        return lost is not None and lost.is_set()
+
+    def poll(self) -> None:
+        """Called by the worker every POLL_S: an operator's `campaign abort`, another
+        worker's halt (the ledger's state) and the campaign's duration."""
+        c = self.ledger.campaign(self.cid)
+        if c and c["state"] != "running":
+            if not self._stop.is_set():
+                self.step(f"campaign {c['state']}: {c['reason'] or ''}")
+            self._stop.set()
+        elif time.time() >= self.deadline:
+            self.halt("expired", "the campaign's duration is over")
+
+    def own(self) -> None:
+        """Raise LeaseLost unless this worker still holds the lease of the unit
+        this thread works: checked before each unit step and each step that acts
+        on a device (at most once a second), so a worker stopped (SIGSTOP, a
+        database outage) past its lease and taken over stops instead of carrying on."""
+        if self._lost():
+            raise LeaseLost(f"campaign {self.cid}: the lease of {getattr(self._unit, 'name', '?')} was taken over: "
+                            "this worker stops it")
+        owner = getattr(self._unit, "owner", None)
+        if owner is None:
+            return
+        now = time.monotonic()
+        if now - self._unit.checked < 1.0:
+            return
+        self._unit.checked = now
+        if not self.ledger.holds(self.cid, self._unit.name, owner):
+            self._unit.lost.set()
+            raise LeaseLost(f"campaign {self.cid}: {self._unit.name} was taken over by another worker: this worker "
+                            "stops it")
 
     def _check_abort(self) -> None:
         a = self.plan.abort
@@ -217,83 +250,107 @@ class Runner:
         return False
 
     # -- the campaign --------------------------------------------------------------
-    def run(self) -> Summary:
-        if self.row["state"] != "running":
+    def run(self, *, lease: float = 15.0, concurrency: int | None = None, reclaim_local: bool = True) -> Summary:
+        """Work this campaign as one worker among any others, until it has ended."""
+        if self.row["state"] != "running" and self.row["finished"] is not None:
             raise PlanError(f"campaign {self.cid} is {self.row['state']}: nothing to resume")
-        self.ledger.acquire(self.cid)  # CampaignBusy when another process runs it
-        self.lease_until = time.time() + 1.0
+        self._expand_known()
+        w = Worker(self.store, self.ledger, concurrency=concurrency or self.plan.concurrency, lease=lease,
+                   campaigns=[self.cid], timeout=self.timeout, retries=self.retries, step=self.step,
+                   reclaim_local=reclaim_local, until_finished=True)
+        w.runners[self.cid] = self
         try:
-            summary = self._run()
+            w.run()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            raise
+        if self.lost_lease is not None:
+            raise self.lost_lease  # exit 11: another worker carried our unit on; we stopped
+        return self.summary()
+
+    def summary(self) -> Summary:
+        c = self.ledger.campaign(self.cid)
+        assert c is not None
+        counts = self.ledger.counts(self.cid).get("", {})
+        state = c["state"] if c["finished"] is not None else (c["state"] if c["state"] != "running" else "running")
+        return Summary(self.cid, state, c["reason"] or "", counts, self.ledger.workorders(self.cid, "open"))
+
+    def work(self, unit: dict[str, Any], lost: threading.Event, owner: str | None = None) -> None:
+        """One leased unit; `lost` is set when the lease was lost (the unit stops)."""
+        self._unit.lost = lost
+        self._unit.owner = owner
+        self._unit.name = str(unit["unit"])
+        self._unit.checked = 0.0
+        try:
+            g = self.plan.groups[int(unit["phase"])]
+            if unit["kind"] == "direct":
+                self._direct(g, str(unit["unit"]))
+            else:
+                ct = next(c for c in g.concentrators if c.address == unit["unit"])
+                self._concentrator(g, ct)
         except LeaseLost as e:
-            self._lose(e)
-            raise self.lost or e from None
-        finally:
-            if self.lost is None:
-                self.ledger.release(self.cid)
-            self.ledger.guarded = None
-        if self.lost is not None:
-            raise self.lost
-        return summary
-
-    def _run(self) -> Summary:
-        done = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(done,), daemon=True, name="campaign-watch")
-        watcher.start()
-        try:
-            self._expand_known()
-            for i in range(int(self.row["phase"]), len(self.plan.groups)):
-                g = self.plan.groups[i]
-                if self.stopping():
-                    break
-                self.ledger.set_campaign(self.cid, phase=i)
-                self.ledger.event(self.cid, "phase", grp=g.name)
-                self.step(f"group {g.name}: {len(g.devices)} devices, {len(g.concentrators)} concentrators")
-                self._run_group(g)
-                if self.stopping():
-                    break
-                self._gate(g)
-        finally:
-            done.set()
-            watcher.join()
-        if self.lost is not None:
-            raise self.lost
-        return self._finish()
-
-    def _gate(self, g: Group) -> None:
-        rows = self.ledger.devices(self.cid, grp=g.name)
-        ok = sum(r["state"] == "OK" for r in rows)
-        share = ok / len(rows) if rows else 1.0
-        if share < g.success_threshold:
-            self.halt("halted", f"group {g.name} ended with {ok} of {len(rows)} OK ({share:.0%}), below its "
-                                f"success threshold of {g.success_threshold:.0%}")
-
-    def _run_group(self, g: Group) -> None:
-        units: list[Callable[[], None]] = [lambda d=d: self._direct(g, d) for d in g.devices]  # type: ignore[misc]
-        units += [lambda ct=ct: self._concentrator(g, ct) for ct in g.concentrators]  # type: ignore[misc]
-        with ThreadPoolExecutor(max_workers=self.plan.concurrency, thread_name_prefix=f"grp-{g.name}") as pool:
-            try:
-                for f in [pool.submit(self._guard, u) for u in units]:
-                    f.result()
-            except KeyboardInterrupt:
-                # Let the units finish the step they are in (an upgrade in
-                # flight is not cut), then leave the campaign running.
-                self.interrupted = True
-                self._stop.set()
-                raise
-
-    def _guard(self, unit: Callable[[], None]) -> None:
-        try:
-            unit()
-        except LeaseLost as e:
-            self._lose(e)
+            self.lost_lease = self.lost_lease or e
+            self.step(str(e))
         except Exception as e:  # noqa: BLE001 - a bug in one unit must not stop the others unrecorded
             log.exception("campaign unit failed")
             self.halt("aborted", f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self._unit.lost = None
+            self._unit.owner = None
 
-    def _finish(self) -> Summary:
-        self.own()
-        state = self.end_state or "done"
-        reason = self.end_reason
+    def advance(self) -> bool:
+        """Move the campaign on when its phase's units are all done (the group's
+        success threshold gates the next one), and wind it up once it is over and
+        no worker holds a live lease in it. One worker at a time, under the
+        campaign's row lock. True when the campaign has finished."""
+        msg: list[str] = []
+
+        def go() -> str | None:
+            c = self.ledger.lock_campaign(self.cid)
+            if c is None or c["finished"] is not None:
+                return "finished"
+            if c["state"] == "running":
+                phase = int(c["phase"])
+                units = [u for u in self.ledger.units(self.cid) if int(u["phase"]) == phase]
+                if any(u["state"] != "done" for u in units):
+                    return None
+                if phase < len(self.plan.groups):
+                    g = self.plan.groups[phase]
+                    rows = self.ledger.devices(self.cid, grp=g.name)
+                    ok = sum(r["state"] == "OK" for r in rows)
+                    share = ok / len(rows) if rows else 1.0
+                    if share < g.success_threshold:
+                        reason = (f"group {g.name} ended with {ok} of {len(rows)} OK ({share:.0%}), below its "
+                                  f"success threshold of {g.success_threshold:.0%}")
+                        self.ledger.stop_campaign(self.cid, "halted", reason)
+                        msg.append(f"campaign halted: {reason}")
+                        return None  # wound up at the next call, once nobody holds a lease
+                if phase + 1 < len(self.plan.groups):
+                    g = self.plan.groups[phase + 1]
+                    self.ledger.set_campaign(self.cid, phase=phase + 1)
+                    self.ledger.event(self.cid, "phase", grp=g.name)
+                    msg.append(f"group {g.name}: {len(g.devices)} devices, {len(g.concentrators)} concentrators")
+                    return "phase"
+                return self._wind_up(c)
+            if self.ledger.live_leases(self.cid):
+                return None
+            return self._wind_up(c)
+
+        r = self.store.db.run(go)
+        for m in msg:
+            self.step(m)
+        if r == "wound":
+            self._stop.set()
+            self.step(f"campaign {self.cid} ended")
+        return r in ("finished", "wound")
+
+    def _wind_up(self, c: dict[str, Any]) -> str:
+        """The end of the campaign (inside advance's transaction): untried devices
+        CANCELLED, failures become work orders, the final state."""
+        state = c["state"] if c["state"] != "running" else "done"
+        reason = c["reason"] or "" if state != "done" else ""
+        if state == "aborted" and not reason:
+            reason = "aborted by the operator"
         for r in self.ledger.devices(self.cid):
             if r["state"] not in FINAL:
                 self.ledger.finish_device(self.cid, r["target"], "CANCELLED", f"not upgraded: campaign {state}",
@@ -304,13 +361,9 @@ class Runner:
                 wos.append(r)
         if wos:
             self.ledger.event(self.cid, "workorders", reason=f"{len(wos)} work orders opened")
-        c = self.ledger.campaign(self.cid)
-        if c and c["state"] == "aborted" and state != "aborted":  # the operator's abort raced our end
-            state, reason = "aborted", c["reason"] or "aborted by the operator"
         self.ledger.set_campaign(self.cid, state=state, reason=reason, finished=time.time(), pid=None)
         self.ledger.event(self.cid, "end", result=state, reason=reason)
-        counts = self.ledger.counts(self.cid).get("", {})
-        return Summary(self.cid, state, reason, counts, self.ledger.workorders(self.cid, "open"))
+        return "wound"
 
     # -- results ------------------------------------------------------------------
     def _final(self, row: dict[str, Any], result: str) -> bool:
@@ -376,9 +429,12 @@ class Runner:
             t.close()
             return "CANCELLED", str(e), {"duplicate_of": dup[0], "device": None}
         except NotRecorded as e:
-            # The device reached an outcome the records could not take (spooled):
-            # the ledger keeps it open, the operator imports the spool.
-            result, reason = "ERROR", str(e)
+            # The device reached an outcome (verified, when it is OK) that the records
+            # table could not take: it is spooled for `records import`. The ledger
+            # follows the device, saying where its records row waits.
+            last = up.last
+            result = last.result if last is not None else "ERROR"
+            reason = f"{last.reason if last is not None else ''} ({e})"
         except (UpgradeKO, SilentAfterReset) as e:
             result, reason = "KO", str(e)
         except TransportError as e:
@@ -521,8 +577,8 @@ class Runner:
                 self.ledger.put_job(self.cid, ct.address, rnd, job, "collected" if st["state"] == "done"
                                     else "cancelled")
                 return
-            if self.interrupted:
-                return  # the job goes on in the concentrator; `campaign resume` follows it again
+            if self.interrupted or self._lost():
+                return  # the job goes on in the concentrator; `campaign resume` or another worker follows it
             if self.stopping() and not cancelled:
                 self.step(f"{conc_id}: cancelling job {job}")
                 conc.cancel(job)
@@ -618,11 +674,173 @@ class _ConcLink:
             self.client.t.close()
 
 
+class ImageMismatch(PlanError):
+    """This worker's image is not the campaign's: it must not take the campaign's work."""
+
+    exit_code = EXIT_REFUSED
+
+
+class Worker:
+    """Takes units of running campaigns under leases and works them, up to
+    `concurrency` at a time: any number of workers on any number of hosts share
+    the campaigns of one PostgreSQL ledger (or of one SQLite file on one host).
+
+    A lease lasts `lease` seconds on the database's clock and is renewed every
+    third of it; a worker that dies loses its units when their leases run out
+    and another takes them on, following what the ledger says (a concentrator
+    job by its id; a direct device already on the image is OK without upload).
+    After connecting, and after the database came back from an outage, a worker
+    takes no expired lease for one lease period: the live owners renew theirs
+    first. `reclaim_local` (campaign run/resume: the operator's own host) frees at
+    once the leases of dead processes of this host."""
+
+    def __init__(self, store: Store, ledger: Ledger, *, concurrency: int = 4, lease: float = 15.0,
+                 campaigns: list[str] | None = None, timeout: float = 3.0, retries: int = 3,
+                 step: Callable[[str], None] | None = None, image: str | None = None,
+                 reclaim_local: bool = False, until_finished: bool = False, until_idle: bool = False):
+        self.store = store
+        self.ledger = ledger
+        self.concurrency = max(1, concurrency)
+        self.lease = lease
+        self.scope = campaigns
+        self.timeout = timeout
+        self.retries = retries
+        self.step: Callable[[str], None] = step or (lambda s: log.info(s))
+        self.image = image
+        self.reclaim_local = reclaim_local
+        self.until_finished = until_finished
+        self.until_idle = until_idle
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.runners: dict[str, Runner] = {}
+        self.refused: dict[str, str] = {}
+        self.active: dict[tuple[str, str], tuple[Future[None], threading.Event]] = {}
+        self.took = 0
+        self._wake = threading.Event()
+
+    def _runner(self, cid: str) -> Runner | None:
+        if cid in self.refused:
+            return None
+        r = self.runners.get(cid)
+        if r is None:
+            try:
+                r = Runner(self.store, self.ledger, cid, timeout=self.timeout, retries=self.retries, step=self.step,
+                           image=self.image)
+            except (PlanError, ImageError) as e:
+                self.refused[cid] = str(e)
+                self.step(str(e))
+                if self.scope is not None and cid in self.scope:
+                    raise
+                return None
+            self.runners[cid] = r
+        return r
+
+    def _reclaim_dead_local(self) -> None:
+        for owner in self.ledger.lease_owners(f"{self.host}:"):
+            pid = owner.split(":")[1]
+            if owner != self.owner and pid.isdigit() and not _pid_alive(int(pid)):
+                n = self.ledger.release_owner(owner)
+                if n:
+                    self.step(f"freed {n} units of {owner}: that process of this host is gone")
+
+    def _campaigns(self) -> list[str]:
+        return list(self.scope) if self.scope is not None else self.ledger.unfinished()
+
+    def run(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="unit")
+        last_renew = time.monotonic()
+        try:
+            if self.reclaim_local:
+                self._reclaim_dead_local()
+            for cid in self._campaigns():
+                self._runner(cid)
+            while True:
+                self._wake.clear()
+                now = time.monotonic()
+                if now - last_renew >= self.lease / 3:
+                    self._renew()
+                    last_renew = now
+                self._reap()
+                for runner in list(self.runners.values()):
+                    runner.poll()
+                finished = [cid for cid in self._campaigns() if cid not in self.refused
+                            and (r := self._runner(cid)) is not None and not self._holds(cid) and r.advance()]
+                if self.until_finished and self.scope is not None and set(self.scope) <= set(finished) | set(
+                        self.refused):
+                    return
+                self._claim(pool)
+                if self.until_idle and not self.active and not [c for c in self._campaigns()
+                                                                if c not in self.refused]:
+                    return
+                self._wake.wait(POLL_S)
+        except KeyboardInterrupt:
+            for r in self.runners.values():
+                r.interrupted = True
+                r._stop.set()
+            for (cid, unit), (f, _) in list(self.active.items()):
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - it is logged by the unit; we are leaving
+                    pass
+                self.ledger.release_unit(cid, unit, self.owner, done=False)
+            self.active.clear()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _holds(self, cid: str) -> bool:
+        return any(c == cid for c, _ in self.active)
+
+    def _claim(self, pool: ThreadPoolExecutor) -> None:
+        scope = [c for c in self._campaigns() if c not in self.refused]
+        expired_too = time.monotonic() - self.store.db.connected_at >= self.lease
+        while len(self.active) < self.concurrency and scope:
+            u = self.ledger.claim_unit(self.owner, self.lease, scope, expired_too=expired_too)
+            if u is None:
+                return
+            cid, unit = str(u["campaign"]), str(u["unit"])
+            r = self._runner(cid)
+            if r is None:
+                self.ledger.release_unit(cid, unit, self.owner, done=False)
+                scope.remove(cid)
+                continue
+            if u["previous_owner"] and u["leases"] > 1:
+                self.step(f"{unit}: taking it over from {u['previous_owner']} (its lease ran out)")
+                self.ledger.event(cid, "takeover", target=unit, grp=str(u["grp"]),
+                                  reason=f"{self.owner} after {u['previous_owner']}")
+            self.took += 1
+            lost = threading.Event()
+            f = pool.submit(r.work, u, lost, self.owner)
+            f.add_done_callback(lambda _f: self._wake.set())
+            self.active[(cid, unit)] = (f, lost)
+
+    def _reap(self) -> None:
+        for key, (f, _) in list(self.active.items()):
+            if f.done():
+                del self.active[key]
+                r = self.runners.get(key[0])
+                self.ledger.release_unit(key[0], key[1], self.owner, done=not (r and r.interrupted))
+
+    def _renew(self) -> None:
+        if not self.active:
+            return
+        held = self.ledger.renew_leases(self.owner, self.lease)
+        for key, (_, lost) in self.active.items():
+            if key not in held and not lost.is_set():
+                msg = (f"campaign {key[0]}: {key[1]} was taken over by another worker (this one was away longer "
+                       "than its lease): this worker stops it")
+                self.step(msg)
+                r = self.runners.get(key[0])
+                if r is not None and r.lost_lease is None:
+                    r.lost_lease = LeaseLost(msg)
+                lost.set()
+
+
 def abort(ledger: Ledger, cid: str, reason: str, timeout: float = 3.0, retries: int = 3,
           job_wait: float = 120.0) -> list[str]:
-    """Mark a campaign aborted. A running `campaign run` (the holder of its
-    lease) notices within a second, cancels its jobs and takes their results
-    in. When none runs, this takes the lease, cancels the open jobs, waits
+    """Mark a campaign aborted. A running `campaign run` (the workers holding its
+    units' leases) notices within a second, cancels its jobs and takes their results
+    in. When none runs, this cancels the open jobs, waits
     for each to end (a meter in flight finishes) and takes in what they did
     before the rest become CANCELLED. Returns what was done, a line each."""
     c = ledger.campaign(cid)
@@ -630,19 +848,16 @@ def abort(ledger: Ledger, cid: str, reason: str, timeout: float = 3.0, retries: 
         raise PlanError(f"no campaign {cid}")
     if c["state"] != "running":
         raise PlanError(f"campaign {cid} is {c['state']}, not running")
-    alive = ledger.owned_elsewhere(cid)
-    if not alive:
-        try:
-            ledger.acquire(cid)  # a stopped runner that comes back finds it taken and stops
-        except CampaignBusy:
-            alive = True
-    ledger.set_campaign(cid, state="aborted", reason=reason)
-    ledger.event(cid, "abort", reason=reason)
+    ledger.stop_campaign(cid, "aborted", reason)
+    here = socket.gethostname()
+    # Live leases, less those of processes of this host that are gone (killed): nobody would wind it up.
+    live = [u for u in ledger.live_leases(cid) if not (str(u["owner"]).split(":")[0] == here
+                                                       and not _pid_alive(int(str(u["owner"]).split(":")[1])))]
     done = [f"campaign {cid} marked aborted"]
-    if alive:
-        c = ledger.campaign(cid) or c
-        done.append(f"the running campaign process ({c['owner']}) stops its work, cancels its jobs and takes "
-                    "their results in")
+    if live:
+        owners = sorted({str(u["owner"]) for u in live})
+        done.append(f"the running campaign process{'es' if len(owners) > 1 else ''} ({', '.join(owners)}) "
+                    "stop their work, cancel their jobs, take their results in and wind the campaign up")
         return done
     plan = Plan.from_dict(c["plan"])
     for j in ledger.jobs(cid):
@@ -671,7 +886,7 @@ def abort(ledger: Ledger, cid: str, reason: str, timeout: float = 3.0, retries: 
             ledger.finish_device(cid, r["target"], "CANCELLED", f"not upgraded: campaign aborted ({reason})",
                                  final=True, count=False)
     ledger.set_campaign(cid, finished=time.time())
-    ledger.release(cid)
+    ledger.event(cid, "end", result="aborted", reason=reason)
     return done
 
 

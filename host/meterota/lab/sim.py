@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal
 
+from . import mcu as _mcu
+
 __all__ = [
     "EXIT_CLEAN",
     "EXIT_RESET",
@@ -176,8 +178,13 @@ class _SerialLink:
         bytes_per_second: float | None,
         on_connect: Callable[[], None],
         on_drop: Callable[[], None],
+        tap: Callable[[bytes], None] | None = None,
     ) -> None:
         self._name = name
+        # Sees every chunk the device sends (the MCU boards print on their USB console).
+        self._tap = tap
+        self._pending_conn: socket.socket | None = None
+        self._pending_lock = threading.Lock()
         self._shaper = shaper
         self._on_connect = on_connect
         self._on_drop = on_drop
@@ -223,6 +230,17 @@ class _SerialLink:
         for fd in (self.master, self.slave, self._wake_r, self._wake_w):
             os.close(fd)
 
+    def attach(self, conn: socket.socket) -> None:
+        """Make `conn` (the supervisor's end of the device process's wire) the live device."""
+        with self._pending_lock:
+            if self._pending_conn is not None:
+                self._pending_conn.close()
+            self._pending_conn = conn
+        try:
+            os.write(self._wake_w, b"a")
+        except OSError:
+            pass
+
     # -- bridge thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -231,6 +249,10 @@ class _SerialLink:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stop:
+                with self._pending_lock:
+                    conn, self._pending_conn = self._pending_conn, None
+                if conn is not None:
+                    self._adopt(conn)
                 now = time.monotonic()
                 self._to_dev.advance(now)
                 self._to_host.advance(now)
@@ -283,8 +305,11 @@ class _SerialLink:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._adopt(conn)
+
+    def _adopt(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
         # A device that reset may reconnect before we noticed the old socket's EOF; the newest
         # connection is the live device.
         self._drop_conn()
@@ -336,6 +361,8 @@ class _SerialLink:
         if not data:
             self._drop_conn()
             return
+        if self._tap is not None:
+            self._tap(data)
         if self._shaper is not None:
             data = self._shaper.to_host(data)
         self._to_host.push(data)
@@ -477,7 +504,18 @@ class SimDevice:
         bytes_per_second: float | None = None,
         main_script: Path | None = None,
         micropython: Path | None = None,
+        board: str = "unix",
+        link: str = "usb",
+        speed: float | None = 1.0,
     ) -> None:
+        if board != "unix":
+            _mcu.profile(board)  # ValueError on an unknown board
+            if transport != "serial":
+                raise ValueError(f"board {board}: the simulated {board} has serial links only (no Wi-Fi)")
+            if link not in ("usb", "uart"):
+                raise ValueError(f"link must be 'usb' or 'uart', not {link!r}")
+            if speed is not None and speed <= 0:
+                raise ValueError("speed must be positive")
         if transport not in ("serial", "udp"):
             raise ValueError(f"transport must be 'serial' or 'udp', not {transport!r}")
         if transport == "udp" and (shaper is not None or bytes_per_second is not None):
@@ -487,13 +525,24 @@ class SimDevice:
         self.state_dir = Path(state_dir).resolve()
         self.device_id = device_id
         self.transport: Transport = transport
-        self.heap = heap
+        self.board = board
+        self.link = link
+        # Board speed multiplier (1.0 = the board's calibrated speed, None = host speed).
+        self.speed = speed if board != "unix" else None
+        self.heap = _mcu.profile(board).heap if board != "unix" and heap == DEFAULT_HEAP else heap
         self.extra: dict[str, Any] = dict(extra or {})
+        if board != "unix" and link == "uart":
+            self.extra.setdefault("serial", "uart:0:0:1:115200")
+            if bytes_per_second is None:
+                # The wire is a UART: it runs at its baud rate whatever the host does.
+                bytes_per_second = int(str(self.extra["serial"]).split(":")[4]) / 10
         self.provision = provision
         self.shaper = shaper
         self.bytes_per_second = bytes_per_second
         self.main_script = Path(main_script) if main_script is not None else DEFAULT_MAIN
-        if self.main_script == DEFAULT_MAIN:
+        if board != "unix":
+            self.main_script = _mcu.LAB_BOOT
+        elif self.main_script == DEFAULT_MAIN:
             # The real device program needs its flash map and a factory image.
             from .. import boards
 
@@ -525,6 +574,17 @@ class SimDevice:
         self._run_line_ready = False
         self._run_connected = False
         self.dead_reason: str | None = None
+        # MCU boards: the watchdog the device armed (supervisor-enforced), the throttle, the wire.
+        self._wdt_ms: int | None = None
+        self._wdt_deadline: float | None = None
+        self._wdt_fired = False
+        self._reset_cause = 1  # PWRON_RESET
+        self._throttle: _mcu.Throttle | None = None
+        self._duty = 1.0
+        self._side: threading.Thread | None = None
+        self._text = bytearray()  # console text from the device (USB link), for lines
+        self.overruns = 0  # UART bytes lost in the device's FIFO (reported by the stand-in)
+        self.wdt_resets = 0
 
     # -- public properties ----------------------------------------------------------------------
 
@@ -601,11 +661,26 @@ class SimDevice:
                 self.dead_reason = None
                 self._state = "running"
                 gen = self._ready_gen
-                self._launch("start", powerfail)
-            self._monitor = threading.Thread(
-                target=self._monitor_loop, name=f"sim-{self.device_id}-monitor", daemon=True
-            )
+                if self.board == "unix":
+                    self._launch("start", powerfail)
+            if self.board == "unix":
+                self._monitor = threading.Thread(
+                    target=self._monitor_loop, name=f"sim-{self.device_id}-monitor", daemon=True
+                )
+            else:
+                # An MCU board's process dies with the thread that forked it (PR_SET_PDEATHSIG):
+                # the monitor, which lives as long as the supervision, launches it.
+                launched: list[BaseException | None] = []
+                ev = threading.Event()
+                self._monitor = threading.Thread(
+                    target=self._monitor_first, args=(powerfail, launched, ev),
+                    name=f"sim-{self.device_id}-monitor", daemon=True,
+                )
             self._monitor.start()
+            if self.board != "unix":
+                ev.wait()
+                if launched and launched[0] is not None:
+                    raise launched[0]
             self.wait_ready(timeout, after=gen)
         except BaseException:
             self.stop()
@@ -620,6 +695,8 @@ class SimDevice:
             proc = self._proc
         if proc is not None and proc.returncode is None:
             _signal(proc, signal.SIGTERM)
+            if self._throttle is not None:
+                self._throttle.close()  # a stopped process handles SIGTERM only once continued
         if self._monitor is not None:
             self._monitor.join(grace)
             if self._monitor.is_alive() and proc is not None:
@@ -720,7 +797,14 @@ class SimDevice:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._open_transport()
         self._write_config()
-        if self.provision is not None and not (self.state_dir / "flash.bin").exists():
+        if self.board != "unix":
+            cfg = self.device_config()
+            if not (self.state_dir / "flash.bin").exists():
+                _mcu.provision(self.board, self.state_dir, cfg)
+            _write_json_atomic(self.state_dir / "hw.json", _mcu.hw_params(self.board, self.state_dir, cfg))
+            if self.speed is not None:
+                self._duty = _mcu.duty_for(self.board, str(self.micropython), self.speed)
+        elif self.provision is not None and not (self.state_dir / "flash.bin").exists():
             self.provision(self.state_dir)
         if self._log is None:
             self._log = open(self.log_path, "ab", buffering=0)
@@ -729,7 +813,8 @@ class SimDevice:
         if self.transport == "serial":
             if self._link is None:
                 self._link = _SerialLink(
-                    self.device_id, self.shaper, self.bytes_per_second, self._on_connect, self._notify
+                    self.device_id, self.shaper, self.bytes_per_second, self._on_connect, self._notify,
+                    tap=self._console if self.board != "unix" and self.link == "usb" else None,
                 )
                 link_path = self.state_dir / "tty"
                 tmp = self.state_dir / ".tty.tmp"
@@ -741,7 +826,18 @@ class SimDevice:
             # Prefer the same address if this device is started again later.
             self._udp_preferred = self._udp_host
 
+    def device_config(self) -> dict[str, Any]:
+        """The config.json an MCU board gets in its filesystem (as `meterota deploy` writes it)."""
+        cfg: dict[str, Any] = {"id": self.device_id, "key": self.key.hex(), "serial": "stdin", "role": "meter"}
+        if self.board == "rp2":
+            cfg["variant"] = "pico"
+        cfg.update({k: v for k, v in self.extra.items() if k != "layout"})
+        return cfg
+
     def _config(self) -> dict[str, Any]:
+        if self.board != "unix":
+            # The host's record of the board (the device's own config is in its flash).
+            return {**self.device_config(), "board": self.board, "link": self.link}
         path = self.state_dir / "config.json"
         try:
             cfg: dict[str, Any] = json.loads(path.read_text())
@@ -761,7 +857,11 @@ class SimDevice:
 
     def _env(self, powerfail: str | None) -> dict[str, str]:
         env = dict(os.environ)
-        env["MICROPYPATH"] = f"{REPO_ROOT / 'boards' / 'unix'}:{REPO_ROOT / 'device'}"
+        if self.board != "unix":
+            env.update(_mcu.lab_env(self.board, self.state_dir))
+            env["MTR_RESET_CAUSE"] = str(self._reset_cause)
+        else:
+            env["MICROPYPATH"] = f"{REPO_ROOT / 'boards' / 'unix'}:{REPO_ROOT / 'device'}"
         env.pop("MTR_POWERFAIL", None)
         if powerfail is not None:
             env["MTR_POWERFAIL"] = powerfail
@@ -781,6 +881,9 @@ class SimDevice:
             str(self.main_script),
             str(self.state_dir),
         ]
+        if self.board != "unix":
+            self._launch_mcu(cmd, powerfail)
+            return
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -798,6 +901,124 @@ class SimDevice:
             daemon=True,
         )
         self._reader.start()
+
+    def _launch_mcu(self, cmd: list[str], powerfail: str | None) -> None:
+        """An MCU board: its wire is a socket pair whose far end is the process's stdin (USB CDC:
+        stdin and stdout, the console; UART: stdin, with stdout as the log); stderr carries the
+        stand-ins' notes (watchdog, resets, overruns)."""
+        assert self._link is not None
+        ours, theirs = socket.socketpair()
+        # Keep what the kernel buffers toward the device small: USB flow control NAKs once the
+        # device's ring (512 B on rp2) and the CDC FIFO are full; the socket's minimum is ~4 KiB.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        usb = self.link == "usb"
+        self._text.clear()
+        self._wdt_deadline = None
+        self._wdt_fired = False
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno() if usb else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env(powerfail),
+                cwd=self.state_dir,
+                start_new_session=True,
+                # A board outlives a dead host on a real bench; here it must not outlive its
+                # supervisor (it may be SIGSTOPped by the throttle, or spinning on a closed wire).
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            theirs.close()
+        self._proc = proc
+        self._link.attach(ours)
+        if self._throttle is not None:
+            self._throttle.close()
+        self._throttle = _mcu.Throttle(proc.pid, self._duty) if self.speed is not None else None
+        if not usb:
+            self._reader = threading.Thread(
+                target=self._read_output, args=(proc,), name=f"sim-{self.device_id}-out{self._starts}", daemon=True
+            )
+        else:
+            # The console lines arrive through the bridge (self._console); the reader only waits.
+            self._reader = threading.Thread(target=proc.wait, daemon=True)
+        self._reader.start()
+        self._side = threading.Thread(
+            target=self._read_side, args=(proc,), name=f"sim-{self.device_id}-side{self._starts}", daemon=True
+        )
+        self._side.start()
+
+    def _console(self, data: bytes) -> None:
+        """Bytes the device wrote on its USB console: SMP frames and printed lines alike. Lines
+        that are not frames go to the log, and the ready line counts as for the unix board."""
+        t = self._text
+        t += data
+        while True:
+            i = t.find(b"\n")
+            if i < 0:
+                if len(t) > 4096:
+                    del t[:-256]
+                return
+            line = bytes(t[:i + 1])
+            del t[:i + 1]
+            # Console-framed SMP (0x06 0x09 / 0x04 0x14) and binary frames are not text.
+            j = line.rfind(b"meterota: ")
+            if j >= 0:
+                line = line[j:]
+            elif line[:2] in (b"\x06\x09", b"\x04\x14") or not _printable(line):
+                continue
+            if self._log is not None:
+                self._log.write(line)
+            if _is_ready_line(line):
+                with self._cond:
+                    self._run_line_ready = True
+                    self._check_ready()
+
+    def _read_side(self, proc: subprocess.Popen[bytes]) -> None:
+        """The stand-ins' notes, and the watchdog: no feed within its timeout resets the board."""
+        assert proc.stderr is not None
+        fd = proc.stderr.fileno()
+        buf = b""
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        try:
+            while True:
+                dl = self._wdt_deadline
+                timeout = None if dl is None else max(0.0, dl - time.monotonic())
+                if not sel.select(timeout):
+                    if self._wdt_deadline is not None and time.monotonic() >= self._wdt_deadline:
+                        self._log_note(f"--- watchdog: no feed within {self._wdt_ms} ms, reset ---")
+                        self._wdt_fired = True
+                        self._wdt_deadline = None
+                        _signal(proc, signal.SIGKILL)
+                    continue
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for ln in lines:
+                    self._side_note(ln.decode("utf-8", "replace"))
+        finally:
+            sel.close()
+            proc.stderr.close()
+
+    def _side_note(self, ln: str) -> None:
+        if ln.startswith("W") and ln[1:].isdigit():
+            self._wdt_ms = int(ln[1:])
+            self._wdt_deadline = time.monotonic() + self._wdt_ms / 1000
+        elif ln == "F" and self._wdt_ms:
+            self._wdt_deadline = time.monotonic() + self._wdt_ms / 1000
+        elif ln.startswith("O") and ln[1:].isdigit():
+            self.overruns += int(ln[1:])
+            self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
+        elif ln == "B":
+            if self._throttle is not None:
+                self._throttle.begin()
+        elif ln in ("R", "S"):
+            pass
+        elif ln:
+            self._log_note(ln)  # a traceback or print to stderr
 
     def _log_note(self, line: str) -> None:
         if self._log is not None:
@@ -835,6 +1056,19 @@ class SimDevice:
             self._ready_gen += 1
             self._cond.notify_all()
 
+    def _monitor_first(self, powerfail: str | None, launched: list[BaseException | None],
+                       ev: threading.Event) -> None:
+        try:
+            with self._cond:
+                self._launch("start", powerfail)
+        except BaseException as e:  # handed to start()
+            launched.append(e)
+            ev.set()
+            return
+        launched.append(None)
+        ev.set()
+        self._monitor_loop()
+
     def _monitor_loop(self) -> None:
         while True:
             with self._cond:
@@ -859,11 +1093,21 @@ class SimDevice:
         if rc == EXIT_CLEAN:
             self._state = "stopped"
             return False
-        if rc == EXIT_RESET:
+        wdt = self._wdt_fired
+        self._wdt_fired = False
+        if wdt:
+            reason = "watchdog reset"
+            self.wdt_resets += 1
+            self._reset_cause = 3  # WDT_RESET
+        elif rc == EXIT_RESET:
             reason = "reset"
+            # rp2's machine.reset() goes through the watchdog; ESP32's is a software reset.
+            self._reset_cause = 3 if self.board == "rp2" else 5
         elif rc == EXIT_POWERFAIL:
             reason = "power restored"
+            self._reset_cause = 1
         else:
+            self._reset_cause = 3
             self._crashes += 1
             if self._crashes >= MAX_CRASHES:
                 self._state = "dead"
@@ -872,6 +1116,12 @@ class SimDevice:
                 return False
             reason = f"watchdog reset after exit {_describe_rc(rc)}"
         self._restarts += 1
+        if self.board != "unix":
+            # The board's reset and boot ROM/bootloader time before the firmware runs: modelled
+            # hardware latency, not a synchronisation.
+            time.sleep(_mcu.profile(self.board).reset_ms / 1000)
+            if self._stopping:
+                return False
         try:
             self._launch(reason, None)
         except OSError as e:
@@ -882,6 +1132,9 @@ class SimDevice:
         return True
 
     def _release(self) -> None:
+        if self._throttle is not None:
+            self._throttle.close()
+            self._throttle = None
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -897,6 +1150,19 @@ class SimDevice:
         with self._cond:
             self._proc = None
             self._reader = None
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _printable(line: bytes) -> bool:
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in line)
 
 
 def _is_ready_line(line: bytes) -> bool:
@@ -937,6 +1203,9 @@ class SimCluster:
         bytes_per_second: float | None = None,
         main_script: Path | None = None,
         micropython: Path | None = None,
+        board: str = "unix",
+        link: str = "usb",
+        speed: float | None = 1.0,
     ) -> None:
         if count < 1:
             raise ValueError("count must be >= 1")
@@ -953,6 +1222,9 @@ class SimCluster:
                 bytes_per_second=bytes_per_second,
                 main_script=main_script,
                 micropython=micropython,
+                board=board,
+                link=link,
+                speed=speed,
             )
             for i in range(1, count + 1)
         ]
@@ -1009,7 +1281,16 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="extra config.json entry; VALUE is parsed as JSON, else kept as a string",
     )
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each device")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for each device (default 20; 120 for --board rp2/esp32)")
+    b = p.add_argument_group("simulated MCU boards (the board's own code under its port's stand-ins)")
+    b.add_argument("--board", choices=["unix", *_mcu.BOARDS], default="unix",
+                   help="unix (default): the simulator board; rp2 (Pico) or esp32: that board's code, flash "
+                        "timing, watchdog, heap and CPU speed")
+    b.add_argument("--link", choices=["usb", "uart"], default="usb",
+                   help="rp2/esp32: the console over USB CDC (default) or a UART paced at its baud rate")
+    b.add_argument("--speed", type=float, default=1.0,
+                   help="rp2/esp32: CPU speed as a multiple of the board's (default 1.0; 0 = unthrottled)")
 
 
 def _parse_extra(items: list[str]) -> dict[str, Any]:
@@ -1040,6 +1321,9 @@ def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] |
             provision=provision,
             bytes_per_second=baud / 10 if baud and transport == "serial" else None,
             main_script=getattr(args, "main_script", None),
+            board=getattr(args, "board", "unix"),
+            link=getattr(args, "link", "usb"),
+            speed=(getattr(args, "speed", 1.0) or None),
         )
     except ValueError as e:
         print(f"meterota sim: {e}", file=sys.stderr)
@@ -1052,7 +1336,10 @@ def run_sim_cli(args: argparse.Namespace, *, provision: Callable[[Path], None] |
             old_handlers[sig] = signal.signal(sig, lambda *_: stop_requested.set())
     try:
         try:
-            cluster.start(timeout=float(getattr(args, "timeout", 20.0)))
+            timeout = getattr(args, "timeout", None)
+            if timeout is None:
+                timeout = 20.0 if getattr(args, "board", "unix") == "unix" else 120.0
+            cluster.start(timeout=float(timeout))
         except SimError as e:
             print(f"meterota sim: {e}", file=sys.stderr)
             return 1

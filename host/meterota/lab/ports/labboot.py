@@ -1,0 +1,43 @@
+# The simulated board's boot: what its ROM, bootloader and frozen _boot.py do
+# before main.py, on the lab's stand-ins.
+#   micropython -X heapsize=H labboot.py      (env MTR_HW=hw.json, MICROPYPATH=ports:boards/unix)
+# rp2:   littlefs over rp2.Flash() (progsize=256) mounted at /, as _boot.py.
+# esp32: the bootloader's OTA choice (esp32.boot), then littlefs over the vfs
+#        partition at /, as _boot.py / inisetup.py.
+# Then the host's filesystem is gone: sys.path is the board's ('', '/lib'),
+# the stand-ins stay loaded (frozen in the real firmware), and main.py runs
+# from the device filesystem as pyexec_file("main.py") would.
+import _hw
+
+_hw.note("B")  # the firmware starts: the supervisor charges CPU time to the board from here
+import sys
+import os
+import vfs
+import machine
+import _nor
+
+p = _hw.params()
+board = p["board"]
+if board == "rp2":
+    import rp2
+
+    fs = vfs.VfsLfs2(rp2.Flash(), progsize=256)
+elif board == "esp32":
+    import esp32
+
+    esp32.boot()
+    fs = vfs.VfsLfs2(esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")[0])
+else:
+    raise OSError(22, "unknown lab board " + board)
+# Modules the firmware has frozen in, loaded now while the host's files are reachable.
+import json, select, io, time, struct, binascii, hashlib, errno, gc, micropython  # noqa
+
+vfs.umount("/")
+vfs.mount(fs, "/")
+os.chdir("/")
+sys.path[:] = ["", "/lib"]
+del fs, p
+_g = {"__name__": "__main__"}
+with open("main.py") as _f:
+    _src = _f.read()
+exec(_src, _g)

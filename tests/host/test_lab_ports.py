@@ -1,0 +1,266 @@
+"""The lab's port stand-ins (host/meterota/lab/ports): their signatures against the official
+MicroPython stubs of each port, and, under the unix MicroPython, that they refuse what the real
+modules refuse and take the chip's time."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PORTS = REPO / "host" / "meterota" / "lab" / "ports"
+STUBS_DIR = Path(os.environ.get("MTR_STUBS_DIR", REPO / ".venv" / "mpstubs"))
+MICROPYTHON = Path(sys.executable).parent / "micropython"
+
+# stand-in module -> the stub files it must match (one per port that has the module)
+STUBBED = {
+    "rp2": [STUBS_DIR / "rp2" / "rp2" / "__init__.pyi"],
+    "esp32": [STUBS_DIR / "esp32" / "esp32.pyi"],
+    "machine": [STUBS_DIR / "rp2" / "machine.pyi", STUBS_DIR / "esp32" / "machine.pyi"],
+}
+# Public names of a stand-in that no stub has: the lab's own hooks, documented in the module.
+LAB_ONLY = {
+    "esp32": {"boot"},  # the bootloader's OTA choice, called by the lab boot
+    "machine": {"EXIT_RESET", "UART.irq_off", "UART.irq_on", "UART.overruns", "UART.baudrate", "UART.ioctl",
+                "Pin.IN", "Pin.OUT", "Pin.OPEN_DRAIN", "Pin.ALT", "Pin.PULL_UP", "Pin.PULL_DOWN", "Pin.id"},
+}
+
+
+@dataclass
+class Sig:
+    pos: list[str]  # positional parameters (after self)
+    pos_required: int
+    posonly: int
+    kwonly: dict[str, bool]  # name -> required
+    varargs: bool
+    varkw: bool
+    defaults: dict[str, object]
+
+
+def _const(node: ast.expr | None) -> object:
+    try:
+        return ast.literal_eval(node) if node is not None else None
+    except ValueError:
+        return ...
+
+
+def sig_of(fn: ast.FunctionDef, method: bool) -> Sig:
+    a = fn.args
+    posonly = [p.arg for p in a.posonlyargs]
+    pos = posonly + [p.arg for p in a.args]
+    defaults = {name: _const(d) for name, d in zip(pos[len(pos) - len(a.defaults):], a.defaults)}
+    skip = 1 if method and pos and pos[0] in ("self", "cls") else 0
+    kwonly = {}
+    for p, d in zip(a.kwonlyargs, a.kw_defaults):
+        kwonly[p.arg] = d is None
+        if d is not None:
+            defaults[p.arg] = _const(d)
+    return Sig(pos[skip:], len(pos) - len(a.defaults) - skip, max(0, len(posonly) - skip), kwonly,
+               a.vararg is not None, a.kwarg is not None, defaults)
+
+
+def members(path: Path) -> dict[str, list[Sig] | None]:
+    """Top-level functions, classes' methods and attributes: name -> signatures (all overloads),
+    or None for a constant/attribute."""
+    tree = ast.parse(path.read_text())
+    out: dict[str, list[Sig] | None] = {}
+
+    def walk(body: list[ast.stmt], prefix: str, method: bool) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef):
+                name = prefix + node.name
+                if node.name.startswith("_") and node.name != "__init__":
+                    continue
+                cur = out.get(name) or []
+                out[name] = cur + [sig_of(node, method)]
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                out[prefix + node.name] = out.get(prefix + node.name) or []
+                walk(node.body, prefix + node.name + ".", True)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name) and not t.id.startswith("_"):
+                        out.setdefault(prefix + t.id, None)
+    walk(tree.body, "", False)
+    return out
+
+
+def accepts(ours: Sig, stub: Sig) -> list[str]:
+    """What a call that the stub allows would do to our function, as problems."""
+    bad = []
+    n_stub_pos = len(stub.pos)
+    if not ours.varargs and len(ours.pos) < n_stub_pos:
+        bad.append(f"takes {len(ours.pos)} positional arguments, the port {n_stub_pos}")
+    if ours.pos_required > stub.pos_required:
+        bad.append(f"requires {ours.pos_required} positional arguments, the port {stub.pos_required}")
+    for i, name in enumerate(stub.pos[stub.posonly:], stub.posonly):
+        # Passable by keyword on the port: must be the same name here.
+        if i < len(ours.pos) and ours.pos[i] != name and not ours.varkw:
+            bad.append(f"positional parameter {i} is {ours.pos[i]!r}, the port's {name!r}")
+    for name in stub.kwonly:
+        if name not in ours.kwonly and name not in ours.pos and not ours.varkw:
+            bad.append(f"no keyword {name!r}")
+    for name, req in ours.kwonly.items():
+        if req and not stub.kwonly.get(name):
+            bad.append(f"requires keyword {name!r}")
+    for name, d in stub.defaults.items():
+        if name in ours.defaults and d is not ... and d is not None and ours.defaults[name] not in (d, None):
+            bad.append(f"default {name}={ours.defaults[name]!r}, the port's {d!r}")
+    return bad
+
+
+def test_stubs_present() -> None:
+    for files in STUBBED.values():
+        for f in files:
+            assert f.exists(), f"{f} missing: run `make venv` (tools/install_stubs.sh)"
+
+
+@pytest.mark.parametrize("module", sorted(STUBBED))
+def test_stand_in_matches_the_ports_stubs(module: str) -> None:
+    ours = members(PORTS / f"{module}.py")
+    problems = []
+    for stub_file in STUBBED[module]:
+        stub = members(stub_file)
+        for name, sigs in ours.items():
+            if name in LAB_ONLY.get(module, set()) or name.split(".")[0] in LAB_ONLY.get(module, set()):
+                continue
+            if name not in stub:
+                # machine: each port lacks some of the other's names; it must be in one of them.
+                if not any(name in members(f) for f in STUBBED[module]):
+                    problems.append(f"{module}.{name}: not in the port's API")
+                continue
+            if sigs is None or stub[name] is None or not sigs or not stub[name]:
+                continue
+            for overload in stub[name] or []:
+                for s in sigs:
+                    bad = accepts(s, overload)
+                    if bad:
+                        problems.append(f"{stub_file.parent.name}: {module}.{name}: " + "; ".join(bad))
+    assert not problems, "\n".join(problems)
+
+
+def test_signature_check_catches_a_mismatch() -> None:
+    stub = members(STUBBED["rp2"][0])["Flash.__init__"]
+    assert stub is not None
+    wrong = sig_of(ast.parse("def __init__(self, start=-1, length=-1): pass").body[0], True)  # type: ignore[arg-type]
+    assert any("no keyword 'len'" in b for ov in stub for b in accepts(wrong, ov))
+    wdt = members(STUBBED["machine"][0])["WDT.__init__"]
+    assert wdt is not None
+    bad_default = sig_of(ast.parse("def __init__(self, *, id=0, timeout=8000): pass").body[0], True)  # type: ignore[arg-type]
+    assert any("default timeout" in b for ov in wdt for b in accepts(bad_default, ov))
+
+
+# -- behaviour under the unix MicroPython ------------------------------------------------------
+
+def run_lab(tmp_path: Path, board: str, code: str) -> str:
+    sys.path.insert(0, str(REPO / "host"))
+    from meterota.lab import mcu
+
+    cfg = {"id": "t", "variant": "pico"}
+    hw = mcu.hw_params(board, tmp_path, cfg)
+    (tmp_path / "flash.bin").write_bytes(b"\xff" * hw["flash_size"])
+    (tmp_path / "hw.json").write_text(json.dumps(hw))
+    script = tmp_path / "t.py"
+    script.write_text(code)
+    env = dict(os.environ, **mcu.lab_env(board, tmp_path))
+    p = subprocess.run([str(MICROPYTHON), str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+REFUSE = """
+def refused(exc, f, *a, **k):
+    try:
+        f(*a, **k)
+    except exc as e:
+        return e
+    raise SystemExit("accepted: %r %r" % (a, k))
+"""
+
+
+def test_rp2_flash_refuses_and_takes_time(tmp_path: Path) -> None:
+    out = run_lab(tmp_path, "rp2", REFUSE + """
+import rp2, time
+f = rp2.Flash()
+assert f.ioctl(4, 0) == 1408 * 1024 // 4096 and f.ioctl(5, 0) == 4096
+refused(ValueError, rp2.Flash, start=100, len=4096)
+refused(ValueError, rp2.Flash, start=0, len=4096 * 1000)
+refused(ValueError, rp2.Flash, start=0, len=100)
+w = rp2.Flash(start=8192, len=8192)
+assert w.ioctl(4, 0) == 2
+refused(OSError, w.readblocks, 2, bytearray(16))           # past the window
+refused(OSError, w.writeblocks, 0, bytearray(100))         # erase of a partial sector
+refused(OSError, w.writeblocks, 0, bytearray(256), 10)     # program not page aligned
+t = time.ticks_ms()
+w.ioctl(6, 0)
+dt = time.ticks_diff(time.ticks_ms(), t)
+assert dt >= 44, dt                                        # W25Q16 sector erase
+w.writeblocks(0, b"\\x0f" * 256, 0)
+e = refused(OSError, w.writeblocks, 0, b"\\xf0" * 256, 0)  # a 0 bit cannot become 1
+assert e.errno == 5, e
+b = bytearray(4)
+f.readblocks(2, b)                                         # the window is a view of the region
+assert b == b"\\x0f" * 4, b
+import machine
+refused(ValueError, machine.WDT, timeout=8389)             # RP2040's ceiling
+refused(ValueError, machine.WDT, id=1, timeout=1000)
+machine.WDT(timeout=8388)
+assert machine.reset_cause() == machine.PWRON_RESET
+print("ok")
+""")
+    assert out.strip().endswith("ok")
+
+
+def test_esp32_partition_refuses_and_rolls_back(tmp_path: Path) -> None:
+    out = run_lab(tmp_path, "esp32", REFUSE + """
+import esp32, time
+P = esp32.Partition
+e = refused(OSError, P, "nope")
+assert e.errno == 2
+a = P.find(P.TYPE_DATA, label="mtr_a")[0]
+assert a.info()[4] == "mtr_a" and a.info()[0] == P.TYPE_DATA
+assert a.ioctl(4, 0) == a.info()[3] // 4096
+e = refused(OSError, a.writeblocks, 0, bytearray(100))      # simple write: whole sectors
+assert e.errno == -260, e
+e = refused(OSError, a.readblocks, a.ioctl(4, 0), bytearray(1))
+assert e.errno == -260, e
+assert P("mtr_a", 512).ioctl(6, 0) == -22                   # erase needs block_size 4096
+t = time.ticks_ms()
+a.ioctl(6, 0)
+assert time.ticks_diff(time.ticks_ms(), t) >= 44
+a.writeblocks(0, b"\\x01\\x02", 7)                          # byte-granular program
+b = bytearray(3)
+a.readblocks(0, b, 6)
+assert b == b"\\xff\\x01\\x02", b
+# OTA: set_boot validates the image; a new image that is not marked valid rolls back.
+assert esp32.boot() == "ota_0"
+run = P(P.RUNNING)
+nxt = run.get_next_update()
+assert nxt.info()[4] == "ota_1"
+e = refused(OSError, nxt.set_boot)
+assert e.errno == -5379, e
+hdr = bytearray(b"\\xff" * 4096)
+hdr[0] = 0xE9; hdr[1] = 1
+hdr[32:36] = bytes((0x32, 0x54, 0xCD, 0xAB))
+nxt.writeblocks(0, hdr)
+nxt.set_boot()
+assert esp32.boot() == "ota_1"        # first boot of the new image: pending verify
+assert esp32.boot() == "ota_0"        # reset before mark_app_valid: the bootloader rolls back
+nxt.set_boot()
+assert esp32.boot() == "ota_1"
+P.mark_app_valid_cancel_rollback()
+assert esp32.boot() == "ota_1"        # valid now: it stays
+import machine
+refused(ValueError, machine.WDT, timeout=0)
+machine.WDT(timeout=30000)            # no 8.3 s ceiling on ESP32
+print("ok")
+""")
+    assert out.strip().endswith("ok")

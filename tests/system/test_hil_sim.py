@@ -1,0 +1,132 @@
+"""HIL mode in CI: the system suite's `--port` plumbing against a simulated board
+(`--sim-board`, the board's own code under its port's stand-ins), as `make hil` runs it against a
+real one. `make hil-sim` runs the whole suite on both boards at their calibrated speed; this is
+the subset in `make test`, on the simulated Pico at 16 x its speed (the plumbing is under test
+here, not the board's pace):
+
+- smpmgr's one-shot upgrade, which leaves the board running an unconfirmed trial image, then
+- `meterota upgrade`, whose per-test return to the factory image must start from that trial
+  (it refused "the device is running an unconfirmed test image" and the suite cascaded).
+
+The user-errors test (images for the board under test, not for unix) and the rest run in
+`make hil-sim`. The last test here checks the simulated UART's FIFO overrun end to end."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO
+
+SUBSET = [
+    "tests/system/test_device_smp.py::test_smpmgr_one_shot_upgrade[serial]",
+    "tests/system/test_upgrade_cli.py::test_full_upgrade_ok_with_verified_confirmation[serial]",
+]
+
+
+@pytest.mark.timeout(600)
+def test_hil_subset_against_a_simulated_pico(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if request.config.getoption("--port") or request.config.getoption("--sim-board"):
+        pytest.skip("already in HIL mode")
+    proc = subprocess.run([str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
+                           "--sim-board", "rp2", "--sim-speed", "16", *SUBSET],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    m = re.search(r"(\d+) passed", proc.stdout)
+    assert m and int(m.group(1)) == len(SUBSET), tail
+    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+@pytest.mark.timeout(300)
+def test_uart_fifo_overruns_during_flash_stalls_and_the_upgrade_recovers(tmp_path: Path) -> None:
+    """The simulated Pico on a 115200-baud UART (--link uart): while it erases or programs flash
+    with interrupts off, only the 32-byte FIFO takes what the line brings, the rest is lost; the
+    frames' CRC and the device's offsets make meterota rewind, and the upgrade still ends OK."""
+    from meterota import boards
+    from meterota import image as img
+    from meterota.lab.sim import SimDevice
+    from meterota.store import Store
+
+    from conftest import run_cli
+
+    dev = SimDevice(tmp_path / "pico", device_id="pico-uart", board="rp2", link="uart", speed=None,
+                    extra={"grace_ms": 0})
+    dev.start()
+    try:
+        assert dev.bytes_per_second == 11520  # the line runs at its baud rate whatever the host does
+        app = tmp_path / "app.bin"
+        app.write_bytes(img.build_image(None, "1.1.0", slot_size=boards.slot_size("rp2"), board="rp2"))
+        db = tmp_path / "r.db"
+        with Store(db) as st:
+            st.set_key(dev.device_id, dev.key)
+        r = run_cli("meterota", "--db", str(db), "--json", "upgrade", "--port", dev.address[len("serial:"):],
+                    str(app), timeout=240)
+        assert r.returncode == 0, r.stderr
+        assert '"result": "OK"' in r.stdout
+        assert dev.overruns > 0, dev.log_tail()
+    finally:
+        dev.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_trial_image_is_reset_by_the_picos_watchdog_and_rolls_back(tmp_path: Path) -> None:
+    """The Pico arms its watchdog (8 s, under RP2040's 8.3 s ceiling) for a trial boot; an
+    application that hangs the receiver stops the feeds, the supervisor resets the board as the
+    watchdog would (reset_cause WDT_RESET), and the unconfirmed image reverts: a KO, not a brick."""
+    from meterota import boards
+    from meterota import image as img
+    from meterota.lab.sim import SimDevice
+    from meterota.store import Store
+
+    from conftest import run_cli
+
+    appd = tmp_path / "app"
+    appd.mkdir()
+    (appd / "app.py").write_text("def poll():\n    while True:\n        pass\n")
+    app = tmp_path / "hang.bin"
+    app.write_bytes(img.build_image(appd, "1.1.0", slot_size=boards.slot_size("rp2"), board="rp2"))
+    dev = SimDevice(tmp_path / "pico", device_id="pico-wdt", board="rp2", speed=None, extra={"grace_ms": 0})
+    dev.start()
+    try:
+        db = tmp_path / "r.db"
+        with Store(db) as st:
+            st.set_key(dev.device_id, dev.key)
+        r = run_cli("meterota", "--db", str(db), "upgrade", "--port", dev.address[len("serial:"):], str(app),
+                    "--reset-timeout", "60", timeout=240)
+        assert r.returncode != 0, r.stdout
+        assert "KO" in r.stderr + r.stdout, r.stderr
+        assert dev.wdt_resets >= 1, dev.log_tail()
+        assert "watchdog: no feed within 8000 ms" in dev.log_tail(200)
+    finally:
+        dev.stop()
+
+
+@pytest.mark.timeout(300)
+def test_meterota_sim_board_cli_serves_a_board_that_answers(tmp_path: Path) -> None:
+    """`meterota sim --board esp32 --count 2` prints one line per board and each answers as that board."""
+    import json
+    import signal
+
+    from conftest import run_cli
+
+    db = tmp_path / "r.db"
+    p = subprocess.Popen([str(BIN / "meterota"), "--db", str(db), "sim", "--board", "esp32", "--count", "2",
+                          "--speed", "0", "--dir", str(tmp_path / "sim"), "--json", "--set", "grace_ms=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        docs = [json.loads(p.stdout.readline()) for _ in range(2)]
+        for doc in docs:
+            r = run_cli("meterota", "--db", str(db), "--json", "info", "--port", doc["address"][len("serial:"):],
+                        check=True)
+            info = json.loads(r.stdout)
+            assert info["id"] == doc["id"] and info["board"] == "esp32", info
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    assert p.returncode == 0, p.stderr.read() if p.stderr else ""

@@ -1,0 +1,77 @@
+"""Host timeouts follow the link (issue 15 item 6, issue 16): a 9600-baud line with default
+options, plain and with --console, the trial boot included.
+
+The device is a simulated meter behind a UART-paced bridge (960 bytes/s each way). Part of the
+image is staged beforehand on an unpaced link (the device keeps the upload session across its
+restart), so the test spends its time where each case failed ("no reply ... after 4 tries of
+2 s"): with defaults, the last fifth of the upload's pipelined window at 9600 baud and the
+test-and-reset; with --console (whole image staged), the reset wait's polls, whose replies take
+longer than their fixed 0.5 s on the base64 console framing at 9600 baud."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Images, port_of, run_cli, sim_client
+from meterota.image import parse
+from meterota.lab.sim import SimDevice
+from meterota.store import Store
+
+BAUD_9600 = 960.0  # bytes per second: 10 bits a byte
+
+
+class _Stop(Exception):
+    pass
+
+
+def staged_9600(tmp_path: Path, data: bytes, frac: float = 0.7) -> SimDevice:
+    """A device that already holds the first `frac` of `data` in its upload session, restarted
+    behind a 9600-baud line."""
+    fast = SimDevice(tmp_path / "meter", device_id="meter-9600")
+    fast.start()
+    c = sim_client(fast)
+
+    def stop_at(done: int, total: int) -> None:
+        if done >= frac * total:
+            raise _Stop
+
+    try:
+        with pytest.raises(_Stop):
+            c.upload(data, progress=stop_at)
+    finally:
+        c.t.close()
+        fast.stop()
+    slow = SimDevice(tmp_path / "meter", device_id="meter-9600", bytes_per_second=BAUD_9600)
+    slow.start()
+    return slow
+
+
+def upgrade(tmp_path: Path, dev: SimDevice, app: Path, *extra: str) -> dict[str, Any]:
+    db = tmp_path / "r.db"
+    with Store(db) as st:
+        st.set_key(dev.device_id, dev.key)
+    r = run_cli("meterota", "--db", str(db), "--json", "upgrade", *port_of(dev), str(app), *extra, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("extra,staged", [([], 0.8), (["--console"], 1.0)], ids=["defaults", "console"])
+def test_upgrade_over_a_9600_baud_line_with_default_timeouts(tmp_path: Path, images: Images,
+                                                             extra: list[str], staged: float) -> None:
+    app = images.app("1.1.0")
+    dev = staged_9600(tmp_path, app.read_bytes(), staged)
+    try:
+        doc = upgrade(tmp_path, dev, app, *extra)
+    finally:
+        dev.stop()
+    assert doc["result"] == "OK" and doc["to_version"] == "1.1.0+0", doc
+    assert doc["confirmation"]["result"] == "OK" and doc["confirmation"]["hash"] == parse(app.read_bytes()).hash.hex()
+    if staged < 1:
+        up = doc["upload"]
+        assert up["resumed_from"] > 0 and up["match"] is True, up
