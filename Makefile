@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium postgresql mosquitto test test-pg demo bench powercut fuzz scale scale-workers hil hil-sim clean
+.PHONY: all venv chromium postgresql mosquitto test test-pg demo bench powercut fuzz scale scale-workers fanout hil hil-sim clean
 
 all: test
 
@@ -68,6 +68,13 @@ fuzz: $(STAMP)
 # One campaign host process over 10 simulated concentrators x 100 meters (1010 MicroPython processes).
 scale: $(STAMP)
 	$(BIN)/python tools/scale.py 10 100
+
+# Fan-out over a simulated 50 kbit/s shared medium with 5 % loss: 1, 10 and 100 meters, sequential
+# unicast, parallel unicast and one multicast session side by side (long: the 100-meter unicast runs are
+# bound by the medium, ~20 min each); then 100 meters on a Wi-Fi-like star.
+fanout: $(STAMP)
+	$(BIN)/python tools/fanout.py --meters 1,10,100 --medium shared:50k,loss=5%
+	$(BIN)/python tools/fanout.py --meters 1,100 --modes parallel,multicast --medium star:1M,loss=1% --parallel 50
 
 # Campaign workers over a PostgreSQL ledger: 10 concentrators x 100 meters + 50 direct devices with 1, 2
 # and 4 workers (wall time, CPU and PostgreSQL transactions per device), then 2 with one killed at half.

@@ -9,6 +9,8 @@
 # resumes without re-flashing meters that finished.
 from micropython import const
 import gc
+import socket
+import struct
 import time
 import cbor
 import slots
@@ -35,7 +37,22 @@ RC_BAD_TARGET = const(4)  # a target id that is not one of our meters
 RC_STORE_BUSY = const(5)  # a job still uses the stored image
 
 META_STORE_SESSION = const(3)  # meta sector of the image store's upload session
-CHUNK = const(1024)  # bytes of image per request to a meter
+CHUNK = const(1024)  # bytes of image per request to a meter, and per multicast block (upload.BLOCK)
+WMAX = const(4)  # upload requests in flight to one meter at most (and its buf_count)
+KMAX = const(64)  # meters worked on at once at most (config `parallel`, job `parallel`), and as the heap allows:
+SLOT_HEAP = const(12288)  # heap a busy slot takes (its 4 frames, its flow, requests, replies)
+HEAP_RESERVE = const(131072)  # heap kept for the host's requests and everything else
+_CHUNK_HDR = const(26)  # SMP header + {"off": u32, "data": bstr16} before the data
+_BLOCK_HDR = const(32)  # SMP header + {"s", "o", ["p"], "d"} before a multicast block's data
+MC_OVERHEAD = const(32)  # bytes of medium framing per frame the broadcast pacing assumes
+REPLY_EST = const(600)  # bytes of a large reply (state, info) with the medium's framing
+DRAIN_MS = const(500)  # after the last block: time for it to cross the medium
+FLOW = const(0)  # slot kinds; ANNOUNCE is also the session's first phase
+ANNOUNCE = const(1)
+SENDING = const(2)
+DRAIN = const(3)
+COLLECT = const(4)  # a slot kind too: reading a member's progress map for the second round
+MODES = ("auto", "multicast", "unicast")
 RESULTS_PAGE = const(4)
 METERS_PAGE = const(16)
 BACKOFF_MS = const(1000)
@@ -69,6 +86,9 @@ class Job:
         self.not_before = d.get("nb", 0)
         self.not_after = d.get("na", 0)
         self.targets = d.get("t")
+        self.k = d.get("kp", 0)  # meters at once (0: the concentrator's `parallel`)
+        self.mode = d.get("m", "")  # auto | multicast | unicast ("": the concentrator's default)
+        self.mc_done = False  # its multicast session took place (since this boot)
         self.cancelled = False
         self.res = {}  # meter id -> OK | KO | UNREACHABLE
         self.att = {}  # meter id -> failed attempts so far
@@ -99,6 +119,62 @@ class StoreUpload(grp_image.ImageGroup):
         pass  # the meters check signatures and versions themselves
 
 
+class Slot:
+    """One meter being worked on: its peer, its requests in flight (each a
+    preallocated frame, resent on timeout) and its flow, a generator resumed
+    with every reply, timeout or wake-up: the engine never blocks on a meter."""
+
+    def __init__(self):
+        self.frames = [bytearray(_CHUNK_HDR + CHUNK) for _ in range(WMAX)]
+        self.inflight = {}  # seq -> [frame, deadline, retries left, timeout]
+        self.seq = 0
+        self.gen = None
+        self.kind = FLOW
+        self.job = None
+        self.mid = None
+        self.peer = None
+        self.wake = None
+        self.sent = 0  # image bytes sent to this meter by unicast in this attempt
+        self.via = None
+
+
+class Multicast:
+    """One session: the job's image to every member at once."""
+
+    def __init__(self, job, sid):
+        self.job = job
+        self.sid = sid
+        self.phase = ANNOUNCE
+        self.members = 0
+        self.mids = []  # the members
+        self.round = 1  # 2: the blocks at least two members still miss, once more
+        self.need = None  # round 2: per block, how many members miss it
+        self.todo = None
+        self.next = 0
+        self.off = 0  # next block
+        self.parity = -1  # sector whose parity block goes next
+        self.t0 = 0
+        self.bits = 0  # sent so far, with the medium's framing: the pacing
+        self.frames = 0
+        self.until = 0
+
+
+def _frame(op, group, cmd, body):
+    out = bytearray(8)
+    cbor.dumps(body, out)
+    struct.pack_into(">BBHHBB", out, 0, (1 << 3) | op, 0, len(out) - 8, group, 0, cmd)
+    return out
+
+
+def _kv(b, i, key, v):
+    # CBOR: a one-letter text key and a uint32 value
+    b[i] = 0x61
+    b[i + 1] = key
+    b[i + 2] = 0x1A
+    struct.pack_into(">I", b, i + 3, v)
+    return i + 7
+
+
 class Engine:
     def __init__(self, ctx, disp):
         self.ctx = ctx
@@ -122,10 +198,36 @@ class Engine:
         self.peers = {}
         self.next_try = {}
         self.lastfail = {}
-        self.working = None  # the job whose meter attempt is in flight (the host is served meanwhile)
         self.probe_at = time.ticks_ms()
         self.probe_i = 0
-        self.buf = bytearray(CHUNK)
+        # Meters worked on at once: K slots, each with its frames preallocated.
+        # Within the heap: a busy slot holds its frames and what its flow
+        # allocates; what is left must serve the host (a datagram of buf_size).
+        gc.collect()
+        fit = max(1, (gc.mem_free() - HEAP_RESERVE) // SLOT_HEAP)
+        self.kmax = max(1, min(KMAX, int(cfg.get("parallel", 8)), fit))
+        self.slots = [Slot() for _ in range(self.kmax)]
+        self.work = {}  # meter id -> slot
+        self.by_addr = {}  # UDP address -> slot
+        self.inflight_bytes = 0
+        med = cfg.get("medium") or {}
+        self.med_kind = med.get("kind", "")
+        self.med_bps = int(med.get("bps", 0))
+        self.bcast = None
+        if med.get("bcast"):
+            host, _, port = med["bcast"].partition(":")[2].rpartition(":")
+            self.bcast = socket.getaddrinfo(host, int(port))[0][-1]
+        self.mode = cfg.get("multicast", "auto")
+        self.parity = bool(cfg.get("mc_parity", True))
+        self.rounds = int(cfg.get("mc_rounds", 2))
+        self.via = {}  # (job id, meter id) -> "multicast" | "unicast"
+        self.sent_before = {}  # (job id, meter id) -> unicast image bytes of its failed attempts
+        self.mc = None
+        self.mcbuf = bytearray(_BLOCK_HDR + CHUNK)
+        self.nreq = 0  # requests to meters (slots), and how many were sent again after a timeout
+        self.nretx = 0
+        self.heap_peak = 0  # heap in use at most, garbage included (what a collection finds)
+        self.live_peak = 0  # live heap at most, after a collection at each meter's start
         self.uploader = StoreUpload(self, disp)
 
     # -- the log -------------------------------------------------------------------
@@ -166,7 +268,7 @@ class Engine:
         return inf
 
     def peer(self, mid):
-        # Only the meter being worked on has a peer: memory does not grow with the fleet.
+        # The idle probe's peer (blocking requests): one at a time.
         p = self.peers.get(mid)
         if p is None:
             for old in self.peers.values():
@@ -190,42 +292,66 @@ class Engine:
         else:
             m["state"] = "silent"
 
+    def _multicast(self, j):
+        """Whether the job's image goes to its meters in one multicast session."""
+        if self.bcast is None or j.mc_done:
+            return False
+        mode = j.mode or self.mode
+        if mode == "multicast":
+            return True
+        if mode != "auto" or self.med_kind != "shared":
+            return False
+        return sum(1 for mid in self.targets(j) if mid not in j.res) >= 2
+
     # -- the engine (called from the serve loop) -------------------------------
     def _due(self):
         """(job, meter) for the next attempt, (job, None) for a job past its
-        deadline or window, or None when nothing is due."""
+        deadline or window, or None when nothing is due. A job being worked on
+        holds lower-priority jobs back."""
         now = time.time()
         tk = time.ticks_ms()
         for j in self.active_jobs():
             if now < j.not_before:
                 continue
-            if now > j.deadline or (j.not_after and now > j.not_after):
-                return j, None
+            late = now > j.deadline or (j.not_after and now > j.not_after)
+            mc = self.mc is not None and self.mc.job is j
+            busy = False
             for mid in self.targets(j):
-                if mid not in j.res and time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0:
+                if mid in j.res:
+                    continue
+                if mid in self.work:
+                    busy = True
+                    continue
+                if late:
+                    return j, None
+                if mc and self.via.get((j.id, mid)) == "multicast":
+                    busy = True  # waits for the session to end, then its repair
+                    continue
+                if time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0:
                     return j, mid
+            if busy:
+                return None
         return None
 
     def has_work(self):
-        return self._due() is not None
+        return bool(self.work) or self.mc is not None or self._due() is not None
 
     def poll(self):
-        due = self._due()
-        if due is not None:
-            j, mid = due
-            if mid is None:
-                self._expire(j)
-                return
-            gc.collect()  # one attempt allocates; start each from a clean heap
-            self.working = j.id
-            try:
-                self._attempt(j, mid)
-            except MemoryError:
-                gc.collect()
-                self._failed(j, mid, "KO", "concentrator out of memory", None, None)
-            finally:
-                self.working = None
-            return  # one meter per call: the host is served in between
+        try:
+            self._fill()
+            if self.mc is not None:
+                self._mc_step()
+            if self.work or self.mc is not None:
+                self._io()
+            else:
+                self._probe()
+        except MemoryError:
+            gc.collect()
+        a = gc.mem_alloc()
+        if a > self.heap_peak:
+            self.heap_peak = a
+
+    def _probe(self):
         tk = time.ticks_ms()
         if self.meters and time.ticks_diff(tk, self.probe_at) >= 0:
             self.probe_at = time.ticks_add(tk, PROBE_MS // max(1, len(self.meters)))
@@ -236,45 +362,456 @@ class Engine:
             except (PeerTimeout, PeerError, ValueError):
                 self._mark(m["id"], None)
 
+    def _fill(self):
+        while True:
+            due = self._due()
+            if due is None:
+                return
+            j, mid = due
+            if mid is None:
+                self._expire(j)
+                continue
+            if len(self.work) >= min(self.kmax, j.k or self.kmax):
+                return
+            self._start(j, mid)
+
+    def _start(self, j, mid, kind=None):
+        s = None
+        for x in self.slots:
+            if x.gen is None:
+                s = x
+                break
+        gc.collect()  # an attempt allocates; start each from a clean heap
+        a = gc.mem_alloc()
+        if a > self.live_peak:
+            self.live_peak = a
+        try:
+            s.peer = smpc.open_peer(self.by_id[mid]["link"], self.ctx.pump, self.ctx.buf_size, self.ctx.board)
+        except ValueError as e:
+            self._attempt_done(j, mid, ("KO", "bad link: %s" % e, None, None), None, 0)
+            return
+        s.job = j
+        s.mid = mid
+        s.sent = 0
+        s.wake = None
+        s.inflight = {}
+        s.via = self.via.get((j.id, mid))
+        if kind is not None:
+            s.kind = kind
+        elif s.via is None and self._multicast(j):
+            if self.mc is None:
+                self.mc = Multicast(j, (time.ticks_ms() ^ (j.id << 20)) & 0x3FFFFFFF)
+            if self.mc.job is j and self.mc.phase == ANNOUNCE:
+                s.kind = ANNOUNCE
+            else:
+                s.kind = FLOW
+        else:
+            s.kind = FLOW
+        if s.kind == ANNOUNCE:
+            s.gen = self._announce(s, j, mid)
+        elif s.kind == COLLECT:
+            s.gen = self._collect(s, mid)
+        else:
+            s.gen = self._flow(s, j, mid)
+        self.work[mid] = s
+        addr = getattr(s.peer, "addr", None)
+        if addr is not None:
+            self.by_addr[bytes(addr)] = s
+        self._resume(s, None)
+
+    def _resume(self, s, ev):
+        try:
+            s.gen.send(ev)
+            return
+        except StopIteration as e:
+            res = e.args[0] if e.args else None
+        except MemoryError:
+            gc.collect()
+            res = ("KO", "concentrator out of memory", None, None)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            res = ("KO", "meter reply not understood: %r" % e, None, None)
+        self._end(s, res)
+
+    def _end(self, s, res):
+        for e in s.inflight.values():
+            self.inflight_bytes -= len(e[0])
+        s.inflight = {}
+        j, mid, kind, via, sent = s.job, s.mid, s.kind, s.via, s.sent
+        self.work.pop(mid, None)
+        addr = getattr(s.peer, "addr", None)
+        if addr is not None and self.by_addr.get(bytes(addr)) is s:
+            del self.by_addr[bytes(addr)]
+        s.peer.close()
+        s.gen = s.job = s.peer = None
+        if kind == ANNOUNCE:
+            self._announced(j, mid, res)
+        elif kind == COLLECT:
+            pass  # what it said is in the session's counts
+        else:
+            self._attempt_done(j, mid, res, via, sent)
+
+    # -- requests in flight ----------------------------------------------------------
+    def _tmo(self, base, n):
+        # On a medium of known rate, a reply also waits for what is queued before
+        # it: our requests in flight, and a reply (up to REPLY_EST) per meter worked on.
+        if self.med_bps:
+            return base + (self.inflight_bytes + n + len(self.work) * REPLY_EST) * 16000 // self.med_bps
+        return base
+
+    def _send(self, s, frame, tmo, retries):
+        seq = s.seq
+        while seq in s.inflight:
+            seq = (seq + 1) & 0xFF
+        s.seq = (seq + 1) & 0xFF
+        frame[6] = seq
+        self.nreq += 1
+        s.inflight[seq] = [frame, time.ticks_add(time.ticks_ms(), self._tmo(tmo, len(frame))), retries, tmo]
+        self.inflight_bytes += len(frame)
+        s.peer._send(frame)
+        return seq
+
+    def _cancel(self, s, seq):
+        e = s.inflight.pop(seq, None)
+        if e is not None:
+            self.inflight_bytes -= len(e[0])
+
+    def _io(self):
+        tk = time.ticks_ms()
+        wait = 50
+        stream = False
+        for s in self.work.values():
+            if s.peer.stream_like:
+                stream = True
+            for e in s.inflight.values():
+                wait = min(wait, time.ticks_diff(e[1], tk))
+            if s.wake is not None:
+                wait = min(wait, time.ticks_diff(s.wake, tk))
+        mc = self.mc
+        if mc is not None and mc.phase == SENDING:
+            wait = min(wait, time.ticks_diff(self._mc_due(mc), tk))
+        if stream:
+            wait = min(wait, 10)
+        if wait > 0:
+            self.ctx.pump(wait, smpc.udp_socket())
+        self._rx()
+        self._timeouts()
+
+    def _rx(self):
+        sock = smpc.udp_socket()
+        n = self.ctx.buf_size + 8
+        # Bounded: replies can come in as fast as they are handled (each sends
+        # the next request), and the host must be served in between.
+        for _ in range(2 * len(self.work) + 2):
+            try:
+                data, src = sock.recvfrom(n)
+            except OSError:
+                break
+            s = self.by_addr.get(bytes(src))
+            if s is not None:
+                self._reply(s, data)
+        for s in list(self.work.values()):
+            if s.peer is not None and s.peer.stream_like:
+                f = s.peer.take()
+                while f is not None and s.peer is not None:
+                    self._reply(s, f)
+                    f = s.peer.take() if s.peer is not None else None
+
+    def _reply(self, s, frame):
+        if len(frame) < 8:
+            return
+        b0, _f, ln, g, sq, c = struct.unpack_from(">BBHHBB", frame)
+        e = s.inflight.get(sq)
+        if e is None:
+            return  # a late reply to a try given up, or not ours
+        f = e[0]
+        if ln != len(frame) - 8 or (b0 & 7) != (f[0] & 7) + 1 or g != ((f[4] << 8) | f[5]) or c != f[7]:
+            return
+        self._cancel(s, sq)
+        try:
+            r = cbor.loads(memoryview(frame)[8:]) if ln else {}
+        except ValueError:
+            r = None
+        if not isinstance(r, dict):
+            r = PeerError(-1, 3)
+        else:
+            err = r.get("err")
+            if isinstance(err, dict) and err.get("rc"):
+                r = PeerError(err.get("group", g), err["rc"])
+            elif r.get("rc"):
+                r = PeerError(-1, r["rc"])
+        self._resume(s, (sq, r))
+
+    def _timeouts(self):
+        now = time.ticks_ms()
+        for s in list(self.work.values()):
+            for sq in list(s.inflight):
+                e = s.inflight.get(sq)
+                if e is None or s.gen is None or time.ticks_diff(now, e[1]) < 0:
+                    continue
+                if e[2] > 0:
+                    e[2] -= 1
+                    e[1] = time.ticks_add(now, self._tmo(e[3], len(e[0])))
+                    s.peer._send(e[0])
+                    self.nretx += 1
+                else:
+                    self._cancel(s, sq)
+                    self._resume(s, (sq, PeerTimeout()))
+            if s.gen is not None and s.wake is not None and time.ticks_diff(now, s.wake) >= 0:
+                s.wake = None
+                self._resume(s, (None, None))
+
+    # -- what a flow waits on (generators: `yield from`) -----------------------------
+    def _req(self, s, op, group, cmd, body, tmo=2000, retries=2):
+        seq = self._send(s, _frame(op, group, cmd, body), tmo, retries)
+        while True:
+            ev = yield
+            if ev[0] == seq:
+                break
+        r = ev[1]
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def _sleep(self, s, ms):
+        s.wake = time.ticks_add(time.ticks_ms(), ms)
+        while True:
+            ev = yield
+            if ev[0] is None:
+                return
+
+    # -- results ------------------------------------------------------------------------
     def _expire(self, j):
         for mid in self.targets(j):
-            if mid not in j.res:
+            if mid not in j.res and mid not in self.work:
                 kind, why = self.lastfail.get((j.id, mid), ("SILENT", "not reached before the deadline"))
                 self._result(j, mid, "UNREACHABLE" if kind == "SILENT" else "KO", why, None, None)
 
-    def _result(self, j, mid, res, why, rec, mac):
+    def _result(self, j, mid, res, why, rec, mac, via=None, sent=0):
         r = {"k": "res", "j": j.id, "m": mid, "s": res, "rs": why[:64], "a": j.att.get(mid, 0) + (res == "OK"),
              "t": int(time.time())}
+        if via is not None:
+            r["v"] = via
+            r["u"] = sent
         if rec is not None:
             r["rec"] = rec
             r["mac"] = mac
         self._write(r)
 
-    def _attempt(self, j, mid):
-        res, why, rec, mac = self.upgrade(j, mid)
+    def _attempt_done(self, j, mid, result, via, sent):
+        key = (j.id, mid)
+        sent += self.sent_before.pop(key, 0)
+        if mid in j.res:
+            return  # the job ended (deadline) while this attempt ran
+        res, why, rec, mac = result
+        if via is None:
+            via = "none" if why == "already running this image" and not sent else "unicast"
         if res == "OK":
-            self._result(j, mid, "OK", why, rec, mac)
+            self._result(j, mid, "OK", why, rec, mac, via, sent)
             return
-        self._failed(j, mid, res, why, rec, mac)
+        self._failed(j, mid, res, why, rec, mac, via, sent)
 
-    def _failed(self, j, mid, res, why, rec, mac):
+    def _failed(self, j, mid, res, why, rec, mac, via=None, sent=0):
+        print("concentrator: %s attempt %d failed: %s %s" % (mid, j.att.get(mid, 0) + 1, res, why))
         n = j.att.get(mid, 0) + 1
         self._write({"k": "att", "j": j.id, "m": mid, "a": n})
         self.lastfail[(j.id, mid)] = (res, why)
         if n > j.retries:
-            self._result(j, mid, "UNREACHABLE" if res == "SILENT" else "KO", why, rec, mac)
+            self._result(j, mid, "UNREACHABLE" if res == "SILENT" else "KO", why, rec, mac, via, sent)
         else:
+            self.sent_before[(j.id, mid)] = sent  # unicast bytes so far: the result counts every attempt
             self.next_try[(j.id, mid)] = time.ticks_add(time.ticks_ms(), min(60000, BACKOFF_MS << (n - 1)))
 
+    # -- the multicast session ------------------------------------------------------------
+    def _announce(self, s, j, mid):
+        """Announce the session to one meter; "MEMBER", None (unicast for it)
+        or a failed attempt's (SILENT | KO, reason, None, None)."""
+        try:
+            info = yield from self._req(s, OP_READ, 64, 0, {}, 1500, 1)
+        except PeerTimeout:
+            self._mark(mid, None)
+            return "SILENT", "no answer", None, None
+        except PeerError as e:
+            return "KO", "not a meterota meter (rc %d)" % e.rc, None, None
+        self._mark(mid, info)
+        other = _other(info)
+        if _active(info).get("hash") == j.hash or info.get("trial") or other.get("pending") or \
+                other.get("hash") == j.hash:
+            return None  # nothing to send, or a slot to clear first: the unicast flow decides
+        sess = self.store_session
+        hdr = memoryview(s.frames[0])[:32]
+        self.store[0].readinto(0, hdr)
+        try:
+            r = yield from self._req(s, OP_WRITE, 64, 4, {"sid": self.mc.sid, "len": sess.length, "sha": sess.sha,
+                                                         "hdr": hdr, "bs": CHUNK}, 3000, 2)
+        except PeerTimeout:
+            self._mark(mid, None)
+            return "SILENT", "no answer to the multicast announce", None, None
+        except PeerError:
+            return None  # no multicast receiver (ENOTSUP), or it refused: unicast
+        if r.get("off", 0) >= sess.length:
+            return None
+        return "MEMBER"
+
+    def _announced(self, j, mid, res):
+        if res == "MEMBER":
+            self.via[(j.id, mid)] = "multicast"
+            if self.mc is not None and self.mc.job is j:
+                self.mc.members += 1
+                self.mc.mids.append(mid)
+            return
+        self.via[(j.id, mid)] = "unicast"
+        if res is not None:
+            self._failed(j, mid, res[0], res[1], None, None, "unicast", 0)
+
+    def _mc_due(self, mc):
+        return time.ticks_add(mc.t0, mc.bits // max(1, self.med_bps // 1000))
+
+    def _mc_step(self):
+        mc = self.mc
+        now = time.ticks_ms()
+        if mc.job.cancelled:
+            self._mc_end()  # the meters in flight finish; nothing more goes out for it
+            return
+        if mc.phase == ANNOUNCE:
+            for s in self.work.values():
+                if s.kind == ANNOUNCE:
+                    return
+            j = mc.job
+            tk = now
+            for mid in self.targets(j):
+                if (mid not in j.res and mid not in self.work and (j.id, mid) not in self.via
+                        and time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0):
+                    return  # still to be announced (the next _fill starts it)
+            if mc.members == 0:
+                self._mc_end()
+                return
+            mc.phase = SENDING
+            mc.t0 = now
+        elif mc.phase == SENDING:
+            n = 0
+            while n < 8 and time.ticks_diff(now, self._mc_due(mc)) >= 0:
+                n += 1
+                if self._mc_send(mc):
+                    mc.phase = DRAIN
+                    mc.until = time.ticks_add(now, DRAIN_MS)
+                    break
+        elif mc.phase == DRAIN:
+            if time.ticks_diff(now, mc.until) < 0:
+                return
+            if mc.round == 1 and self.rounds > 1 and mc.members >= 2:
+                mc.round = 2
+                mc.phase = COLLECT
+                mc.need = bytearray((self.store_session.length + CHUNK - 1) // CHUNK)
+                mc.todo = list(mc.mids)
+            else:
+                self._mc_end()
+        elif mc.phase == COLLECT:
+            k = min(self.kmax, mc.job.k or self.kmax)
+            while mc.todo and len(self.work) < k:
+                mid = mc.todo.pop()
+                if mid not in self.work and mid not in mc.job.res:
+                    self._start(mc.job, mid, COLLECT)
+            if mc.todo:
+                return
+            for s in self.work.values():
+                if s.kind == COLLECT:
+                    return
+            mc.todo = None
+            mc.phase = SENDING
+            mc.t0 = now
+            mc.bits = 0
+
+    def _collect(self, s, mid):
+        """Read a member's progress map into the session's per-block counts."""
+        mc = self.mc
+        try:
+            r = yield from self._req(s, OP_READ, 64, 4, {}, 1500, 1)
+        except (PeerTimeout, PeerError):
+            return None  # its repair will tell
+        m = r.get("map")
+        if mc is None or r.get("sid") != mc.sid or not isinstance(m, (bytes, bytearray, memoryview)):
+            return None
+        need = mc.need
+        for k in range(len(m)):
+            b = m[k]
+            if b:
+                for x in range(4):
+                    i = k * 4 + x
+                    if (b >> x) & 1 and i < len(need) and need[i] < 255:
+                        need[i] += 1
+        return None
+
+    def _mc_end(self):
+        self.mc.job.mc_done = True
+        self.mc = None
+
+    def _mc_send(self, mc):
+        """Broadcast the next block (or parity block); True after the last."""
+        total = self.store_session.length
+        b = self.mcbuf
+        mv = memoryview(b)
+        if mc.round == 2:
+            # The second round: only blocks at least two members still miss
+            # (one member's are cheaper by unicast), no parity.
+            need = mc.need
+            i = mc.next
+            while i < len(need) and need[i] < 2:
+                i += 1
+            if i >= len(need):
+                return True
+            mc.next = i + 1
+            mc.off = i * CHUNK
+        par = mc.parity >= 0
+        b[8] = 0xA4 if par else 0xA3
+        i = _kv(b, 9, 0x73, mc.sid)  # "s"
+        if par:
+            sector = mc.parity
+            mc.parity = -1
+            i = _kv(b, i, 0x6F, sector * upload.SECTOR)  # "o"
+            b[i] = 0x61
+            b[i + 1] = 0x70  # "p": 1
+            b[i + 2] = 0x01
+            i += 3
+            k = CHUNK
+            x = 0
+            end = min(total, (sector + 1) * upload.SECTOR)
+            for o in range(sector * upload.SECTOR, end, CHUNK):
+                n = min(CHUNK, end - o)
+                blk = mv[i + 5:i + 5 + CHUNK]
+                self.store[0].readinto(o, blk[:n])
+                for z in range(n, CHUNK):
+                    blk[z] = 0
+                x ^= int.from_bytes(blk, "big")
+            mv[i + 5:i + 5 + CHUNK] = x.to_bytes(CHUNK, "big")
+        else:
+            off = mc.off
+            k = min(CHUNK, total - off)
+            i = _kv(b, i, 0x6F, off)
+            self.store[0].readinto(off, mv[i + 5:i + 5 + k])
+            mc.off = off + k
+            if mc.round == 1 and self.parity and (mc.off % upload.SECTOR == 0 or mc.off == total):
+                mc.parity = off // upload.SECTOR
+        b[i] = 0x61
+        b[i + 1] = 0x64  # "d"
+        b[i + 2] = 0x59
+        struct.pack_into(">H", b, i + 3, k)
+        n = i + 5 + k
+        struct.pack_into(">BBHHBB", b, 0, (1 << 3) | OP_WRITE, 0, n - 8, 64, mc.frames & 0xFF, 5)
+        try:
+            smpc.udp_socket().sendto(mv[:n], self.bcast)
+        except OSError:
+            pass  # like a frame lost on the medium; the repair sends it
+        mc.frames += 1
+        mc.bits += (n + MC_OVERHEAD) * 8
+        if mc.round == 2:
+            return False  # the next call finds whether any is left
+        return mc.off >= total and mc.parity < 0
+
     # -- one meter ----------------------------------------------------------------
-    def upgrade(self, j, mid):
+    def _flow(self, s, j, mid):
         """Upgrade one meter; returns (OK | KO | SILENT, reason, rec, mac)."""
         try:
-            peer = self.peer(mid)
-        except ValueError as e:
-            return "KO", "bad link: %s" % e, None, None
-        try:
-            info = peer.request(OP_READ, 64, 0, {}, 1500, 1)
+            info = yield from self._req(s, OP_READ, 64, 0, {}, 1500, 1)
         except PeerTimeout:
             self._mark(mid, None)
             return "SILENT", "no answer", None, None
@@ -284,47 +821,51 @@ class Engine:
         try:
             act = _active(info)
             if act.get("hash") == j.hash and not info.get("trial"):
-                rec, mac = self._record(peer)
+                rec, mac = yield from self._record(s)
                 return "OK", "already running this image", rec, mac
-            before = self._seq(peer)
+            before = yield from self._seq(s)
             if not (info.get("trial") and act.get("hash") == j.hash):
                 if info.get("trial"):
                     return "KO", "meter is testing another image", None, None
                 other = _other(info)
                 if other.get("hash") != j.hash:
                     if other.get("pending"):
-                        peer.request(OP_WRITE, 1, 5, {"slot": 1})
-                    self._push(peer, info)
-                peer.request(OP_WRITE, 1, 0, {"hash": j.hash, "confirm": False})
-                boots = peer.request(OP_READ, 64, 0, {})["boots"]
+                        yield from self._req(s, OP_WRITE, 1, 5, {"slot": 1})
+                    yield from self._push(s, info)
+                yield from self._req(s, OP_WRITE, 1, 0, {"hash": j.hash, "confirm": False})
+                boots = (yield from self._req(s, OP_READ, 64, 0, {}))["boots"]
                 try:
-                    peer.request(OP_WRITE, 0, 5, {}, 1000, 0)
+                    yield from self._req(s, OP_WRITE, 0, 5, {}, 1000, 0)
                 except PeerTimeout:
                     pass  # the reply may be lost; the boot counter tells
-                info = self._wait_back(peer, boots)
+                info = yield from self._wait_back(s, boots)
                 if info is None:
                     self._mark(mid, None)
                     return "SILENT", "no answer after reset into the test image", None, None
                 self._mark(mid, info)
                 act = _active(info)
             if act.get("hash") != j.hash:
-                rec, mac = self._record(peer)
+                rec, mac = yield from self._record(s)
                 why = "reverted"
                 if rec is not None:
                     why = str(cbor.loads(rec).get("rsn", why))
                 return "KO", why, rec, mac
             if info.get("trial"):
                 if info.get("self_confirm"):
-                    self._wait_confirmed(peer)
+                    yield from self._wait_confirmed(s)
                 else:
-                    peer.request(OP_WRITE, 1, 0, {"confirm": True})
-            rec, mac = self._record(peer)
+                    yield from self._req(s, OP_WRITE, 1, 0, {"confirm": True})
+            rec, mac = yield from self._record(s)
             if rec is None:
                 return "KO", "no confirmation record", None, None
             d = cbor.loads(rec)
             if d.get("seq", 0) <= before or bytes(d.get("hash", b"")) != j.hash:
                 return "KO", "confirmation record is not about this upgrade", rec, mac
-            self._mark(mid, peer.request(OP_READ, 64, 0, {}))
+            m = self.by_id[mid]  # what the record says: no other read on a slow medium
+            if d.get("res") == "OK":
+                m["hash"] = j.hash
+                m["version"] = str(d.get("ver", m["version"]))
+                m["state"] = "confirmed"
             return ("OK" if d.get("res") == "OK" else "KO"), str(d.get("rsn", "")), rec, mac
         except PeerTimeout:
             self._mark(mid, None)
@@ -332,55 +873,115 @@ class Engine:
         except PeerError as e:
             return "KO", "meter refused: group %d rc %d" % (e.group, e.rc), None, None
 
-    def _record(self, peer):
+    def _record(self, s):
         try:
-            r = peer.request(OP_READ, 64, 1, {})
+            r = yield from self._req(s, OP_READ, 64, 1, {})
         except PeerError:
             return None, None
         return bytes(r["rec"]), bytes(r["mac"])
 
-    def _seq(self, peer):
-        rec, _ = self._record(peer)
+    def _seq(self, s):
+        rec, _ = yield from self._record(s)
         return cbor.loads(rec).get("seq", 0) if rec is not None else 0
 
-    def _wait_back(self, peer, boots):
+    def _wait_back(self, s, boots):
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
             try:
-                info = peer.request(OP_READ, 64, 0, {}, 500, 0)
-            except (PeerTimeout, PeerError):
+                info = yield from self._req(s, OP_READ, 64, 0, {}, 500, 0)
+            except PeerTimeout:
+                continue
+            except PeerError:
+                yield from self._sleep(s, 200)
                 continue
             if info.get("boots", 0) > boots:
                 return info
         return None
 
-    def _wait_confirmed(self, peer):
+    def _wait_confirmed(self, s):
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            if not peer.request(OP_READ, 64, 0, {}).get("trial"):
+            if not (yield from self._req(s, OP_READ, 64, 0, {})).get("trial"):
                 return
-            self.ctx.pump(100)
+            yield from self._sleep(s, 100)
         raise PeerTimeout()
 
-    def _push(self, peer, info):
-        """Upload the stored image to a meter, resuming where it says."""
-        s = self.store_session
-        src = self.store[0]
-        total = s.length
+    def _chunk(self, buf, off, k):
+        # {"off": off, "data": <k bytes of the stored image>}, encoded in place
+        b = buf
+        struct.pack_into(">BBHHBB", b, 0, (1 << 3) | OP_WRITE, 0, 18 + k, 1, 0, 1)
+        b[8] = 0xA2
+        b[9] = 0x63
+        b[10:13] = b"off"
+        b[13] = 0x1A
+        struct.pack_into(">I", b, 14, off)
+        b[18] = 0x64
+        b[19:23] = b"data"
+        b[23] = 0x59
+        struct.pack_into(">H", b, 24, k)
+        mv = memoryview(b)
+        self.store[0].readinto(off, mv[_CHUNK_HDR:_CHUNK_HDR + k])
+        return mv[:_CHUNK_HDR + k]
+
+    def _push(self, s, info):
+        """Upload the stored image to a meter, resuming where it says, with up
+        to its buf_count requests in flight; the meter's `off` drives (a gap, or
+        data a multicast already put there, moves it)."""
+        sess = self.store_session
+        total = sess.length
         n = min(CHUNK, int(info.get("buf_size", 512)) - 96)
-        mv = memoryview(self.buf)
-        src.readinto(0, mv[:n])
-        r = peer.request(OP_WRITE, 1, 1, {"off": 0, "len": total, "sha": s.sha, "data": mv[:n], "image": 1,
-                                         "upgrade": False}, 5000)
-        off = r["off"]
-        while off < total:
-            k = min(n, total - off)
-            src.readinto(off, mv[:k])
-            r = peer.request(OP_WRITE, 1, 1, {"off": off, "data": mv[:k]}, 3000)
-            nxt = r["off"]
-            if nxt == 0:
-                raise PeerError(1, 0)  # the meter lost the session; the retry starts over
-            off = nxt
+        window = max(1, min(WMAX, int(info.get("buf_count", 1))))
+        # A meter that heard a multicast session has most of the image: the
+        # first request then carries just the header (enough to resume or start).
+        first = 32 if s.via == "multicast" else n
+        mv = memoryview(s.frames[0])[_CHUNK_HDR:_CHUNK_HDR + first]
+        self.store[0].readinto(0, mv)
+        r = yield from self._req(s, OP_WRITE, 1, 1, {"off": 0, "len": total, "sha": sess.sha, "data": mv,
+                                                    "image": 1, "upgrade": False}, 5000)
+        s.sent += first
+        acked = pos = r["off"]
+        pend = {}  # seq -> (end offset, frame index, start offset)
+        free = list(range(window))
+        while acked < total:
+            while free and pos < total:
+                if pos == 0:
+                    raise PeerError(1, 0)  # the meter lost the session; the retry starts over
+                k = min(n, total - pos)
+                if pos % CHUNK:
+                    k = min(k, CHUNK - pos % CHUNK)  # back on block boundaries, where a multicast's blocks start
+                i = free.pop()
+                seq = self._send(s, self._chunk(s.frames[i], pos, k), 3000, 2)
+                pend[seq] = (pos + k, i, pos)
+                s.sent += k
+                pos += k
+            ev = yield
+            p = pend.pop(ev[0], None)
+            if p is None:
+                continue
+            free.append(p[1])
+            r = ev[1]
+            if isinstance(r, Exception):
+                raise r
+            off = r["off"]
+            if r.get("match") is False:
+                raise PeerError(1, 24)
+            if off == p[0]:
+                acked = max(acked, off)
+                continue
+            if off == 0:
+                raise PeerError(1, 0)
+            # A gap (a lost request: go back to it) or a jump over data the
+            # meter has (what is in flight from there on still counts).
+            keep = off > p[0] and any(q[2] == off for q in pend.values())
+            for sq in list(pend):
+                if not keep or pend[sq][2] < off:
+                    self._cancel(s, sq)
+                    free.append(pend.pop(sq)[1])
+            acked = off
+            if not keep:
+                pos = off
+        for sq in pend:
+            self._cancel(s, sq)
         if r.get("match") is False:
             raise PeerError(1, 24)
 
@@ -432,12 +1033,20 @@ class Engine:
         retries = arg(req, "retries", int, 2)
         duration = arg(req, "duration", int, 3600)
         window = arg(req, "window", list)
-        if not (0 <= prio <= 255 and 0 <= retries <= 20 and duration > 0):
+        par = arg(req, "parallel", int, 0)
+        mode = arg(req, "mode", str, "")
+        if not (0 <= prio <= 255 and 0 <= retries <= 20 and duration > 0 and 0 <= par <= KMAX):
+            raise MgmtError(smp.EINVAL)
+        if mode and mode not in MODES:
             raise MgmtError(smp.EINVAL)
         now = int(time.time())
         r = {"k": "job", "j": self.next_id, "h": inf.hash, "p": prio, "r": retries, "c": now, "d": now + duration}
         if targets is not None:
             r["t"] = [str(t) for t in targets]
+        if par:
+            r["kp"] = par
+        if mode:
+            r["m"] = mode
         if window is not None:
             if len(window) != 2 or not all(isinstance(x, int) for x in window):
                 raise MgmtError(smp.EINVAL)
@@ -458,16 +1067,21 @@ class Engine:
         for v in j.res.values():
             c[v] = c.get(v, 0) + 1
         st = j.state(len(t))
-        if st == "cancelled" and self.working == j.id:
+        if st == "cancelled" and any(x.job is j for x in self.work.values()):
             st = "cancelling"  # the meter in flight finishes first; its result is the job's
         return {"job": j.id, "hash": j.hash, "state": st, "priority": j.prio, "retries": j.retries,
                 "total": len(t), "ok": c["OK"], "ko": c["KO"], "unreachable": c["UNREACHABLE"],
-                "pending": len(t) - len(j.res), "created": j.created, "deadline": j.deadline}
+                "pending": len(t) - len(j.res), "created": j.created, "deadline": j.deadline,
+                "parallel": min(self.kmax, j.k or self.kmax), "mode": j.mode or self.mode,
+                "multicast": self.mc is not None and self.mc.job is j}
 
     def h_job_status(self, req):
         if "job" in req:
-            return {"jobs": [self._status(self._job(req))]}
-        return {"jobs": [self._status(j) for j in sorted(self.jobs.values(), key=lambda j: j.id)]}
+            out = [self._status(self._job(req))]
+        else:
+            out = [self._status(j) for j in sorted(self.jobs.values(), key=lambda j: j.id)]
+        return {"jobs": out, "heap_peak": self.heap_peak, "heap_live_peak": self.live_peak,
+                "meters_at_once": len(self.work), "requests": self.nreq, "resent": self.nretx}
 
     def h_job_cancel(self, req):
         j = self._job(req)
@@ -489,6 +1103,9 @@ class Engine:
                 if seen[0] >= start and len(out) < RESULTS_PAGE:
                     e = {"meter": r["m"], "result": r["s"], "reason": r.get("rs", ""), "attempts": r.get("a", 0),
                          "t": r.get("t", 0), "order": order[0]}
+                    if "v" in r:
+                        e["via"] = r["v"]  # how the image reached the meter: multicast | unicast | none
+                        e["unicast_bytes"] = r.get("u", 0)
                     if "rec" in r:
                         e["rec"] = bytes(r["rec"])
                         e["mac"] = bytes(r["mac"])

@@ -291,12 +291,21 @@ class ImageGroup:
             # Same image as the unfinished (or finished) session: resume.
             if s.state == upload.DONE and table.info(target) is not None:
                 return {"off": s.length, "match": True}
-            if s.state == upload.RUNNING and s.off > 0:
+            if s.state == upload.RUNNING:
                 if s.need_rehash:
                     s.rehash()
                 if s.off == s.length:
                     return self._finish()  # all data was in flash; only the end was lost
-                return {"off": s.off}
+                if s.off > 0:
+                    return {"off": s.off}
+                if s.hdr is None and len(data) >= image.HEADER_SIZE:
+                    try:
+                        s.hdr = image.Header(data)
+                    except ValueError:
+                        raise GroupError(INVALID_IMAGE_HEADER_MAGIC)
+                if s.hdr is not None:
+                    table.busy = target
+                    return None  # sector 0 still to come; later sectors (a multicast's) are kept
             # Nothing kept yet: start the session again with this first chunk.
         if length is None:
             raise GroupError(INVALID_LENGTH)

@@ -89,6 +89,8 @@ def build(board, recovery=False):
     ctx.images = images
     smp.call_lazy("grp_meterota", "register", disp, ctx)
     disp.register(smp.GROUP_METEROTA, 2, ctx.stats, None)  # CMD_STATS
+    if board.config.get("multicast", True) is not False and not recovery:
+        _multicast(disp, images)
     extend = getattr(board, "register", None)
     if extend is not None:
         extend(disp, ctx, images)  # a board's own image kinds (ESP32: native firmware)
@@ -100,6 +102,27 @@ def build(board, recovery=False):
     gc.collect()
     gc.threshold(GC_EVERY)
     return ctx, disp
+
+
+def _multicast(disp, images):
+    """Multicast image sessions (group 64 cmds 4, 5): device/mcast.py is loaded
+    by the first well-formed announce, so a meter that never hears one pays no heap."""
+    box = []
+
+    def rx():
+        if not box:
+            import mcast
+
+            box.append(mcast.Receiver(disp, images))
+        return box[0]
+
+    def announce(req):
+        if not (isinstance(req.get("sid"), int) and isinstance(req.get("len"), int) and req.get("bs") == 1024):
+            raise smp.MgmtError(smp.EINVAL)
+        return rx().announce(req)
+
+    disp.register(64, 4, lambda req: rx().status(req) if box else {"sid": -1}, announce)
+    disp.register(64, 5, None, lambda req: box[0].block(req) if box else None)
 
 
 def self_test(ctx, app):

@@ -109,6 +109,8 @@ class Dispatcher:
             else:
                 req = {}
             body = fn(req) if len(entry) == 2 else call_lazy(entry[2], fn, entry[3], req)
+            if body is None:
+                return None  # a request that is never answered (a multicast block)
             req = None  # the reply may need the room the request took
         except GroupError as e:
             g = group if e.group is None else e.group

@@ -26,6 +26,8 @@ class PeerError(Exception):
 
 
 class Peer:
+    stream_like = False  # a byte stream the engine reads itself (take()), not the shared UDP socket
+
     def __init__(self, pump, frame_max):
         self.pump = pump
         self.frame_max = frame_max
@@ -75,7 +77,7 @@ class Peer:
 _shared = None  # one UDP socket for every UDP meter: RAM and file descriptors stay flat
 
 
-def _udp_socket():
+def udp_socket():
     global _shared
     if _shared is None:
         _shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -87,7 +89,7 @@ class UDPPeer(Peer):
     def __init__(self, host, port, pump, frame_max):
         super().__init__(pump, frame_max)
         self.addr = socket.getaddrinfo(host, port)[0][-1]
-        self.sock = _udp_socket()
+        self.sock = udp_socket()
 
     def _send(self, frame):
         try:
@@ -125,6 +127,16 @@ class StreamPeer(Peer):
         if not self.frames:
             if not self.pump(min(ms, 50), self.stream):
                 return None
+            n = self.stream.readinto(self.rx)
+            if n:
+                self.deframer.feed(memoryview(self.rx)[:n], self._frame)
+        return self.frames.pop(0) if self.frames else None
+
+    stream_like = True
+
+    def take(self):
+        """A frame that arrived, without waiting; None when there is none."""
+        if not self.frames:
             n = self.stream.readinto(self.rx)
             if n:
                 self.deframer.feed(memoryview(self.rx)[:n], self._frame)

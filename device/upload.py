@@ -19,6 +19,11 @@ _HDR_SIZE = const(44)  # calcsize(_HDR); + CRC-32 = 48
 _DONE_AT = const(60)  # 0x00 once the image verified
 _FAIL_AT = const(61)  # 0x00 when the upload was refused at its end
 _MAP_AT = const(64)  # progress map: byte k = 0x00 when sector k is in flash
+MAP_AT = _MAP_AT
+# A sector a multicast session put in flash block by block: its map byte has
+# bit b cleared for each BLOCK-sized block b in flash (the sector was erased
+# before the first one); 0x00 once it is whole.
+BLOCK = const(1024)
 
 IDLE = const(0)
 RUNNING = const(1)
@@ -42,6 +47,8 @@ class Session:
         self.h_file = None
         self.flushed = 0  # bytes in flash (a whole number of sectors, or length)
         self.need_rehash = False
+        self.lent = None  # set by the multicast receiver while it holds the sector buffer
+        self.sparse = False  # the map may hold sectors past off (a multicast's, or an earlier run's)
 
     # -- persistence -------------------------------------------------------
     def load(self, slots):
@@ -75,6 +82,7 @@ class Session:
         self.state = RUNNING
         self.off = self.flushed = min(k * SECTOR, length)
         self.need_rehash = True
+        self.sparse = True
 
     def _write_meta(self, at, data):
         # Program one whole 256-byte page (rp2 programs pages only): read it,
@@ -105,25 +113,73 @@ class Session:
         self.h_img = hashlib.sha256()
         self.h_file = hashlib.sha256()
         self.need_rehash = False
+        self.lent = None
+        self.sparse = False
         self.state = RUNNING
 
     def rehash(self):
-        """Rebuild the hashes over what an earlier run put in flash."""
+        """Rebuild the hashes over what an earlier run (or a multicast session)
+        put in flash, from sector 0 on as far as it is all there."""
         self.h_img = hashlib.sha256()
         self.h_file = hashlib.sha256()
-        self.off = 0
-        n = self.flushed
-        self.flushed = 0
+        self.off = self.flushed = 0
+        hdr = self.hdr
         self.hdr = None
-        while self.off < n:
-            k = min(SECTOR, n - self.off)
-            self.slot.readinto(self.off, self.mv[:k])
+        self.lent = None
+        self._skip()
+        if self.hdr is None:
+            self.hdr = hdr  # block 0 is still missing: the announced header stands
+        self.need_rehash = False
+
+    def mapped(self, sector):
+        """The progress map byte of `sector` (0xFF nothing, 0x00 whole, else blocks)."""
+        if sector >= SECTOR - _MAP_AT:
+            return 0xFF
+        at = _MAP_AT + sector
+        self.meta.readblocks(self.msec, self.page, at & ~0xFF)
+        return self.page[at & 0xFF]
+
+    def put_block(self, sector, at, data):
+        """Program one BLOCK-aligned block of a sector straight to flash (a
+        multicast block), erasing the sector first if nothing of it is there."""
+        m = self.mapped(sector)
+        if m == 0xFF:
+            self.slot.erase(sector)
+        self.slot.bdev.writeblocks(sector, data, at)
+        m &= ~(1 << (at // BLOCK)) & 0xFF
+        used = min(SECTOR, self.length - sector * SECTOR)
+        if m & ((1 << ((used + BLOCK - 1) // BLOCK)) - 1) == 0:
+            m = 0
+        self._write_meta(_MAP_AT + sector, bytes((m,)))
+        self.need_rehash = True
+        self.sparse = True
+
+    def _skip(self):
+        """Go over data already in flash at self.off (whole sectors, or blocks a
+        multicast put there): read it back into the sector buffer for the
+        hashes. True when off moved."""
+        moved = False
+        while self.sparse and self.off < self.length:
+            k = self.off // SECTOR
+            pos = self.off % SECTOR
+            m = self.mapped(k)
+            if m == 0 and pos == 0:
+                n = min(SECTOR, self.length - self.off)
+            elif m != 0xFF and pos % BLOCK == 0 and not (m >> (pos // BLOCK)) & 1:
+                n = min(BLOCK, self.length - self.off)
+            else:
+                break
+            self.slot.readinto(self.off, self.mv[pos:pos + n])
             if self.hdr is None:
                 self.hdr = image.Header(self.buf)
-            self._hash(self.mv[:k])
-            self.off += k
-        self.flushed = n
-        self.need_rehash = False
+            self._hash(self.mv[pos:pos + n])
+            self.off += n
+            moved = True
+            if m == 0:
+                self.flushed = self.off
+            else:
+                self._sector_end()
+        return moved
 
     def cancel(self, erase_header):
         """Abandon the session; optionally erase the slot's first sector so the
@@ -158,7 +214,9 @@ class Session:
         return self.mv[pos:pos + n]
 
     def write(self, data):
-        """Append data at self.off; flushes full sectors to flash."""
+        """Append data at self.off; flushes full sectors to flash. Stops early
+        (off moved past the data) where a multicast already put data in flash."""
+        self.lent = None
         n = len(data)
         i = 0
         while i < n:
@@ -168,16 +226,25 @@ class Session:
             self._hash(data[i:i + k])
             self.off += k
             i += k
-            if pos + k == SECTOR:
-                self._flush(SECTOR)
-        if self.off == self.length and self.off % SECTOR:
-            self._flush(self.off % SECTOR)
+            self._sector_end()
+            if self.off % BLOCK == 0 and self._skip():
+                return
+
+    def _sector_end(self):
+        pos = self.off % SECTOR
+        if pos == 0 and self.off > self.flushed:
+            self._flush(SECTOR)
+        elif self.off == self.length and pos:
+            self._flush(pos)
 
     def _flush(self, used):
         sector = (self.off - 1) // SECTOR
         for j in range(used, SECTOR):
             self.buf[j] = 0xFF  # programming 0xFF leaves NOR untouched
-        self.slot.erase(sector)
+        if not self.sparse or self.mapped(sector) == 0xFF:
+            self.slot.erase(sector)
+        # else a multicast left blocks of it: the sector is erased but for those,
+        # which the buffer holds too (programming only clears bits)
         self.slot.program(sector, self.buf)
         if sector < SECTOR - _MAP_AT:
             self._mark(_MAP_AT + sector)

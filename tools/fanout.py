@@ -1,17 +1,31 @@
-"""Fan-out figures: one concentrator, M simulated meters, one job.
+"""Fan-out figures (`make fanout`): one concentrator, M simulated meters on one
+simulated medium (lab.medium), one job per run, side by side in one process:
 
-    python tools/fanout.py 20 100
+    sequential  unicast, one meter at a time (the engine before parallel slots)
+    parallel    unicast, K meters at once, each upload pipelined to buf_count
+    multicast   one session for all: announce, each block once (+ a parity block
+                per sector), unicast repair, then test/reset/confirm per meter
 
-Prints, per run: meters, job time, image bytes sent over the meters' links,
-and the concentrator's heap after the job (live bytes after a collection)."""
+    python tools/fanout.py [--meters 1,10,100] [--modes sequential,parallel,multicast]
+                           [--medium shared:50k,loss=5%] [--parallel 16]
+
+Per run: wall time of the job, bytes on the medium / image size, airtime on the
+medium / airtime of one image, the split (broadcast, to meters, from meters),
+and the concentrator's heap high-water since it booted (garbage included, and
+live after a collection); requests to meters and how many were resent. The targets: 100 meters on the shared medium within 1.5 x the
+airtime of one image plus their per-meter control traffic; on a star, 100
+meters within 5 x one meter's time."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "host"))
@@ -21,54 +35,100 @@ from meterota.boards import unix_slot_size  # noqa: E402
 from meterota.client import SMPClient  # noqa: E402
 from meterota.concentrator import Concentrator, JobSpec  # noqa: E402
 from meterota.lab.fleet import Fleet, FleetOptions  # noqa: E402
+from meterota.lab.medium import MediumSpec  # noqa: E402
 from meterota.transport import from_address  # noqa: E402
 
+MODES = {"sequential": (1, "unicast"), "parallel": (None, "unicast"), "multicast": (None, "multicast")}
 
-def run(meters: int, data: bytes) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("FANOUT_DIR")) as t:
-        f = Fleet(Path(t), 1, meters, FleetOptions())
+
+def run(fleet: Fleet, data: bytes, version: str, mode: str, k: int) -> dict[str, Any]:
+    par, how = MODES[mode]
+    tr = from_address(port=fleet.concentrators[0].address)
+    tr.open()
+    try:
+        c = SMPClient(tr, timeout=5.0)
+        c.connect()
+        conc = Concentrator(c)
+        conc.store(data)
+        info = img.parse(data)
+        med = fleet.media[0]
+        before = conc.status_full()
+        med.reset_counts()
         t0 = time.monotonic()
-        f.start(timeout=300)
-        started = time.monotonic() - t0
-        try:
-            tr = from_address(port=f.concentrators[0].address)
-            tr.open()
-            c = SMPClient(tr, timeout=3.0)
-            c.connect()
-            conc = Concentrator(c)
-            conc.store(data)
-            t1 = time.monotonic()
-            job = conc.create_job(img.parse(data).hash, JobSpec(retries=1, duration=3600))
-            st = conc.wait(job, 3600)
-            took = time.monotonic() - t1
-            reasons: dict[str, int] = {}
-            for e in conc.results(job):
-                if e["result"] != "OK":
-                    k = f"{e['result']}: {e['reason']}"
-                    reasons[k] = reasons.get(k, 0) + 1
-            stats = c.stats()
-            tr.close()
-        except BaseException:
-            for d in f.concentrators:
-                print(d.log_tail(30), file=sys.stderr)
-            raise
-        finally:
-            f.stop()
-    return {"meters": meters, "ok": st["ok"], "seconds": took, "per_meter": took / meters,
-            "bytes": len(data) * st["ok"], "start_s": started, "heap_alloc": stats["heap_alloc"],
-            "failures": reasons}
+        job = conc.create_job(info.hash, JobSpec(retries=3, duration=7200, parallel=par or k, mode=how))
+        st = conc.wait(job, 7200)
+        took = time.monotonic() - t0
+        full = conc.status_full(job)
+        results = list(conc.results(job))
+    finally:
+        tr.close()
+    counts = med.snapshot()
+    air1 = len(data) * 8 / med.spec.rate_bps
+    fails: dict[str, int] = {}
+    via: dict[str, int] = {}
+    for e in results:
+        via[str(e.get("via"))] = via.get(str(e.get("via")), 0) + 1
+        if e["result"] != "OK":
+            key = f"{e['result']}: {e['reason']}"
+            fails[key] = fails.get(key, 0) + 1
+    data_bytes = counts["broadcast"]["bytes"] + sum(int(e.get("unicast_bytes", 0)) for e in results)
+    return {"meters": fleet.m, "mode": mode, "version": version, "ok": st["ok"], "seconds": round(took, 1),
+            "medium_bytes_per_image": round(counts["total"]["bytes"] / len(data), 2),
+            "image_bytes_per_image": round(data_bytes / len(data), 2),
+            "airtime_per_image": round(counts["total"]["airtime_s"] / air1, 2),
+            "broadcast_airtime_s": round(counts["broadcast"]["airtime_s"], 1),
+            "down_airtime_s": round(counts["down"]["airtime_s"], 1), "up_airtime_s": round(counts["up"]["airtime_s"], 1),
+            "lost": counts["total"]["lost"], "heap_peak": full["heap_peak"], "heap_live_peak": full["heap_live_peak"],
+            "via": via, "failures": fails, "requests": full["requests"] - before["requests"],
+            "resent": full["resent"] - before["resent"], "k": full["jobs"][0]["parallel"]}
 
 
 def main() -> int:
-    data = img.build_image(None, "1.1.0", slot_size=unix_slot_size())
-    print(f"image {len(data)} bytes; meters -X heapsize=128wK, concentrator 256wK")
-    for m in [int(x) for x in sys.argv[1:]] or [20]:
-        r = run(m, data)
-        print(f"{r['meters']:>4} meters: {r['ok']} OK in {r['seconds']:.1f} s ({r['per_meter']:.2f} s/meter), "
-              f"{r['bytes'] / 1e6:.1f} MB to meters, fleet start {r['start_s']:.0f} s, "
-              f"concentrator heap live {r['heap_alloc'] / 1024:.1f} KiB after the job", flush=True)
-        for k, n in r["failures"].items():
-            print(f"      {n} x {k}")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--meters", default="1,10,100")
+    p.add_argument("--modes", default="sequential,parallel,multicast")
+    p.add_argument("--medium", default="shared:50k,loss=5%")
+    p.add_argument("--parallel", type=int, default=16, help="K of the parallel and multicast runs")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    spec = MediumSpec.parse(a.medium)
+    modes = [m for m in a.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m}")
+    versions = iter(f"1.{i}.0" for i in range(1, 100))
+    images: dict[str, bytes] = {}
+    print(f"medium {spec}; concentrator -X heapsize=256wK, meters 128wK; K={a.parallel}", flush=True)
+    for n in [int(x) for x in a.meters.split(",")]:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("FANOUT_DIR")) as t:
+            fleet = Fleet(Path(t), 1, n, FleetOptions(medium=a.medium, parallel=a.parallel, meter_reset_s=20))
+            t0 = time.monotonic()
+            fleet.start(timeout=600)
+            print(f"{n} meters up in {time.monotonic() - t0:.0f} s", flush=True)
+            try:
+                for mode in modes:
+                    v = next(versions)
+                    data = images.get(v) or img.build_image(None, v, slot_size=unix_slot_size())
+                    images[v] = data
+                    r = run(fleet, data, v, mode, a.parallel)
+                    if a.json:
+                        print(json.dumps(r), flush=True)
+                    else:
+                        print(f"{n:>4} meters {mode:<10} K={r['k']:<3} {r['ok']:>3} OK {r['seconds']:>7.1f} s  medium bytes "
+                              f"{r['medium_bytes_per_image']:>6.2f} x image (image data {r['image_bytes_per_image']:.2f} x)"
+                              f"  airtime {r['airtime_per_image']:>6.2f} x one image (broadcast "
+                              f"{r['broadcast_airtime_s']} s, down {r['down_airtime_s']} s, up {r['up_airtime_s']} s)  "
+                              f"heap peak {r['heap_peak'] / 1024:.0f} KiB, live {r['heap_live_peak'] / 1024:.0f} KiB"
+                              f"  via {r['via']} requests {r['requests']} resent {r['resent']}", flush=True)
+                        for k, c in dict(r["failures"]).items():  # type: ignore[call-overload]
+                            print(f"      {c} x {k}")
+            except BaseException:
+                print(fleet.concentrators[0].log_tail(30), file=sys.stderr)
+                raise
+            finally:
+                fleet.stop()
+    print(f"one image: {len(images[next(iter(images))])} bytes = "
+          f"{len(images[next(iter(images))]) * 8 / spec.rate_bps:.1f} s of airtime at {spec.rate_bps:g} bit/s")
     return 0
 
 

@@ -192,8 +192,13 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     from .lab.fleet import Fleet, FleetOptions
 
     opts = FleetOptions(unreachable=_ids(args.unreachable), lossy=_ids(args.lossy), fail_trial=_ids(args.fail_trial),
-                        slow=_ids(args.slow), transport=args.transport, heap=args.heap)
-    fleet = Fleet(args.dir, args.concentrators, args.meters, opts)
+                        slow=_ids(args.slow), transport=args.transport, heap=args.heap, medium=args.medium,
+                        parallel=args.parallel, multicast=args.multicast)
+    try:
+        fleet = Fleet(args.dir, args.concentrators, args.meters, opts)
+    except ValueError as e:
+        print(f"meterota sim: {e}", file=sys.stderr)
+        return errors.EXIT_USAGE
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -206,6 +211,8 @@ def _sim_fleet(args: argparse.Namespace) -> int:
             cfg = json.loads((c.state_dir / "config.json").read_text())
             doc = {"id": c.device_id, "address": c.address, "role": "concentrator",
                    "meters": [m["id"] for m in cfg["meters"]]}
+            if "medium" in cfg:
+                doc["medium"] = args.medium
             print(json.dumps(doc) if args.json else f"{c.device_id} {c.address} meters: {', '.join(doc['meters'])}",
                   flush=True)
         stop.wait()
@@ -515,7 +522,8 @@ def _job_spec(args: argparse.Namespace) -> Any:
     window = (args.not_before, args.not_after) if args.not_before or args.not_after else None
     return JobSpec(targets=args.meters.split(",") if args.meters else None, priority=args.priority,
                    retries=args.job_retries, duration=args.duration,
-                   window=(int(window[0] or 0), int(window[1] or 2**31 - 1)) if window else None)
+                   window=(int(window[0] or 0), int(window[1] or 2**31 - 1)) if window else None,
+                   parallel=getattr(args, "parallel", None), mode=getattr(args, "mode", None))
 
 
 def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
@@ -548,8 +556,9 @@ def _finish_job(args: argparse.Namespace, conc: Any, job: int, out: Out) -> int:
 def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     print(f"job {job} {st['state']}: {st['ok']} OK, {st['ko']} KO, {st['unreachable']} unreachable")
     for r in rows:
+        via = f"via {r['via']:<9} " if r.get("via") else ""
         print(f"  {r['meter']:<16} {r['result']:<11} {'verified' if r['verified'] else '        '} "
-              f"attempts {r['attempts']}  {r['reason']}")
+              f"attempts {r['attempts']}  {via}{r['reason']}")
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -719,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lossy", metavar="IDS", help="meters behind a proxy that loses 15%% of datagrams")
     f.add_argument("--slow", metavar="IDS", help="meters with 50 ms added to every datagram each way")
     f.add_argument("--fail-trial", metavar="IDS", help="meters whose hardware fails every trial boot")
+    f.add_argument("--medium", metavar="SPEC", help="each concentrator's meters on one simulated medium: "
+                   "shared:RATE[,loss=P%%,latency=MS] (PLC-like, one transmission at a time) or star:RATE[,...] "
+                   "(Wi-Fi-like, a link per meter), e.g. shared:50k,loss=5%%")
+    f.add_argument("--parallel", type=int, metavar="K", help="meters a concentrator works on at once (default 8)")
+    f.add_argument("--multicast", choices=["auto", "multicast", "unicast"],
+                   help="the concentrators' session mode (default auto: multicast on a shared medium)")
     s.set_defaults(fn=cmd_sim)
 
     im = sub.add_parser("image", help="build and inspect MCUboot images").add_subparsers(dest="image_cmd",
@@ -833,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds before pending meters end UNREACHABLE")
     jc.add_argument("--not-before", type=at.int_range(0, 2**31 - 1), help="window start (epoch seconds)")
     jc.add_argument("--not-after", type=at.int_range(0, 2**31 - 1), help="window end (epoch seconds)")
+    jc.add_argument("--parallel", type=at.int_range(1, 64), metavar="K", help="meters worked on at once "
+                    "(default: the concentrator's `parallel`, 8)")
+    jc.add_argument("--mode", choices=["auto", "multicast", "unicast"], help="how the image reaches the meters "
+                    "(default auto: one multicast session on a shared medium with 2 or more targets)")
     jc.add_argument("--wait", action="store_true", help="wait for the job, then verify and record its results")
     jc.add_argument("--wait-timeout", type=at.positive_float, default=3600.0)
     jc.add_argument("--campaign")

@@ -25,6 +25,8 @@ class JobSpec:
     retries: int = 2
     duration: int = 3600
     window: tuple[int, int] | None = None  # absolute epoch seconds [not before, not after]
+    parallel: int | None = None  # meters worked on at once (None: the concentrator's own setting)
+    mode: str | None = None  # "auto" | "multicast" | "unicast" (None: the concentrator's default)
 
 
 class Concentrator:
@@ -60,11 +62,19 @@ class Concentrator:
             body["targets"] = list(spec.targets)
         if spec.window is not None:
             body["window"] = list(spec.window)
+        if spec.parallel is not None:
+            body["parallel"] = spec.parallel
+        if spec.mode is not None:
+            body["mode"] = spec.mode
         return int(self.c.request(Op.WRITE, GROUP, 3, body, what="create job")["job"])
 
     def status(self, job: int | None = None) -> list[dict[str, Any]]:
+        return list(self.status_full(job)["jobs"])
+
+    def status_full(self, job: int | None = None) -> dict[str, Any]:
+        """The status reply itself: `jobs`, and the engine's `heap_peak` (bytes) and `meters_at_once`."""
         body = {} if job is None else {"job": job}
-        return list(self.c.request(Op.READ, GROUP, 4, body, what="read job status")["jobs"])
+        return dict(self.c.request(Op.READ, GROUP, 4, body, what="read job status"))
 
     def cancel(self, job: int) -> None:
         self.c.request(Op.WRITE, GROUP, 5, {"job": job}, what="cancel job")
@@ -123,11 +133,13 @@ class Relayed:
     conf: Confirmation | None
     record_id: int | None
     duplicate: bool
+    how: str | None = None  # how the image reached the meter: multicast | unicast | none
+    unicast_bytes: int | None = None
 
     def row(self) -> dict[str, Any]:
         return {"meter": self.meter, "result": self.result, "reason": self.reason, "attempts": self.attempts,
                 "verified": self.conf is not None, "recorded": "already" if self.duplicate else "new",
-                "record_id": self.record_id}
+                "record_id": self.record_id, "via": self.how, "unicast_bytes": self.unicast_bytes}
 
 
 def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: str | None, via: str,
@@ -160,7 +172,7 @@ def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: 
         conf, result, reason = None, "ERROR", f"relayed record rejected: {err}"
         o.result, o.reason = result, reason
         got = store.record(o, None, ref, publish=publish)
-    return Relayed(meter, result, reason, attempts, conf, got.id, got.duplicate)
+    return Relayed(meter, result, reason, attempts, conf, got.id, got.duplicate, e.get("via"), e.get("unicast_bytes"))
 
 
 def record_results(results: list[dict[str, Any]], store: Store, image_hash: bytes, version: str, via: str,

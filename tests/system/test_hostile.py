@@ -234,9 +234,10 @@ def test_racing_hosts_record_one_ok_per_record(make_device: Callable[..., SimDev
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """One concentrator, three meters: the second on a slow link, the third off the network."""
+    """One concentrator, three meters: the second on a slow link, the third off the network; one
+    meter at a time (parallel=1), so the slow one is still in flight after the first's result."""
     f = Fleet(tmp_path_factory.mktemp("fleet"), 1, 3, FleetOptions(unreachable={meter_id(1, 3)}, slow={meter_id(1, 2)},
-                                                                   meter_reset_s=3))
+                                                                   meter_reset_s=3, parallel=1))
     f.start()
     yield f
     f.stop()
