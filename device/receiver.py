@@ -121,8 +121,16 @@ def _multicast(disp, images):
             raise smp.MgmtError(smp.EINVAL)
         return rx().announce(req)
 
+    def block(req):
+        # A malformed request is answered EINVAL like any other; a well-formed
+        # block never is (on a shared medium a hundred replies would follow it).
+        if not (isinstance(req.get("s"), int) and isinstance(req.get("o"), int)
+                and isinstance(req.get("d"), (bytes, bytearray, memoryview))):
+            raise smp.MgmtError(smp.EINVAL)
+        return box[0].block(req) if box else None
+
     disp.register(64, 4, lambda req: rx().status(req) if box else {"sid": -1}, announce)
-    disp.register(64, 5, None, lambda req: box[0].block(req) if box else None)
+    disp.register(64, 5, None, block)
 
 
 def self_test(ctx, app):

@@ -323,7 +323,8 @@ def test_time_window_is_respected(directs: list[SimDevice], images: Images, tmp_
 
 @pytest.mark.pg_core
 def test_host_killed_mid_campaign_resumes_without_upgrading_twice(images: Images, tmp_path: Path, db: str) -> None:
-    f = Fleet(tmp_path / "f", 1, 5, FleetOptions(meter_reset_s=8))
+    # One meter at a time (parallel=1): the kill must land mid-job, after one meter and before all.
+    f = Fleet(tmp_path / "f", 1, 5, FleetOptions(meter_reset_s=8, parallel=1))
     directs = [SimDevice(tmp_path / f"k{i}", device_id=f"direct-k{i}", transport="udp") for i in (1, 2)]
     f.start()
     try:
