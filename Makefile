@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUBS  := $(VENV)/mpstubs/.done
 
-.PHONY: all venv chromium postgresql mosquitto test test-pg demo bench powercut fuzz scale scale-workers fanout hil hil-sim clean
+.PHONY: all venv chromium postgresql mosquitto test test-all test-pg demo bench powercut fuzz scale scale-workers fanout hil hil-sim clean
 
 all: test
 
@@ -42,9 +42,13 @@ postgresql:
 	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
 	then :; else echo "make postgresql: could not install Debian's postgresql (need root and apt)"; exit 1; fi
 
-# Every test on SQLite; of the PostgreSQL variants, those marked pg_core (make test-pg runs all).
+# Every test on SQLite but those marked slow; of the PostgreSQL variants, those marked pg_core.
+# make test-all runs every test there is (make test-pg: the PostgreSQL half alone).
 test: venv chromium postgresql mosquitto
-	$(BIN)/pytest -q -m "not pg or pg_core"
+	$(BIN)/pytest -q -m "(not pg or pg_core) and not slow"
+
+test-all: venv chromium postgresql mosquitto
+	$(BIN)/pytest -q
 
 # The campaign suite on both backends and the multi-worker tests.
 test-pg: venv postgresql

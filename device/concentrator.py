@@ -621,18 +621,25 @@ class Engine:
             self.sent_before[(j.id, mid)] = sent  # unicast bytes so far: the result counts every attempt
             self.next_try[(j.id, mid)] = time.ticks_add(time.ticks_ms(), min(60000, BACKOFF_MS << (n - 1)))
 
-    # -- the multicast session ------------------------------------------------------------
-    def _announce(self, s, j, mid):
-        """Announce the session to one meter; "MEMBER", None (unicast for it)
-        or a failed attempt's (SILENT | KO, reason, None, None)."""
+    def _hello(self, s, mid):
+        """Read a meter's info: (info, None), or (None, a failed attempt's tuple)."""
         try:
             info = yield from self._req(s, OP_READ, 64, 0, {}, 1500, 1)
         except PeerTimeout:
             self._mark(mid, None)
-            return "SILENT", "no answer", None, None
+            return None, ("SILENT", "no answer", None, None)
         except PeerError as e:
-            return "KO", "not a meterota meter (rc %d)" % e.rc, None, None
+            return None, ("KO", "not a meterota meter (rc %d)" % e.rc, None, None)
         self._mark(mid, info)
+        return info, None
+
+    # -- the multicast session ------------------------------------------------------------
+    def _announce(self, s, j, mid):
+        """Announce the session to one meter; "MEMBER", None (unicast for it)
+        or a failed attempt's (SILENT | KO, reason, None, None)."""
+        info, fail = yield from self._hello(s, mid)
+        if fail:
+            return fail
         other = _other(info)
         if _active(info).get("hash") == j.hash or info.get("trial") or other.get("pending") or \
                 other.get("hash") == j.hash:
@@ -810,14 +817,9 @@ class Engine:
     # -- one meter ----------------------------------------------------------------
     def _flow(self, s, j, mid):
         """Upgrade one meter; returns (OK | KO | SILENT, reason, rec, mac)."""
-        try:
-            info = yield from self._req(s, OP_READ, 64, 0, {}, 1500, 1)
-        except PeerTimeout:
-            self._mark(mid, None)
-            return "SILENT", "no answer", None, None
-        except PeerError as e:
-            return "KO", "not a meterota meter (rc %d)" % e.rc, None, None
-        self._mark(mid, info)
+        info, fail = yield from self._hello(s, mid)
+        if fail:
+            return fail
         try:
             act = _active(info)
             if act.get("hash") == j.hash and not info.get("trial"):

@@ -86,6 +86,7 @@ def test_one_multicast_session_for_all_then_repair(fleet: Fleet, images: Images,
     c.t.close()
 
 
+@pytest.mark.slow  # 20 s; make test keeps the multicast session above, which also repairs by unicast
 def test_parallel_unicast_works_on_meters_at_once(fleet: Fleet, images: Images) -> None:
     data = images.app("1.2.0").read_bytes()
     info = parse(data)
