@@ -85,6 +85,11 @@ def test_store_and_ledger_same_on_both_backends(db_target: str) -> None:
         assert led.claim_unit("host:2:b", 30.0, ["c"]) is None
         assert led.renew_leases("host:1:a", 30.0) == {("c", "t1")}
         assert led.renew_leases("host:2:b", 30.0) == set()
+        # A dead worker's leases freed at once (its own host saw it die): whoever takes the unit
+        # next still knows whose it was, so the takeover is in the timeline.
+        assert led.release_owner("host:1:a") == 1
+        b = led.claim_unit("host:2:b", 30.0, ["c"])
+        assert b is not None and b["previous_owner"] == "host:1:a" and b["leases"] == 2
 
 
 V1_LEDGER = ledger_mod.MIGRATIONS[0]

@@ -256,8 +256,9 @@ class Ledger:
 
     @atomic
     def release_owner(self, owner: str) -> int:
-        """Free every lease of a worker known to be gone (same host, dead process)."""
-        return self.db.execute("UPDATE campaign_units SET state='pending', owner=NULL, expires=NULL "
+        """Free every lease of a worker known to be gone (same host, dead process). The owner
+        stays on the pending row, so the worker that takes it next records a takeover from it."""
+        return self.db.execute("UPDATE campaign_units SET state='pending', expires=NULL "
                                "WHERE owner=? AND state='leased'", (owner,)).rowcount
 
     def lease_owners(self, prefix: str) -> list[str]:
