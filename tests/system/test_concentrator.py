@@ -107,7 +107,9 @@ def test_forged_relayed_confirmation_is_rejected(fleet20: Fleet, images: Images,
     genuine = next(e for e in results if e["result"] == "OK" and "rec" in e)
     forged = dict(genuine)
     forged["rec"] = bytes(genuine["rec"]).replace(b"OK", b"KO") if b"OK" in genuine["rec"] else genuine["rec"] + b"x"
-    other_key = dict(genuine, meter=meter_id(1, 2))  # a record passed off as another meter's
+    # A record passed off as another meter's (results come in the order meters finished, which with
+    # meters worked on at once need not be meter 1 first).
+    other_key = dict(genuine, meter=meter_id(1, 2) if genuine["meter"] != meter_id(1, 2) else meter_id(1, 1))
     with Store(tmp_path / "r.db") as db:
         keys_into(db, fleet20)
         rows = record_results([genuine, forged, other_key], db, info.hash, info.version_str, "conc")
