@@ -37,10 +37,11 @@ RC_BAD_TARGET = const(4)  # a target id that is not one of our meters
 RC_STORE_BUSY = const(5)  # a job still uses the stored image
 
 META_STORE_SESSION = const(3)  # meta sector of the image store's upload session
-CHUNK = const(1024)  # bytes of image per request to a meter, and per multicast block (upload.BLOCK)
+CHUNK = const(1024)  # bytes of image per multicast block (upload.BLOCK), and per request to a meter that heard one
+UCHUNK = const(1952)  # bytes of image per unicast request at most (a 2 KiB buf_size meter's, less the SMP overhead)
 WMAX = const(4)  # upload requests in flight to one meter at most (and its buf_count)
 KMAX = const(64)  # meters worked on at once at most (config `parallel`, job `parallel`), and as the heap allows:
-SLOT_HEAP = const(12288)  # heap a busy slot takes (its 4 frames, its flow, requests, replies)
+SLOT_HEAP = const(6144)  # heap a busy slot takes (its flow, its requests in flight, replies, their garbage)
 HEAP_RESERVE = const(131072)  # heap kept for the host's requests and everything else
 _CHUNK_HDR = const(26)  # SMP header + {"off": u32, "data": bstr16} before the data
 _BLOCK_HDR = const(32)  # SMP header + {"s", "o", ["p"], "d"} before a multicast block's data
@@ -56,6 +57,8 @@ MODES = ("auto", "multicast", "unicast")
 RESULTS_PAGE = const(4)
 METERS_PAGE = const(16)
 BACKOFF_MS = const(1000)
+FILL_MS = const(200)
+RTO_MIN = const(100)  # ms: the shortest wait for a reply before sending a request again  # the next attempt is looked for at least this often (retry times, deadlines)
 PROBE_MS = const(15000)
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -125,8 +128,12 @@ class Slot:
     with every reply, timeout or wake-up: the engine never blocks on a meter."""
 
     def __init__(self):
-        self.frames = [bytearray(_CHUNK_HDR + CHUNK) for _ in range(WMAX)]
-        self.inflight = {}  # seq -> [frame, deadline, retries left, timeout]
+        # seq -> [frame (None: an upload chunk, rebuilt from the store to send again),
+        #         deadline, give-up time, timeout, sent at, resent, rto, SMP header, chunk offset, chunk length]
+        self.inflight = {}
+        self.ibytes = 0  # bytes of those requests
+        self.srtt = -1  # this meter's smoothed round trip (ms; -1: not measured yet)
+        self.rttvar = 0
         self.seq = 0
         self.gen = None
         self.kind = FLOW
@@ -210,6 +217,13 @@ class Engine:
         self.work = {}  # meter id -> slot
         self.by_addr = {}  # UDP address -> slot
         self.inflight_bytes = 0
+        # The engine's loop must cost O(1) per event, not O(meters) or O(slots):
+        # the next attempt is looked for only when a slot frees, a job changes or
+        # FILL_MS passed (a retry time, a deadline), and the slots' requests and
+        # wake-ups are scanned only once the earliest of their deadlines is due.
+        self.fill_at = time.ticks_ms()
+        self.next_tk = time.ticks_ms()
+        self.streams = False  # a slot's meter is on a byte stream (polled, not on the UDP socket)
         med = cfg.get("medium") or {}
         self.med_kind = med.get("kind", "")
         self.med_bps = int(med.get("bps", 0))
@@ -224,6 +238,7 @@ class Engine:
         self.sent_before = {}  # (job id, meter id) -> unicast image bytes of its failed attempts
         self.mc = None
         self.mcbuf = bytearray(_BLOCK_HDR + CHUNK)
+        self.txbuf = bytearray(_CHUNK_HDR + UCHUNK)  # every upload chunk is built here, sent, and rebuilt to resend
         self.nreq = 0  # requests to meters (slots), and how many were sent again after a timeout
         self.nretx = 0
         self.heap_peak = 0  # heap in use at most, garbage included (what a collection finds)
@@ -232,6 +247,7 @@ class Engine:
 
     # -- the log -------------------------------------------------------------------
     def _apply(self, r):
+        self.fill_at = time.ticks_ms()  # a job, a result or a cancel: look for the next attempt
         k = r.get("k")
         if k == "job":
             j = Job(r)
@@ -363,17 +379,25 @@ class Engine:
                 self._mark(m["id"], None)
 
     def _fill(self):
+        if time.ticks_diff(time.ticks_ms(), self.fill_at) < 0:
+            return
         while True:
             due = self._due()
             if due is None:
-                return
+                break
             j, mid = due
             if mid is None:
                 self._expire(j)
                 continue
             if len(self.work) >= min(self.kmax, j.k or self.kmax):
-                return
+                break
             self._start(j, mid)
+        self.fill_at = time.ticks_add(time.ticks_ms(), FILL_MS)
+
+    def _wake(self, tk):
+        # An earlier deadline than the engine knows of: scan the slots by then.
+        if time.ticks_diff(tk, self.next_tk) < 0:
+            self.next_tk = tk
 
     def _start(self, j, mid, kind=None):
         s = None
@@ -395,6 +419,9 @@ class Engine:
         s.sent = 0
         s.wake = None
         s.inflight = {}
+        s.ibytes = 0
+        s.srtt = -1
+        s.rttvar = 0
         s.via = self.via.get((j.id, mid))
         if kind is not None:
             s.kind = kind
@@ -414,6 +441,7 @@ class Engine:
         else:
             s.gen = self._flow(s, j, mid)
         self.work[mid] = s
+        self.streams = self.streams or s.peer.stream_like
         addr = getattr(s.peer, "addr", None)
         if addr is not None:
             self.by_addr[bytes(addr)] = s
@@ -434,10 +462,13 @@ class Engine:
 
     def _end(self, s, res):
         for e in s.inflight.values():
-            self.inflight_bytes -= len(e[0])
+            self.inflight_bytes -= e[9]
         s.inflight = {}
+        s.ibytes = 0
         j, mid, kind, via, sent = s.job, s.mid, s.kind, s.via, s.sent
         self.work.pop(mid, None)
+        self.fill_at = time.ticks_ms()  # a slot is free
+        self.streams = any(x.peer.stream_like for x in self.work.values() if x.peer is not None and x is not s)
         addr = getattr(s.peer, "addr", None)
         if addr is not None and self.by_addr.get(bytes(addr)) is s:
             del self.by_addr[bytes(addr)]
@@ -451,45 +482,73 @@ class Engine:
             self._attempt_done(j, mid, res, via, sent)
 
     # -- requests in flight ----------------------------------------------------------
-    def _tmo(self, base, n):
+    def _queue(self, s, n):
         # On a medium of known rate, a reply also waits for what is queued before
-        # it: our requests in flight, and a reply (up to REPLY_EST) per meter worked on.
-        if self.med_bps:
-            return base + (self.inflight_bytes + n + len(self.work) * REPLY_EST) * 16000 // self.med_bps
-        return base
+        # it: on a shared medium, our requests in flight to every meter and a reply
+        # (up to REPLY_EST) per meter worked on; on a star, this meter's link only.
+        if not self.med_bps:
+            return 0
+        if self.med_kind == "shared":
+            return (self.inflight_bytes + n + len(self.work) * REPLY_EST) * 16000 // self.med_bps
+        return (s.ibytes + n + REPLY_EST) * 16000 // self.med_bps
 
-    def _send(self, s, frame, tmo, retries):
+    def _rto(self, s, tmo):
+        # The first wait for a reply: the meter's round trip as measured on this
+        # link (RFC 6298: srtt + 4 rttvar, at least RTO_MIN), never more than the
+        # request's own timeout; that timeout until there is a measurement.
+        if s.srtt < 0:
+            return tmo
+        return min(tmo, max(RTO_MIN, s.srtt + 4 * s.rttvar))
+
+    def _rtt(self, s, e):
+        # Karn: a request sent more than once says nothing of the round trip.
+        if e[5]:
+            return
+        r = time.ticks_diff(time.ticks_ms(), e[4])
+        if s.srtt < 0:
+            s.srtt = r
+            s.rttvar = r // 2
+        else:
+            s.rttvar = (3 * s.rttvar + abs(s.srtt - r)) // 4
+            s.srtt = (7 * s.srtt + r) // 8
+
+    def _send(self, s, frame, tmo, retries, chunk=0):
+        # A request is given up after its whole patience, tmo x (retries + 1) (plus
+        # the queue before it), as before; within it, it is sent again after
+        # each RTO, doubling, so a lost frame costs a round trip, not a timeout.
         seq = s.seq
         while seq in s.inflight:
             seq = (seq + 1) & 0xFF
         s.seq = (seq + 1) & 0xFF
         frame[6] = seq
         self.nreq += 1
-        s.inflight[seq] = [frame, time.ticks_add(time.ticks_ms(), self._tmo(tmo, len(frame))), retries, tmo]
-        self.inflight_bytes += len(frame)
+        n = len(frame)
+        now = time.ticks_ms()
+        q = self._queue(s, n)
+        rto = self._rto(s, tmo) if retries else tmo
+        end = time.ticks_add(now, tmo * (retries + 1) + q)
+        d = time.ticks_add(now, rto + q)
+        # [frame, next deadline, give-up time, timeout, sent at, times resent, rto]
+        s.inflight[seq] = [None if chunk else frame, d, end, tmo, now, 0, rto, bytes(frame[:8]), chunk, n]
+        self._wake(d)
+        self.inflight_bytes += n
+        s.ibytes += n
         s.peer._send(frame)
         return seq
 
     def _cancel(self, s, seq):
         e = s.inflight.pop(seq, None)
         if e is not None:
-            self.inflight_bytes -= len(e[0])
+            self.inflight_bytes -= e[9]
+            s.ibytes -= e[9]
 
     def _io(self):
         tk = time.ticks_ms()
-        wait = 50
-        stream = False
-        for s in self.work.values():
-            if s.peer.stream_like:
-                stream = True
-            for e in s.inflight.values():
-                wait = min(wait, time.ticks_diff(e[1], tk))
-            if s.wake is not None:
-                wait = min(wait, time.ticks_diff(s.wake, tk))
+        wait = min(50, time.ticks_diff(self.next_tk, tk), time.ticks_diff(self.fill_at, tk))
         mc = self.mc
         if mc is not None and mc.phase == SENDING:
             wait = min(wait, time.ticks_diff(self._mc_due(mc), tk))
-        if stream:
+        if self.streams:
             wait = min(wait, 10)
         if wait > 0:
             self.ctx.pump(wait, smpc.udp_socket())
@@ -509,7 +568,7 @@ class Engine:
             s = self.by_addr.get(bytes(src))
             if s is not None:
                 self._reply(s, data)
-        for s in list(self.work.values()):
+        for s in list(self.work.values()) if self.streams else ():
             if s.peer is not None and s.peer.stream_like:
                 f = s.peer.take()
                 while f is not None and s.peer is not None:
@@ -523,9 +582,10 @@ class Engine:
         e = s.inflight.get(sq)
         if e is None:
             return  # a late reply to a try given up, or not ours
-        f = e[0]
+        f = e[7]
         if ln != len(frame) - 8 or (b0 & 7) != (f[0] & 7) + 1 or g != ((f[4] << 8) | f[5]) or c != f[7]:
             return
+        self._rtt(s, e)
         self._cancel(s, sq)
         try:
             r = cbor.loads(memoryview(frame)[8:]) if ln else {}
@@ -543,15 +603,24 @@ class Engine:
 
     def _timeouts(self):
         now = time.ticks_ms()
+        if time.ticks_diff(now, self.next_tk) < 0:
+            return
+        self.next_tk = time.ticks_add(now, 1000)
         for s in list(self.work.values()):
             for sq in list(s.inflight):
                 e = s.inflight.get(sq)
                 if e is None or s.gen is None or time.ticks_diff(now, e[1]) < 0:
                     continue
-                if e[2] > 0:
-                    e[2] -= 1
-                    e[1] = time.ticks_add(now, self._tmo(e[3], len(e[0])))
-                    s.peer._send(e[0])
+                if time.ticks_diff(e[2], now) > 0:
+                    e[5] += 1
+                    e[6] = min(e[6] * 2, e[3])
+                    e[1] = time.ticks_add(now, min(e[6] + self._queue(s, e[9]), time.ticks_diff(e[2], now)))
+                    self._wake(e[1])
+                    f = e[0]
+                    if f is None:
+                        f = self._chunk(self.txbuf, e[8], e[9] - _CHUNK_HDR)
+                        f[6] = sq
+                    s.peer._send(f)
                     self.nretx += 1
                 else:
                     self._cancel(s, sq)
@@ -559,6 +628,12 @@ class Engine:
             if s.gen is not None and s.wake is not None and time.ticks_diff(now, s.wake) >= 0:
                 s.wake = None
                 self._resume(s, (None, None))
+        # What is still pending after the scan (resumed flows set theirs through _wake).
+        for s in self.work.values():
+            for e in s.inflight.values():
+                self._wake(e[1])
+            if s.wake is not None:
+                self._wake(s.wake)
 
     # -- what a flow waits on (generators: `yield from`) -----------------------------
     def _req(self, s, op, group, cmd, body, tmo=2000, retries=2):
@@ -574,6 +649,7 @@ class Engine:
 
     def _sleep(self, s, ms):
         s.wake = time.ticks_add(time.ticks_ms(), ms)
+        self._wake(s.wake)
         while True:
             ev = yield
             if ev[0] is None:
@@ -645,7 +721,7 @@ class Engine:
                 other.get("hash") == j.hash:
             return None  # nothing to send, or a slot to clear first: the unicast flow decides
         sess = self.store_session
-        hdr = memoryview(s.frames[0])[:32]
+        hdr = memoryview(self.txbuf)[:32]
         self.store[0].readinto(0, hdr)
         try:
             r = yield from self._req(s, OP_WRITE, 64, 4, {"sid": self.mc.sid, "len": sess.length, "sha": sess.sha,
@@ -751,6 +827,7 @@ class Engine:
     def _mc_end(self):
         self.mc.job.mc_done = True
         self.mc = None
+        self.fill_at = time.ticks_ms()  # the session's members are due for their repair
 
     def _mc_send(self, mc):
         """Broadcast the next block (or parity block); True after the last."""
@@ -925,42 +1002,51 @@ class Engine:
         self.store[0].readinto(off, mv[_CHUNK_HDR:_CHUNK_HDR + k])
         return mv[:_CHUNK_HDR + k]
 
+    def _open(self, s, first):
+        # The upload's first request (off 0, len, sha, the image's first bytes):
+        # starts the meter's session, or resumes the same image's (its off).
+        sess = self.store_session
+        mv = memoryview(self.txbuf)[_CHUNK_HDR:_CHUNK_HDR + first]
+        self.store[0].readinto(0, mv)
+        r = yield from self._req(s, OP_WRITE, 1, 1, {"off": 0, "len": sess.length, "sha": sess.sha, "data": mv,
+                                                    "image": 1, "upgrade": False}, 5000)
+        s.sent += first
+        return r
+
     def _push(self, s, info):
         """Upload the stored image to a meter, resuming where it says, with up
         to its buf_count requests in flight; the meter's `off` drives (a gap, or
         data a multicast already put there, moves it)."""
         sess = self.store_session
         total = sess.length
-        n = min(CHUNK, int(info.get("buf_size", 512)) - 96)
+        # As much per request as the meter takes; a meter that heard a multicast
+        # session gets 1 KiB blocks on block boundaries (where its map counts).
+        n = min(UCHUNK, int(info.get("buf_size", 512)) - 96)
+        if s.via == "multicast":
+            n = min(n, CHUNK)
         window = max(1, min(WMAX, int(info.get("buf_count", 1))))
         # A meter that heard a multicast session has most of the image: the
         # first request then carries just the header (enough to resume or start).
         first = 32 if s.via == "multicast" else n
-        mv = memoryview(s.frames[0])[_CHUNK_HDR:_CHUNK_HDR + first]
-        self.store[0].readinto(0, mv)
-        r = yield from self._req(s, OP_WRITE, 1, 1, {"off": 0, "len": total, "sha": sess.sha, "data": mv,
-                                                    "image": 1, "upgrade": False}, 5000)
-        s.sent += first
+        r = yield from self._open(s, first)
         acked = pos = r["off"]
-        pend = {}  # seq -> (end offset, frame index, start offset)
-        free = list(range(window))
+        again = True  # one more open when the meter says off 0: its end reply may have been lost
+        pend = {}  # seq -> (end offset, start offset)
         while acked < total:
-            while free and pos < total:
+            while len(pend) < window and pos < total:
                 if pos == 0:
                     raise PeerError(1, 0)  # the meter lost the session; the retry starts over
                 k = min(n, total - pos)
-                if pos % CHUNK:
+                if n <= CHUNK and pos % CHUNK:
                     k = min(k, CHUNK - pos % CHUNK)  # back on block boundaries, where a multicast's blocks start
-                i = free.pop()
-                seq = self._send(s, self._chunk(s.frames[i], pos, k), 3000, 2)
-                pend[seq] = (pos + k, i, pos)
+                seq = self._send(s, self._chunk(self.txbuf, pos, k), 3000, 2, pos)
+                pend[seq] = (pos + k, pos)
                 s.sent += k
                 pos += k
             ev = yield
             p = pend.pop(ev[0], None)
             if p is None:
                 continue
-            free.append(p[1])
             r = ev[1]
             if isinstance(r, Exception):
                 raise r
@@ -971,14 +1057,24 @@ class Engine:
                 acked = max(acked, off)
                 continue
             if off == 0:
-                raise PeerError(1, 0)
+                # No session on the meter: it lost it (a reset), or it finished
+                # and the reply of the last chunk was lost. The open says which.
+                if not again:
+                    raise PeerError(1, 0)
+                again = False
+                for sq in pend:
+                    self._cancel(s, sq)
+                pend = {}
+                r = yield from self._open(s, 32)
+                acked = pos = r["off"]
+                continue
             # A gap (a lost request: go back to it) or a jump over data the
             # meter has (what is in flight from there on still counts).
-            keep = off > p[0] and any(q[2] == off for q in pend.values())
+            keep = off > p[0] and any(q[1] == off for q in pend.values())
             for sq in list(pend):
-                if not keep or pend[sq][2] < off:
+                if not keep or pend[sq][1] < off:
                     self._cancel(s, sq)
-                    free.append(pend.pop(sq)[1])
+                    del pend[sq]
             acked = off
             if not keep:
                 pos = off

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 from .sim import UDP_PORT, _claim_udp, _release_udp
 
@@ -105,6 +106,17 @@ class _Station:
     host: str
     conc: tuple[str, int] | None = None  # where replies go: the last sender on `front`
     channel: _Channel = field(default_factory=_Channel)
+    index: int = -1  # in Medium.stations
+
+
+class Frame(NamedTuple):
+    """One frame put on the medium, as Medium.trace records it."""
+
+    t: float  # when it was offered (time.monotonic())
+    d: str  # "down" (to a meter), "up" (a meter's reply) or "broadcast"
+    station: int  # index of the meter's station (-1: a broadcast)
+    data: bytes
+    lost: bool  # lost on the way (the loss draw, or the test's drop hook)
 
 
 class Medium:
@@ -127,6 +139,10 @@ class Medium:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.error: BaseException | None = None
+        # Fault injection for tests: every frame offered, when tracing; and a hook
+        # that loses the frames it returns True for (direction, station, frame).
+        self.trace: list[Frame] | None = None
+        self.drop: Callable[[str, int, bytes], bool] | None = None
         self.reset_counts()
 
     # -- setup ---------------------------------------------------------------------------
@@ -147,6 +163,7 @@ class Medium:
         host, _, port = meter_addr.rpartition(":")
         front_host = self._claim()
         st = _Station((host, int(port)), self._bind(front_host, UDP_PORT), self._bind("127.0.0.1", 0), front_host)
+        st.index = len(self.stations)
         self.stations.append(st)
         return f"{front_host}:{UDP_PORT}"
 
@@ -208,8 +225,14 @@ class Medium:
         c["airtime_s"] += air
         return ch.free_at
 
-    def _deliver(self, end: float, sock: socket.socket, dest: tuple[str, int], data: bytes, d: str) -> None:
-        if self.spec.loss and self.rng.random() < self.spec.loss:
+    def _deliver(self, end: float, sock: socket.socket, dest: tuple[str, int], data: bytes, d: str,
+                 station: int = -1) -> None:
+        lost = bool(self.spec.loss and self.rng.random() < self.spec.loss)
+        if not lost and self.drop is not None:
+            lost = self.drop(d, station, data)
+        if self.trace is not None:
+            self.trace.append(Frame(time.monotonic(), d, station, data, lost))
+        if lost:
             self.counts[d]["lost"] += 1
             return
         self._n += 1
@@ -223,7 +246,7 @@ class Medium:
         with self._lock:
             end = self._transmit(self._channel(st), len(data), now, "down")
             if end is not None:
-                self._deliver(end, st.back, st.meter_addr, data, "down")
+                self._deliver(end, st.back, st.meter_addr, data, "down", st.index)
 
     def _on_back(self, st: _Station, data: bytes, src: tuple[str, int], now: float) -> None:
         if src != st.meter_addr or st.conc is None:
@@ -231,7 +254,7 @@ class Medium:
         with self._lock:
             end = self._transmit(self._channel(st), len(data), now, "up")
             if end is not None:
-                self._deliver(end, st.front, st.conc, data, "up")
+                self._deliver(end, st.front, st.conc, data, "up", st.index)
 
     def _on_broadcast(self, data: bytes, src: tuple[str, int], now: float) -> None:
         with self._lock:
