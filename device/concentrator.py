@@ -913,10 +913,7 @@ class Engine:
                     yield from self._push(s, info)
                 yield from self._req(s, OP_WRITE, 1, 0, {"hash": j.hash, "confirm": False})
                 boots = (yield from self._req(s, OP_READ, 64, 0, {}))["boots"]
-                try:
-                    yield from self._req(s, OP_WRITE, 0, 5, {}, 1000, 0)
-                except PeerTimeout:
-                    pass  # the reply may be lost; the boot counter tells
+                yield from self._reset(s)
                 info = yield from self._wait_back(s, boots)
                 if info is None:
                     self._mark(mid, None)
@@ -975,7 +972,16 @@ class Engine:
                 continue
             if info.get("boots", 0) > boots:
                 return info
+            # It answers from the boot before: the reset request was lost (a
+            # meter resets right after its reply, before it reads anything else).
+            yield from self._reset(s)
         return None
+
+    def _reset(self, s):
+        try:
+            yield from self._req(s, OP_WRITE, 0, 5, {}, 1000, 0)
+        except PeerTimeout:
+            pass  # the reply may be lost; the boot counter tells
 
     def _wait_confirmed(self, s):
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)

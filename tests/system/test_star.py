@@ -118,3 +118,20 @@ def test_a_lost_reply_to_the_last_chunk_is_not_a_failed_attempt(fleet: Fleet, im
     assert sum(1 for f in trace if f.lost) == 2
     assert all(e["result"] == "OK" and e["attempts"] == 1 for e in results.values()), results
 
+
+
+def test_a_lost_reset_request_is_sent_again_not_waited_out(fleet: Fleet, images: Images) -> None:
+    data = images.app("1.3.0").read_bytes()
+    med = fleet.media[0]
+    # Lose each meter's first reset request: the meter keeps answering from the
+    # boot before, which says the reset never arrived (before, the concentrator
+    # waited out the meter's whole reset time and failed the attempt).
+    med.drop = _once_per_station(lambda d, f: d == "down" and _hdr(f)[:3] == (OP_WRITE, 0, 5))
+    med.trace = []
+    try:
+        results = _run(fleet, data)
+    finally:
+        med.drop = None
+        trace, med.trace = med.trace, None
+    assert sum(1 for f in trace if f.lost) == 2
+    assert all(e["result"] == "OK" and e["attempts"] == 1 for e in results.values()), results
