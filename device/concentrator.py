@@ -226,7 +226,8 @@ class Engine:
             host, _, port = med["bcast"].partition(":")[2].rpartition(":")
             self.bcast = socket.getaddrinfo(host, int(port))[0][-1]
         self.mode = cfg.get("multicast", "auto")
-        self.parity = bool(cfg.get("mc_parity", True))
+        # One XOR parity block per sector in the pass: off, it does not pay (README, Fan-out).
+        self.parity = bool(cfg.get("mc_parity", False))
         self.rounds = int(cfg.get("mc_rounds", 4))  # XOR repair rounds after the first pass, at most
         self.xpackets = 0  # repair packets broadcast, and blocks members rebuilt from them (since boot)
         self.xblocks = 0
