@@ -69,6 +69,7 @@ def run(fleet: Fleet, data: bytes, version: str, mode: str, k: int) -> dict[str,
     finally:
         tr.close()
     counts = med.snapshot()
+    cmds = med.by_command()
     air1 = len(data) * 8 / med.spec.rate_bps
     fails: dict[str, int] = {}
     via: dict[str, int] = {}
@@ -97,7 +98,8 @@ def run(fleet: Fleet, data: bytes, version: str, mode: str, k: int) -> dict[str,
             "xor_packets": full.get("xor_packets", 0) - before.get("xor_packets", 0),
             "xor_blocks": full.get("xor_blocks", 0) - before.get("xor_blocks", 0),
             "members_unicast_bytes": sum(int(e.get("unicast_bytes", 0)) for e in mc),
-            "members_unicast_repaired": sum(1 for e in mc if int(e.get("unicast_bytes", 0)) > 32)}
+            "members_unicast_repaired": sum(1 for e in mc if int(e.get("unicast_bytes", 0)) > 32),
+            "by_command": {k: {"frames": v["frames"], "airtime_s": round(v["airtime_s"], 2)} for k, v in cmds.items()}}
 
 
 def main() -> int:
@@ -152,6 +154,9 @@ def main() -> int:
                               f"{r['xor_blocks']} blocks rebuilt); members repaired by unicast "
                               f"{r['members_unicast_repaired']} ({r['members_unicast_bytes']} B); "
                               f"load {os.getloadavg()[0]:.1f}", flush=True)
+                        top = sorted(dict(r["by_command"]).items(), key=lambda kv: -kv[1]["airtime_s"])  # type: ignore[call-overload]
+                        print("      airtime by command: " + ", ".join(
+                            f"{k} {v['frames']} frames {v['airtime_s']:.1f} s" for k, v in top[:8]), flush=True)
                         for k, c in dict(r["failures"]).items():  # type: ignore[call-overload]
                             print(f"      {c} x {k}")
             except BaseException:

@@ -13,7 +13,8 @@ meter sees every frame from the concentrator (unicast or broadcast) coming
 from the same back socket, and its replies go back over the medium. Frames
 wait in a transmit queue of ``queue`` frames per channel (a modem's buffer;
 beyond it they are dropped, counted as ``overflow``). Airtime, bytes, frames
-and losses are counted per direction.
+and losses are counted per direction, and per SMP command (``by_command``:
+which requests and replies take the airtime).
 
     spec   := kind ":" rate ["," opt]*      kind := shared | star
     rate   := number [k|M] (bit/s)          opt  := loss=P% | latency=MS | overhead=BYTES | queue=N | seed=N
@@ -184,6 +185,18 @@ class Medium:
     def reset_counts(self) -> None:
         with getattr(self, "_lock", threading.Lock()):
             self.counts = {d: {"frames": 0, "bytes": 0, "airtime_s": 0.0, "lost": 0, "overflow": 0} for d in DIRS}
+            self.cmds: dict[str, list[float]] = {}
+
+    def by_command(self) -> dict[str, dict[str, float]]:
+        """Frames and airtime per direction and SMP group:command ("up 1:0"), since reset_counts()."""
+        with self._lock:
+            return {k: {"frames": v[0], "airtime_s": v[1]} for k, v in sorted(self.cmds.items())}
+
+    def _count_cmd(self, d: str, data: bytes) -> None:
+        key = f"{d} {int.from_bytes(data[4:6], 'big')}:{data[7]}" if len(data) >= 8 else f"{d} ?"
+        c = self.cmds.setdefault(key, [0, 0.0])
+        c[0] += 1
+        c[1] += self.spec.airtime(len(data))
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         with self._lock:
@@ -223,6 +236,7 @@ class Medium:
         with self._lock:
             end = self._transmit(self._channel(st), len(data), now, "down")
             if end is not None:
+                self._count_cmd("down", data)
                 self._deliver(end, st.back, st.meter_addr, data, "down")
 
     def _on_back(self, st: _Station, data: bytes, src: tuple[str, int], now: float) -> None:
@@ -231,6 +245,7 @@ class Medium:
         with self._lock:
             end = self._transmit(self._channel(st), len(data), now, "up")
             if end is not None:
+                self._count_cmd("up", data)
                 self._deliver(end, st.front, st.conc, data, "up")
 
     def _on_broadcast(self, data: bytes, src: tuple[str, int], now: float) -> None:
@@ -238,6 +253,7 @@ class Medium:
             if self.spec.kind == "shared":
                 end = self._transmit(self.shared, len(data), now, "broadcast")
                 if end is not None:
+                    self._count_cmd("broadcast", data)
                     for st in self.stations:
                         self._deliver(end, st.back, st.meter_addr, data, "broadcast")
             else:
