@@ -1010,6 +1010,13 @@ class Engine:
                 continue
             if info.get("boots", 0) > boots:
                 return info
+            # Still on the boot before: the reset request was lost (a reset it
+            # performed would have come before this reply, on the same link).
+            # Send it again, rather than poll a meter that will not reset.
+            try:
+                yield from self._req(s, OP_WRITE, 0, 5, {}, 1000, 0)
+            except PeerTimeout:
+                pass
         return None
 
     def _wait_confirmed(self, s):

@@ -128,6 +128,7 @@ class Medium:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.error: BaseException | None = None
+        self._lose: list[tuple[int, int, int]] = []  # (station, group, cmd): the next such request is lost
         self.reset_counts()
 
     # -- setup ---------------------------------------------------------------------------
@@ -150,6 +151,12 @@ class Medium:
         st = _Station((host, int(port)), self._bind(front_host, UDP_PORT), self._bind("127.0.0.1", 0), front_host)
         self.stations.append(st)
         return f"{front_host}:{UDP_PORT}"
+
+    def lose_next(self, station: int, group: int, cmd: int) -> None:
+        """Lose the next SMP request of group:cmd to the station-th meter added
+        (a fault on top of the random loss, for tests)."""
+        with self._lock:
+            self._lose.append((station, group, cmd))
 
     @property
     def broadcast_address(self) -> str:
@@ -237,6 +244,11 @@ class Medium:
             end = self._transmit(self._channel(st), len(data), now, "down")
             if end is not None:
                 self._count_cmd("down", data)
+                rule = (self.stations.index(st), int.from_bytes(data[4:6], "big"), data[7]) if len(data) >= 8 else None
+                if rule in self._lose:
+                    self._lose.remove(rule)
+                    self.counts["down"]["lost"] += 1
+                    return
                 self._deliver(end, st.back, st.meter_addr, data, "down")
 
     def _on_back(self, st: _Station, data: bytes, src: tuple[str, int], now: float) -> None:
