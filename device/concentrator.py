@@ -413,8 +413,9 @@ class Engine:
         elif s.via is None and self._multicast(j):
             if self.mc is None:
                 self.mc = Multicast(j, (time.ticks_ms() ^ (j.id << 20)) & 0x3FFFFFFF)
-            if self.mc.job is j and self.mc.phase == ANNOUNCE:
-                s.kind = ANNOUNCE
+            mc = self.mc
+            if mc.job is j and (mc.phase == ANNOUNCE or (mc.phase == SENDING and mc.round == 0)):
+                s.kind = ANNOUNCE  # during the pass too: a late joiner takes the rest, the rounds what it missed
             else:
                 s.kind = FLOW
         else:
@@ -682,9 +683,12 @@ class Engine:
                 self.mc.idx[mid] = len(self.mc.mids)
                 self.mc.mids.append(mid)
             return
-        self.via[(j.id, mid)] = "unicast"
         if res is not None:
+            # Not announced (silent, or not a meterota meter): its next attempt
+            # announces it again while the pass is on, else goes by unicast.
             self._failed(j, mid, res[0], res[1], None, None, "unicast", 0)
+            return
+        self.via[(j.id, mid)] = "unicast"
 
     def _mc_due(self, mc):
         return time.ticks_add(mc.t0, mc.bits // max(1, self.med_bps // 1000))
@@ -779,11 +783,21 @@ class Engine:
             b = m[k]
             if b:
                 for x in range(4):
+                    if (b >> x) & 1 and k * 4 + x < nblk:
+                        n += 1
+        if n > nblk // 4 and mc.round == 0:
+            # A late joiner, or a loss burst: a round needs a packet per block
+            # its worst member misses; this one's are cheaper by unicast.
+            mc.miss.pop(mid, None)
+            return None
+        for k in range(len(m)):
+            b = m[k]
+            if b:
+                for x in range(4):
                     i = k * 4 + x
                     if (b >> x) & 1 and i < nblk:
                         need[i] = need.get(i, 0) | bit
                         cnt[i] = cnt.get(i, 0) + 1
-                        n += 1
         was = mc.miss.get(mid)
         if was is not None and was > n:
             key = (mc.job.id, mid)
