@@ -61,6 +61,7 @@ BACKOFF_MS = const(1000)
 PROBE_MS = const(15000)
 
 _BYTES = (bytes, bytearray, memoryview)
+_BRIEF = {"brief": True}  # the meter info a poll needs (boots, trial, slots); a meter without it answers in full
 
 
 def _active(info):
@@ -637,10 +638,11 @@ class Engine:
             self.sent_before[(j.id, mid)] = sent  # unicast bytes so far: the result counts every attempt
             self.next_try[(j.id, mid)] = time.ticks_add(time.ticks_ms(), min(60000, BACKOFF_MS << (n - 1)))
 
-    def _hello(self, s, mid):
-        """Read a meter's info: (info, None), or (None, a failed attempt's tuple)."""
+    def _hello(self, s, mid, brief=False):
+        """Read a meter's info: (info, None), or (None, a failed attempt's tuple).
+        Brief: only boots, trial, self_confirm and the slots."""
         try:
-            info = yield from self._req(s, OP_READ, 64, 0, {}, 1500, 1)
+            info = yield from self._req(s, OP_READ, 64, 0, _BRIEF if brief else {}, 1500, 1)
         except PeerTimeout:
             self._mark(mid, None)
             return None, ("SILENT", "no answer", None, None)
@@ -653,7 +655,7 @@ class Engine:
     def _announce(self, s, j, mid):
         """Announce the session to one meter; "MEMBER", None (unicast for it)
         or a failed attempt's (SILENT | KO, reason, None, None)."""
-        info, fail = yield from self._hello(s, mid)
+        info, fail = yield from self._hello(s, mid, True)
         if fail:
             return fail
         other = _other(info)
@@ -707,8 +709,11 @@ class Engine:
             tk = now
             for mid in self.targets(j):
                 if (mid not in j.res and mid not in self.work and (j.id, mid) not in self.via
-                        and time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0):
-                    return  # still to be announced (the next _fill starts it)
+                        and (time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0 or j.att.get(mid) == 1)):
+                    # Still to be announced (the next _fill starts it); one whose first
+                    # announce failed gets its retry (a second of backoff) before the pass:
+                    # left out, it would take the whole image by unicast.
+                    return
             if mc.members == 0:
                 self._mc_end()
                 return
@@ -961,7 +966,7 @@ class Engine:
                         yield from self._req(s, OP_WRITE, 1, 5, {"slot": 1})
                     yield from self._push(s, info)
                 yield from self._req(s, OP_WRITE, 1, 0, {"hash": j.hash, "confirm": False})
-                boots = (yield from self._req(s, OP_READ, 64, 0, {}))["boots"]
+                boots = (yield from self._req(s, OP_READ, 64, 0, _BRIEF))["boots"]
                 try:
                     yield from self._req(s, OP_WRITE, 0, 5, {}, 1000, 0)
                 except PeerTimeout:
@@ -1016,7 +1021,7 @@ class Engine:
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
             try:
-                info = yield from self._req(s, OP_READ, 64, 0, {}, 500, 0)
+                info = yield from self._req(s, OP_READ, 64, 0, _BRIEF, 500, 0)
             except PeerTimeout:
                 continue
             except PeerError:
@@ -1036,7 +1041,7 @@ class Engine:
     def _wait_confirmed(self, s):
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            if not (yield from self._req(s, OP_READ, 64, 0, {})).get("trial"):
+            if not (yield from self._req(s, OP_READ, 64, 0, _BRIEF)).get("trial"):
                 return
             yield from self._sleep(s, 100)
         raise PeerTimeout()

@@ -129,6 +129,12 @@ for st in steps:
     elif kind == "test":
         d = image(st["img"])
         print(json.dumps(call(2, 1, 0, {"hash": binascii.unhexlify(st["hash"]), "confirm": False}, org)))
+    elif kind == "info":
+        r = disp.handle(frame(0, 64, 0, st.get("body", {})), org)
+        d = cbor.loads(memoryview(r)[8:])
+        print(json.dumps({"len": len(r), "keys": sorted(d), "boots": d["boots"], "trial": d["trial"],
+                          "slots": [{"active": e["active"], "hash": binascii.hexlify(e.get("hash", b"")).decode()}
+                                    for e in d["slots"]]}))
     elif kind == "state":
         r = disp.handle(frame(0, 1, 0, {}), org)
         d = cbor.loads(memoryview(r)[8:])
@@ -340,3 +346,10 @@ def test_bad_repair_packets_are_dropped(tmp_path: Path, image: Path) -> None:
     assert after["xrep"] == 2 and after["dropped"] == len(bad)
     assert rep.get("match") is True and rep["sent"] == BLOCK
     assert state[1]["hash"] == parse(image.read_bytes()).hash.hex()
+
+
+def test_brief_info_is_what_a_concentrator_polls_for(tmp_path: Path, image: Path) -> None:
+    full, brief = run(tmp_path, [{"k": "info"}, {"k": "info", "body": {"brief": True}}])
+    assert brief["keys"] == ["boots", "self_confirm", "slots", "trial"]
+    assert {k: brief[k] for k in ("boots", "trial", "slots")} == {k: full[k] for k in ("boots", "trial", "slots")}
+    assert brief["len"] * 2 < full["len"] + 40, (brief, full)  # about half the airtime of a poll's reply
