@@ -140,3 +140,27 @@ def test_parallel_unicast_works_on_meters_at_once(fleet: Fleet, images: Images) 
     assert seen >= 2
     assert full["jobs"][0]["parallel"] == 4 and full["heap_live_peak"] > 0
     c.t.close()
+
+
+def test_a_meter_announced_during_the_pass_joins_it(fleet: Fleet, images: Images) -> None:
+    # After the parallel unicast test (1.2.0) when that one runs: a newer image.
+    data = images.app("1.3.0").read_bytes()
+    info = parse(data)
+    c = sim_client(fleet.concentrators[0])
+    conc = Concentrator(c)
+    conc.store(data)
+    med = fleet.media[0]
+    late = meter_id(1, 2)
+    for _ in range(4):  # its first two attempts' info requests and their retries
+        med.lose_next(1, 64, 0)
+    three = [meter_id(1, 1), late, meter_id(1, 3)]
+    job = conc.create_job(info.hash, JobSpec(targets=three, retries=3, duration=300, mode="multicast"))
+    st = conc.wait(job, 240)
+    results = {e["meter"]: e for e in conc.results(job)}
+    log = fleet.concentrators[0].log_tail(30)
+    assert st["state"] == "done" and st["ok"] == 3, (results, log)
+    # The pass waited for its second attempt, not its third (two seconds of backoff
+    # later): announced during the broadcast, it took the rest of it.
+    assert results[late]["attempts"] == 3 and results[late]["via"] == "multicast", (results[late], log)
+    assert results[late]["unicast_bytes"] < len(data), (results[late], log)  # 62 % in one run: timing decides
+    c.t.close()
