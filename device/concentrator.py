@@ -45,6 +45,8 @@ SLOT_HEAP = const(6144)  # heap a busy slot takes (its flow, its requests in fli
 HEAP_RESERVE = const(131072)  # heap kept for the host's requests and everything else
 _CHUNK_HDR = const(26)  # SMP header + {"off": u32, "data": bstr16} before the data
 _BLOCK_HDR = const(32)  # SMP header + {"s", "o", ["p"], "d"} before a multicast block's data
+XMAX = const(32)  # blocks XORed into one repair packet at most (mcast.XMAX): a meter's read-back stays bounded
+_X_HDR = const(2 + 3 + 2 + 5 * XMAX)  # its "x": [block numbers] at most (uint32 each), beyond _BLOCK_HDR
 MC_OVERHEAD = const(32)  # bytes of medium framing per frame the broadcast pacing assumes
 REPLY_EST = const(600)  # bytes of a large reply (state, info) with the medium's framing
 DRAIN_MS = const(500)  # after the last block: time for it to cross the medium
@@ -52,7 +54,7 @@ FLOW = const(0)  # slot kinds; ANNOUNCE is also the session's first phase
 ANNOUNCE = const(1)
 SENDING = const(2)
 DRAIN = const(3)
-COLLECT = const(4)  # a slot kind too: reading a member's progress map for the second round
+COLLECT = const(4)  # a slot kind too: reading a member's progress map before a repair round
 MODES = ("auto", "multicast", "unicast")
 RESULTS_PAGE = const(4)
 METERS_PAGE = const(16)
@@ -62,6 +64,7 @@ RTO_MIN = const(100)  # ms: the shortest wait for a reply before sending a reque
 PROBE_MS = const(15000)
 
 _BYTES = (bytes, bytearray, memoryview)
+_BRIEF = {"brief": True}  # the meter info a poll needs (boots, trial, slots); a meter without it answers in full
 
 
 def _active(info):
@@ -154,10 +157,16 @@ class Multicast:
         self.phase = ANNOUNCE
         self.members = 0
         self.mids = []  # the members
-        self.round = 1  # 2: the blocks at least two members still miss, once more
-        self.need = None  # round 2: per block, how many members miss it
-        self.todo = None
-        self.next = 0
+        self.idx = {}  # member -> its bit in the missing-sets
+        self.round = 0  # repair rounds sent (0: the first pass)
+        self.need = None  # block -> the members missing it (a bit each), from the last COLLECT
+        self.cnt = None  # block -> how many members miss it
+        self.pend = None  # a repair round's blocks still to pack, most missed first
+        self.todo = None  # members still to COLLECT from
+        self.again = None  # members to COLLECT from next time: still missing blocks, or silent
+        self.miss = {}  # member -> blocks it missed at its last COLLECT
+        self.xpackets = 0  # repair packets sent
+        self.xblocks = 0  # blocks members got from them (misses that went between two COLLECTs)
         self.off = 0  # next block
         self.parity = -1  # sector whose parity block goes next
         self.t0 = 0
@@ -207,9 +216,9 @@ class Engine:
         self.lastfail = {}
         self.probe_at = time.ticks_ms()
         self.probe_i = 0
-        # Meters worked on at once: K slots, each with its frames preallocated.
-        # Within the heap: a busy slot holds its frames and what its flow
-        # allocates; what is left must serve the host (a datagram of buf_size).
+        # Meters worked on at once: K slots, within the heap: a busy slot holds
+        # its requests in flight and what its flow allocates; what is left must
+        # serve the host (a datagram of buf_size).
         gc.collect()
         fit = max(1, (gc.mem_free() - HEAP_RESERVE) // SLOT_HEAP)
         self.kmax = max(1, min(KMAX, int(cfg.get("parallel", 8)), fit))
@@ -232,12 +241,16 @@ class Engine:
             host, _, port = med["bcast"].partition(":")[2].rpartition(":")
             self.bcast = socket.getaddrinfo(host, int(port))[0][-1]
         self.mode = cfg.get("multicast", "auto")
-        self.parity = bool(cfg.get("mc_parity", True))
-        self.rounds = int(cfg.get("mc_rounds", 2))
+        # One XOR parity block per sector in the pass: off, it does not pay (README, Fan-out).
+        self.parity = bool(cfg.get("mc_parity", False))
+        self.rounds = int(cfg.get("mc_rounds", 4))  # XOR repair rounds after the first pass, at most
+        self.xpackets = 0  # repair packets broadcast, and blocks members rebuilt from them (since boot)
+        self.xblocks = 0
+        self.xrep = {}  # (job id, meter id) -> blocks it got from the repair rounds
         self.via = {}  # (job id, meter id) -> "multicast" | "unicast"
         self.sent_before = {}  # (job id, meter id) -> unicast image bytes of its failed attempts
         self.mc = None
-        self.mcbuf = bytearray(_BLOCK_HDR + CHUNK)
+        self.mcbuf = bytearray(_BLOCK_HDR + _X_HDR + CHUNK)
         self.txbuf = bytearray(_CHUNK_HDR + UCHUNK)  # every upload chunk is built here, sent, and rebuilt to resend
         self.nreq = 0  # requests to meters (slots), and how many were sent again after a timeout
         self.nretx = 0
@@ -428,8 +441,9 @@ class Engine:
         elif s.via is None and self._multicast(j):
             if self.mc is None:
                 self.mc = Multicast(j, (time.ticks_ms() ^ (j.id << 20)) & 0x3FFFFFFF)
-            if self.mc.job is j and self.mc.phase == ANNOUNCE:
-                s.kind = ANNOUNCE
+            mc = self.mc
+            if mc.job is j and (mc.phase == ANNOUNCE or (mc.phase == SENDING and mc.round == 0)):
+                s.kind = ANNOUNCE  # during the pass too: a late joiner takes the rest, the rounds what it missed
             else:
                 s.kind = FLOW
         else:
@@ -668,6 +682,9 @@ class Engine:
         if via is not None:
             r["v"] = via
             r["u"] = sent
+            x = self.xrep.get((j.id, mid), 0)
+            if x:
+                r["x"] = x
         if rec is not None:
             r["rec"] = rec
             r["mac"] = mac
@@ -697,10 +714,11 @@ class Engine:
             self.sent_before[(j.id, mid)] = sent  # unicast bytes so far: the result counts every attempt
             self.next_try[(j.id, mid)] = time.ticks_add(time.ticks_ms(), min(60000, BACKOFF_MS << (n - 1)))
 
-    def _hello(self, s, mid):
-        """Read a meter's info: (info, None), or (None, a failed attempt's tuple)."""
+    def _hello(self, s, mid, brief=False):
+        """Read a meter's info: (info, None), or (None, a failed attempt's tuple).
+        Brief: only boots, trial, self_confirm and the slots."""
         try:
-            info = yield from self._req(s, OP_READ, 64, 0, {}, 1500, 1)
+            info = yield from self._req(s, OP_READ, 64, 0, _BRIEF if brief else {}, 1500, 1)
         except PeerTimeout:
             self._mark(mid, None)
             return None, ("SILENT", "no answer", None, None)
@@ -713,7 +731,7 @@ class Engine:
     def _announce(self, s, j, mid):
         """Announce the session to one meter; "MEMBER", None (unicast for it)
         or a failed attempt's (SILENT | KO, reason, None, None)."""
-        info, fail = yield from self._hello(s, mid)
+        info, fail = yield from self._hello(s, mid, True)
         if fail:
             return fail
         other = _other(info)
@@ -740,11 +758,15 @@ class Engine:
             self.via[(j.id, mid)] = "multicast"
             if self.mc is not None and self.mc.job is j:
                 self.mc.members += 1
+                self.mc.idx[mid] = len(self.mc.mids)
                 self.mc.mids.append(mid)
             return
-        self.via[(j.id, mid)] = "unicast"
         if res is not None:
+            # Not announced (silent, or not a meterota meter): its next attempt
+            # announces it again while the pass is on, else goes by unicast.
             self._failed(j, mid, res[0], res[1], None, None, "unicast", 0)
+            return
+        self.via[(j.id, mid)] = "unicast"
 
     def _mc_due(self, mc):
         return time.ticks_add(mc.t0, mc.bits // max(1, self.med_bps // 1000))
@@ -763,8 +785,11 @@ class Engine:
             tk = now
             for mid in self.targets(j):
                 if (mid not in j.res and mid not in self.work and (j.id, mid) not in self.via
-                        and time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0):
-                    return  # still to be announced (the next _fill starts it)
+                        and (time.ticks_diff(tk, self.next_try.get((j.id, mid), tk)) >= 0 or j.att.get(mid) == 1)):
+                    # Still to be announced (the next _fill starts it); one whose first
+                    # announce failed gets its retry (a second of backoff) before the pass:
+                    # left out, it would take the whole image by unicast.
+                    return
             if mc.members == 0:
                 self._mc_end()
                 return
@@ -781,11 +806,15 @@ class Engine:
         elif mc.phase == DRAIN:
             if time.ticks_diff(now, mc.until) < 0:
                 return
-            if mc.round == 1 and self.rounds > 1 and mc.members >= 2:
-                mc.round = 2
+            todo = list(mc.mids) if mc.round == 0 else mc.again
+            if self.rounds > 0 and todo:
+                # Each member's progress map: who misses what, for a repair round
+                # (or, after the last one, what the rounds repaired).
                 mc.phase = COLLECT
-                mc.need = bytearray((self.store_session.length + CHUNK - 1) // CHUNK)
-                mc.todo = list(mc.mids)
+                mc.need = {}
+                mc.cnt = {}
+                mc.todo = todo
+                mc.again = []
             else:
                 self._mc_end()
         elif mc.phase == COLLECT:
@@ -800,28 +829,65 @@ class Engine:
                 if s.kind == COLLECT:
                     return
             mc.todo = None
+            if not mc.need or mc.round >= self.rounds:
+                self._mc_end()  # nothing missing, or the last round: the unicast repair does the rest
+                return
+            # Most-missed blocks first: they fill a packet's members soonest.
+            cnt = mc.cnt
+            mc.pend = sorted(mc.need, key=lambda i: (-cnt[i], i))
+            mc.cnt = None
+            mc.round += 1
             mc.phase = SENDING
             mc.t0 = now
             mc.bits = 0
 
     def _collect(self, s, mid):
-        """Read a member's progress map into the session's per-block counts."""
+        """Read a member's progress map into the session's missing-sets."""
         mc = self.mc
         try:
             r = yield from self._req(s, OP_READ, 64, 4, {}, 1500, 1)
-        except (PeerTimeout, PeerError):
-            return None  # its repair will tell
-        m = r.get("map")
-        if mc is None or r.get("sid") != mc.sid or not isinstance(m, (bytes, bytearray, memoryview)):
+        except PeerTimeout:
+            if mc is not None and mc is self.mc:
+                mc.again.append(mid)  # once more next time; its repair will tell
             return None
+        except PeerError:
+            return None
+        m = r.get("map")
+        if mc is None or mc is not self.mc or r.get("sid") != mc.sid or not isinstance(m, _BYTES):
+            return None  # out of the session (rebooted, or a unicast upload took over): its repair
         need = mc.need
+        cnt = mc.cnt
+        bit = 1 << mc.idx[mid]
+        nblk = (self.store_session.length + CHUNK - 1) // CHUNK
+        n = 0
+        for k in range(len(m)):
+            b = m[k]
+            if b:
+                for x in range(4):
+                    if (b >> x) & 1 and k * 4 + x < nblk:
+                        n += 1
+        if n > nblk // 4 and mc.round == 0:
+            # A late joiner, or a loss burst: a round needs a packet per block
+            # its worst member misses; this one's are cheaper by unicast.
+            mc.miss.pop(mid, None)
+            return None
         for k in range(len(m)):
             b = m[k]
             if b:
                 for x in range(4):
                     i = k * 4 + x
-                    if (b >> x) & 1 and i < len(need) and need[i] < 255:
-                        need[i] += 1
+                    if (b >> x) & 1 and i < nblk:
+                        need[i] = need.get(i, 0) | bit
+                        cnt[i] = cnt.get(i, 0) + 1
+        was = mc.miss.get(mid)
+        if was is not None and was > n:
+            key = (mc.job.id, mid)
+            self.xrep[key] = self.xrep.get(key, 0) + was - n
+            mc.xblocks += was - n
+            self.xblocks += was - n
+        mc.miss[mid] = n
+        if n:
+            mc.again.append(mid)
         return None
 
     def _mc_end(self):
@@ -830,21 +896,12 @@ class Engine:
         self.fill_at = time.ticks_ms()  # the session's members are due for their repair
 
     def _mc_send(self, mc):
-        """Broadcast the next block (or parity block); True after the last."""
+        """Broadcast the next block (or parity block, or repair packet); True after the last."""
         total = self.store_session.length
         b = self.mcbuf
         mv = memoryview(b)
-        if mc.round == 2:
-            # The second round: only blocks at least two members still miss
-            # (one member's are cheaper by unicast), no parity.
-            need = mc.need
-            i = mc.next
-            while i < len(need) and need[i] < 2:
-                i += 1
-            if i >= len(need):
-                return True
-            mc.next = i + 1
-            mc.off = i * CHUNK
+        if mc.round > 0:
+            return self._mc_repair(mc, total, b, mv)
         par = mc.parity >= 0
         b[8] = 0xA4 if par else 0xA3
         i = _kv(b, 9, 0x73, mc.sid)  # "s"
@@ -873,8 +930,13 @@ class Engine:
             i = _kv(b, i, 0x6F, off)
             self.store[0].readinto(off, mv[i + 5:i + 5 + k])
             mc.off = off + k
-            if mc.round == 1 and self.parity and (mc.off % upload.SECTOR == 0 or mc.off == total):
+            if self.parity and (mc.off % upload.SECTOR == 0 or mc.off == total):
                 mc.parity = off // upload.SECTOR
+        self._mc_out(mc, b, mv, i, k)
+        return mc.off >= total and mc.parity < 0
+
+    def _mc_out(self, mc, b, mv, i, k):
+        # "d": k bytes already at i + 5; then the SMP header, and onto the medium.
         b[i] = 0x61
         b[i + 1] = 0x64  # "d"
         b[i + 2] = 0x59
@@ -884,12 +946,81 @@ class Engine:
         try:
             smpc.udp_socket().sendto(mv[:n], self.bcast)
         except OSError:
-            pass  # like a frame lost on the medium; the repair sends it
+            pass  # like a frame lost on the medium; the next round or the repair sends it
         mc.frames += 1
         mc.bits += (n + MC_OVERHEAD) * 8
-        if mc.round == 2:
-            return False  # the next call finds whether any is left
-        return mc.off >= total and mc.parity < 0
+
+    def _mc_repair(self, mc, total, b, mv):
+        """One packet of a repair round: the XOR of a set S of blocks no member
+        misses two of (greedy, most-missed first, at most XMAX), so each member
+        missing one of them rebuilds it; a lone block goes as a plain block.
+        True when the round has nothing left."""
+        need = mc.need
+        pend = mc.pend
+        if not pend:
+            return True
+        S = []
+        cov = 0
+        rest = []
+        for blk in pend:
+            m = need[blk]
+            if len(S) < XMAX and not (m & cov):
+                S.append(blk)
+                cov |= m
+            else:
+                rest.append(blk)
+        mc.pend = rest
+        S.sort()
+        i = _kv(b, 9, 0x73, mc.sid)  # "s"
+        if len(S) == 1:
+            b[8] = 0xA3
+            off = S[0] * CHUNK
+            k = min(CHUNK, total - off)
+            i = _kv(b, i, 0x6F, off)  # "o"
+            self.store[0].readinto(off, mv[i + 5:i + 5 + k])
+        else:
+            b[8] = 0xA4
+            b[i:i + 3] = b"\x61\x6f\x20"  # "o": -1, out of range for a receiver without repair packets
+            b[i + 3] = 0x61
+            b[i + 4] = 0x78  # "x"
+            i += 5
+            if len(S) < 24:
+                b[i] = 0x80 + len(S)
+                i += 1
+            else:
+                b[i] = 0x98
+                b[i + 1] = len(S)
+                i += 2
+            for blk in S:
+                if blk < 24:
+                    b[i] = blk
+                    i += 1
+                elif blk < 256:
+                    b[i] = 0x18
+                    b[i + 1] = blk
+                    i += 2
+                elif blk < 65536:
+                    b[i] = 0x19
+                    struct.pack_into(">H", b, i + 1, blk)
+                    i += 3
+                else:
+                    b[i] = 0x1A
+                    struct.pack_into(">I", b, i + 1, blk)
+                    i += 5
+            k = CHUNK
+            d = mv[i + 5:i + 5 + CHUNK]
+            x = 0
+            for blk in S:
+                n = min(CHUNK, total - blk * CHUNK)
+                self.store[0].readinto(blk * CHUNK, d[:n])
+                for z in range(n, CHUNK):
+                    d[z] = 0
+                x ^= int.from_bytes(d, "big")
+            d[:] = x.to_bytes(CHUNK, "big")
+        self._mc_out(mc, b, mv, i, k)
+        mc.xpackets += 1
+        self.xpackets += 1
+        return False  # the next call finds whether any is left
 
     # -- one meter ----------------------------------------------------------------
     def _flow(self, s, j, mid):
@@ -912,7 +1043,7 @@ class Engine:
                         yield from self._req(s, OP_WRITE, 1, 5, {"slot": 1})
                     yield from self._push(s, info)
                 yield from self._req(s, OP_WRITE, 1, 0, {"hash": j.hash, "confirm": False})
-                boots = (yield from self._req(s, OP_READ, 64, 0, {}))["boots"]
+                boots = (yield from self._req(s, OP_READ, 64, 0, _BRIEF))["boots"]
                 yield from self._reset(s)
                 info = yield from self._wait_back(s, boots)
                 if info is None:
@@ -964,7 +1095,7 @@ class Engine:
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
             try:
-                info = yield from self._req(s, OP_READ, 64, 0, {}, 500, 0)
+                info = yield from self._req(s, OP_READ, 64, 0, _BRIEF, 500, 0)
             except PeerTimeout:
                 continue
             except PeerError:
@@ -972,8 +1103,9 @@ class Engine:
                 continue
             if info.get("boots", 0) > boots:
                 return info
-            # It answers from the boot before: the reset request was lost (a
-            # meter resets right after its reply, before it reads anything else).
+            # Still on the boot before: the reset request was lost (a reset it
+            # performed would have come before this reply, on the same link).
+            # Send it again, rather than poll a meter that will not reset.
             yield from self._reset(s)
         return None
 
@@ -986,7 +1118,7 @@ class Engine:
     def _wait_confirmed(self, s):
         deadline = time.ticks_add(time.ticks_ms(), self.reset_s * 1000)
         while time.ticks_diff(deadline, time.ticks_ms()) > 0:
-            if not (yield from self._req(s, OP_READ, 64, 0, {})).get("trial"):
+            if not (yield from self._req(s, OP_READ, 64, 0, _BRIEF)).get("trial"):
                 return
             yield from self._sleep(s, 100)
         raise PeerTimeout()
@@ -1173,11 +1305,14 @@ class Engine:
         st = j.state(len(t))
         if st == "cancelled" and any(x.job is j for x in self.work.values()):
             st = "cancelling"  # the meter in flight finishes first; its result is the job's
-        return {"job": j.id, "hash": j.hash, "state": st, "priority": j.prio, "retries": j.retries,
+        out = {"job": j.id, "hash": j.hash, "state": st, "priority": j.prio, "retries": j.retries,
                 "total": len(t), "ok": c["OK"], "ko": c["KO"], "unreachable": c["UNREACHABLE"],
                 "pending": len(t) - len(j.res), "created": j.created, "deadline": j.deadline,
                 "parallel": min(self.kmax, j.k or self.kmax), "mode": j.mode or self.mode,
                 "multicast": self.mc is not None and self.mc.job is j}
+        if self.mc is not None and self.mc.job is j:
+            out["repair_round"] = self.mc.round
+        return out
 
     def h_job_status(self, req):
         if "job" in req:
@@ -1185,7 +1320,8 @@ class Engine:
         else:
             out = [self._status(j) for j in sorted(self.jobs.values(), key=lambda j: j.id)]
         return {"jobs": out, "heap_peak": self.heap_peak, "heap_live_peak": self.live_peak,
-                "meters_at_once": len(self.work), "requests": self.nreq, "resent": self.nretx}
+                "meters_at_once": len(self.work), "requests": self.nreq, "resent": self.nretx,
+                "xor_packets": self.xpackets, "xor_blocks": self.xblocks}
 
     def h_job_cancel(self, req):
         j = self._job(req)
@@ -1210,6 +1346,7 @@ class Engine:
                     if "v" in r:
                         e["via"] = r["v"]  # how the image reached the meter: multicast | unicast | none
                         e["unicast_bytes"] = r.get("u", 0)
+                        e["xor_blocks"] = r.get("x", 0)  # blocks it got from the broadcast repair rounds
                     if "rec" in r:
                         e["rec"] = bytes(r["rec"])
                         e["mac"] = bytes(r["mac"])

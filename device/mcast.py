@@ -9,9 +9,16 @@
 # straight into its free slot (the sector erased before its first block) and
 # marks it in the same progress map as a unicast upload (upload.BLOCK); with one
 # block of a sector lost, the parity rebuilds it in the upload's sector buffer
-# from the others read back. Blocks it cannot place (another session, another
-# sender, a wrong size or offset, a block already in flash, a unicast upload
-# holding the sector buffer) are dropped without a reply. The unicast repair
+# from the others read back. After the pass the concentrator reads each
+# member's progress map and broadcasts repair packets, each the XOR of a set S
+# of blocks ("x": their block numbers, "o": -1 so a receiver without them
+# drops it as out of range) chosen so that no member misses two of S: a meter
+# missing exactly one reads the others back from its slot (programmed blocks and
+# hashed sectors alike, per the map), XORs and programs it like any block; one
+# missing none ignores it, one missing two drops it. Blocks it cannot place
+# (another session, another sender, a wrong size or offset, a block already in
+# flash, a unicast upload holding the sector buffer) are dropped without a
+# reply. The unicast repair
 # resumes the same session: it rebuilds the hashes from flash and sends only
 # what is missing; the image becomes testable only through the image group's
 # end checks (MCUboot hash read back from flash, the announced SHA-256).
@@ -24,6 +31,7 @@ import smp
 GROUP = const(64)
 CMD_ANNOUNCE = const(4)
 CMD_BLOCK = const(5)
+XMAX = const(32)  # blocks in one repair packet at most: bounds a meter's read-back (31 KiB)
 
 _BYTES = (bytes, bytearray, memoryview)
 
@@ -39,6 +47,7 @@ class Receiver:
         self.blocks = 0  # blocks taken
         self.dropped = 0  # blocks refused
         self.rebuilt = 0  # blocks rebuilt from a sector's parity block
+        self.xrep = 0  # blocks rebuilt from a repair packet (XOR of blocks of several sectors)
 
     def announce(self, req):
         sid = arg(req, "sid", int)
@@ -61,7 +70,7 @@ class Receiver:
             self.length = length
             self.sha = bytes(sha)
             if sid != getattr(self, "_last_sid", None):
-                self.blocks = self.dropped = self.rebuilt = 0
+                self.blocks = self.dropped = self.rebuilt = self.xrep = 0
             self._last_sid = sid
         r["sid"] = sid
         return r
@@ -69,7 +78,7 @@ class Receiver:
     def status(self, req):
         s = self.images.session
         r = {"sid": self.sid if self.sid is not None else -1, "off": s.off, "blocks": self.blocks,
-             "rebuilt": self.rebuilt, "dropped": self.dropped}
+             "rebuilt": self.rebuilt, "xrep": self.xrep, "dropped": self.dropped}
         if s.state == upload.RUNNING and self.sid is not None:
             # The progress map of the session's sectors: what a second round should resend.
             m = bytearray(min((s.length + SECTOR - 1) // SECTOR, SECTOR - upload.MAP_AT))
@@ -100,6 +109,9 @@ class Receiver:
             return False  # the session was replaced or ended
         if s.off != s.flushed and not s.need_rehash:
             return False  # a unicast upload has data in the sector buffer
+        x = req.get("x")
+        if x is not None:
+            return self._xor(s, x, d)
         if off < 0 or off >= s.length or off % BLOCK:
             return False
         k = off // SECTOR
@@ -143,6 +155,49 @@ class Receiver:
         s.put_block(k, b * BLOCK, mv[b * BLOCK:b * BLOCK + n])
         s.lent = None
         self.rebuilt += 1
+        return True
+
+
+    def _xor(self, s, x, d):
+        # A repair packet: d is the XOR of the blocks numbered in x (each
+        # zero-padded to BLOCK). Which of them are in flash is the progress
+        # map's say only (a block below `off` is in flash too, and mapped so).
+        if not isinstance(x, list) or not 0 < len(x) <= XMAX or len(d) != BLOCK:
+            return False
+        nblk = (s.length + BLOCK - 1) // BLOCK
+        miss = -1
+        last = -1
+        for i in x:
+            if not isinstance(i, int) or i <= last or i >= nblk:
+                return False  # out of order, repeated or past the end: not the concentrator's
+            last = i
+            m = s.mapped(i * BLOCK // SECTOR)
+            if m == 0xFF or (m >> (i % (SECTOR // BLOCK))) & 1:
+                if miss >= 0:
+                    return False  # two missing: cannot be rebuilt from this one
+                miss = i
+        if miss < 0:
+            return None  # all in flash already
+        acc = int.from_bytes(d, "big")
+        blk = s.mv[:BLOCK]
+        s.lent = self
+        for i in x:
+            if i != miss:
+                n = min(BLOCK, s.length - i * BLOCK)
+                s.slot.readinto(i * BLOCK, blk[:n])
+                for j in range(n, BLOCK):
+                    blk[j] = 0
+                acc ^= int.from_bytes(blk, "big")
+        blk[:] = acc.to_bytes(BLOCK, "big")
+        n = min(BLOCK, s.length - miss * BLOCK)
+        for j in range(n, BLOCK):
+            if blk[j]:
+                s.lent = None
+                return False  # the padding of the last block is not zero: forged
+        k = miss * BLOCK // SECTOR
+        s.put_block(k, miss * BLOCK - k * SECTOR, blk[:n])
+        s.lent = None
+        self.xrep += 1
         return True
 
 

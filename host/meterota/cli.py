@@ -557,6 +557,8 @@ def _print_results(job: int, st: dict[str, Any], rows: list[dict[str, Any]]) -> 
     print(f"job {job} {st['state']}: {st['ok']} OK, {st['ko']} KO, {st['unreachable']} unreachable")
     for r in rows:
         via = f"via {r['via']:<9} " if r.get("via") else ""
+        if r.get("via") == "multicast":  # how its losses were repaired: broadcast XOR rounds, unicast bytes
+            via += f"({r.get('xor_blocks') or 0} blocks by XOR repair, {r.get('unicast_bytes') or 0} B unicast) "
         print(f"  {r['meter']:<16} {r['result']:<11} {'verified' if r['verified'] else '        '} "
               f"attempts {r['attempts']}  {via}{r['reason']}")
 

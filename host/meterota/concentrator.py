@@ -135,11 +135,13 @@ class Relayed:
     duplicate: bool
     how: str | None = None  # how the image reached the meter: multicast | unicast | none
     unicast_bytes: int | None = None
+    xor_blocks: int | None = None  # blocks it rebuilt from the session's broadcast XOR repair rounds
 
     def row(self) -> dict[str, Any]:
         return {"meter": self.meter, "result": self.result, "reason": self.reason, "attempts": self.attempts,
                 "verified": self.conf is not None, "recorded": "already" if self.duplicate else "new",
-                "record_id": self.record_id, "via": self.how, "unicast_bytes": self.unicast_bytes}
+                "record_id": self.record_id, "via": self.how, "unicast_bytes": self.unicast_bytes,
+                "xor_blocks": self.xor_blocks}
 
 
 def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: str | None, via: str,
@@ -172,7 +174,8 @@ def record_relayed(e: dict[str, Any], store: Store, image_hash: bytes, version: 
         conf, result, reason = None, "ERROR", f"relayed record rejected: {err}"
         o.result, o.reason = result, reason
         got = store.record(o, None, ref, publish=publish)
-    return Relayed(meter, result, reason, attempts, conf, got.id, got.duplicate, e.get("via"), e.get("unicast_bytes"))
+    return Relayed(meter, result, reason, attempts, conf, got.id, got.duplicate, e.get("via"), e.get("unicast_bytes"),
+                   e.get("xor_blocks"))
 
 
 def record_results(results: list[dict[str, Any]], store: Store, image_hash: bytes, version: str, via: str,

@@ -94,6 +94,23 @@ for st in steps:
             body["p"] = 1
         r = disp.handle(frame(2, 64, 5, body), org)
         print(json.dumps({"reply": r is not None}))
+    elif kind == "xor":
+        # A repair packet: the XOR of the blocks numbered in x, each zero-padded
+        d = image(st["img"])
+        acc = 0
+        for i in st["x"]:
+            blk = bytearray(1024)
+            c = d[i * 1024:i * 1024 + 1024]
+            blk[:len(c)] = c
+            acc ^= int.from_bytes(blk, "big")
+        data = bytearray(acc.to_bytes(1024, "big"))
+        if "forge" in st:
+            data[st["forge"]] ^= 0xFF
+        if "size" in st:
+            data = data[:st["size"]]
+        body = {"s": st["sid"], "o": -1, "x": st.get("xs", st["x"]), "d": data}
+        r = disp.handle(frame(2, 64, 5, body), org)
+        print(json.dumps({"reply": r is not None}))
     elif kind == "status":
         print(json.dumps(call(0, 64, 4, {}, org)))
     elif kind == "repair":
@@ -112,6 +129,12 @@ for st in steps:
     elif kind == "test":
         d = image(st["img"])
         print(json.dumps(call(2, 1, 0, {"hash": binascii.unhexlify(st["hash"]), "confirm": False}, org)))
+    elif kind == "info":
+        r = disp.handle(frame(0, 64, 0, st.get("body", {})), org)
+        d = cbor.loads(memoryview(r)[8:])
+        print(json.dumps({"len": len(r), "keys": sorted(d), "boots": d["boots"], "trial": d["trial"],
+                          "slots": [{"active": e["active"], "hash": binascii.hexlify(e.get("hash", b"")).decode()}
+                                    for e in d["slots"]]}))
     elif kind == "state":
         r = disp.handle(frame(0, 1, 0, {}), org)
         d = cbor.loads(memoryview(r)[8:])
@@ -233,8 +256,12 @@ def test_misordered_blocks_and_a_loss_burst(tmp_path: Path, image: Path) -> None
     out = run(tmp_path, [{"k": "ann", "img": str(image), "sid": 1}] + blocks(image, 1)[::-1]
               + [{"k": "status"}, {"k": "repair", "img": str(image)}, {"k": "state"}])
     status, rep, state = out[-3:]
-    # Each parity block came before its sector's data: of no use, dropped.
-    assert status["dropped"] == -(-n // SECTOR) and status["blocks"] == -(-n // BLOCK)
+    # Each parity block came before its sector's data: of no use, dropped --
+    # except a last sector of one block, whose parity is that block itself.
+    sectors = -(-n // SECTOR)
+    single = 1 if -(-(n - (sectors - 1) * SECTOR) // BLOCK) == 1 else 0
+    assert status["dropped"] == sectors - single and status["rebuilt"] == single
+    assert status["blocks"] + status["rebuilt"] >= -(-n // BLOCK)
     assert rep.get("match") is True and rep["sent"] == BLOCK  # only the first request: all was in flash
     assert state[1]["hash"] == parse(image.read_bytes()).hash.hex()
 
@@ -251,3 +278,82 @@ def test_loss_burst_is_repaired_block_by_block(tmp_path: Path, image: Path, imag
     assert rep["sent"] == BLOCK + 7 * BLOCK  # the first request, then exactly the blocks still missing
     assert state[1]["hash"] == parse(other.read_bytes()).hash.hex()
     assert n > 16 * BLOCK
+
+
+def xor(img: Path, sid: int, x: list[int], **kw: Any) -> dict[str, Any]:
+    return {"k": "xor", "img": str(img), "sid": sid, "x": x, **kw}
+
+
+def test_repair_packets_rebuild_one_missing_block_each(tmp_path: Path, image: Path) -> None:
+    n = len(image.read_bytes())
+    last = (n - 1) // BLOCK
+    assert n % BLOCK, "the last block must be a short one (zero-padded in the XOR)"
+    assert last > 12
+    lose = {1, 6, 10, last}
+    steps = [{"k": "ann", "img": str(image), "sid": 4}] + blocks(image, 4, lose, parity=False) + [
+        xor(image, 4, [0, 1, 7]),  # misses 1: rebuilt from 0 (hashed sector) and 7 (a block of a partial sector)
+        xor(image, 4, [6, 8, 10]),  # misses 6 and 10: cannot help, dropped
+        {"k": "status"},
+        xor(image, 4, [2, 6, 11]),  # misses 6
+        xor(image, 4, [3, last]),  # misses the last, short block
+        xor(image, 4, [10, 12]),  # misses 10
+        xor(image, 4, [1, 6]),  # misses none of them any more: ignored
+        {"k": "status"}, {"k": "repair", "img": str(image)}, {"k": "state"}]
+    out = run(tmp_path, steps)
+    mid, status, rep, state = out[-8], out[-3], out[-2], out[-1]
+    assert not any(x.get("reply") for x in out[1:-3])  # never answered
+    assert mid["xrep"] == 1 and mid["dropped"] == 1
+    m = bytes.fromhex(mid["map"])
+    assert m[1] & 0b0100 and m[2] & 0b0100 and not m[0]  # the dropped packet wrote nothing
+    assert status["xrep"] == 4 and status["dropped"] == 1 and status["rebuilt"] == 0
+    assert not any(bytes.fromhex(status["map"]))  # all in flash
+    assert rep.get("match") is True and rep["sent"] == BLOCK, rep  # only the first request
+    assert state[1]["hash"] == parse(image.read_bytes()).hash.hex()
+
+
+def test_forged_repair_packet_never_becomes_testable(tmp_path: Path, image: Path) -> None:
+    n = len(image.read_bytes())
+    last = (n - 1) // BLOCK
+    h = parse(image.read_bytes()).hash.hex()
+    steps = [{"k": "ann", "img": str(image), "sid": 12}] + blocks(image, 12, {2, last}, parity=False) + [
+        xor(image, 12, [0, last], forge=BLOCK - 1),  # rebuilds the short last block: padding not zero, dropped
+        xor(image, 12, [2, 5], forge=100),  # right session and sender, wrong bytes: programmed
+        {"k": "status"}, {"k": "repair", "img": str(image)}, {"k": "state"},
+        {"k": "test", "img": str(image), "hash": h}]
+    status, rep, state, test = run(tmp_path, steps)[-4:]
+    assert status["xrep"] == 1 and status["dropped"] == 1
+    assert rep.get("err", {}).get("rc") == 24, rep  # INVALID_HASH at the end checks
+    assert len(state) == 1  # slot B holds no image
+    assert test["err"]["rc"] == HASH_NOT_FOUND
+
+
+def test_bad_repair_packets_are_dropped(tmp_path: Path, image: Path) -> None:
+    n = len(image.read_bytes())
+    nblk = -(-n // BLOCK)
+    steps = [xor(image, 3, [0, 1])]  # before the announce
+    steps += [{"k": "ann", "img": str(image), "sid": 3}] + blocks(image, 3, {1, 9}, parity=False)
+    bad = [xor(image, 30, [1, 2]),  # another session id
+           xor(image, 3, [1, 2], **{"from": "elsewhere"}),  # another sender
+           xor(image, 3, [2, 1]),  # misordered
+           xor(image, 3, [1, 1, 2]),  # repeated
+           xor(image, 3, [1, nblk]),  # past the end
+           xor(image, 3, [1, 2], size=1000),  # wrong size
+           xor(image, 3, [], xs=[]),  # empty
+           xor(image, 3, list(range(2, 35)) + [1]),  # more than 32 blocks (and misordered)
+           xor(image, 3, [1, 2], xs=[1, "2"])]  # not block numbers
+    out = run(tmp_path, steps + bad + [{"k": "status"}, xor(image, 3, [1, 2]), xor(image, 3, [9]), {"k": "status"},
+                                       {"k": "repair", "img": str(image)}, {"k": "state"}])
+    before, after, rep, state = out[-6], out[-3], out[-2], out[-1]
+    assert before["xrep"] == 0 and before["dropped"] == len(bad)
+    m = bytes.fromhex(before["map"])
+    assert m[0] & 15 == 0b0010 and m[2] & 15 == 0b0010  # nothing of the bad packets reached flash
+    assert after["xrep"] == 2 and after["dropped"] == len(bad)
+    assert rep.get("match") is True and rep["sent"] == BLOCK
+    assert state[1]["hash"] == parse(image.read_bytes()).hash.hex()
+
+
+def test_brief_info_is_what_a_concentrator_polls_for(tmp_path: Path, image: Path) -> None:
+    full, brief = run(tmp_path, [{"k": "info"}, {"k": "info", "body": {"brief": True}}])
+    assert brief["keys"] == ["boots", "self_confirm", "slots", "trial"]
+    assert {k: brief[k] for k in ("boots", "trial", "slots")} == {k: full[k] for k in ("boots", "trial", "slots")}
+    assert brief["len"] * 2 < full["len"] + 40, (brief, full)  # about half the airtime of a poll's reply

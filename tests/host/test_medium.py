@@ -117,3 +117,23 @@ def test_loss_is_drawn_per_receiver_and_counted() -> None:
         assert 60 < c["lost"] < 180  # of 400 deliveries, ~30 % lost
     finally:
         m.close()
+
+
+def test_airtime_is_counted_per_smp_command() -> None:
+    m = Meters("shared:1M,latency=0", 1)
+    try:
+        req = bytes([0, 0, 0, 0, 0, 64, 7, 1])  # read, group 64, seq 7, cmd 1
+        m.conc.sendto(req, m.addr(m.front[0]))
+        data, src = m.socks[0].recvfrom(64)
+        m.socks[0].sendto(bytes([1, 0, 0, 4, 0, 64, 7, 1]) + bytes(4), src)
+        m.conc.settimeout(10)
+        m.conc.recvfrom(64)
+        m.conc.sendto(b"x", m.addr(m.medium.broadcast_address))
+        m.socks[0].recvfrom(64)
+        c = m.medium.by_command()
+        assert c["down 64:1"]["frames"] == 1 and c["up 64:1"]["frames"] == 1 and c["broadcast ?"]["frames"] == 1
+        assert c["up 64:1"]["airtime_s"] == pytest.approx(m.medium.spec.airtime(12))
+        m.medium.reset_counts()
+        assert m.medium.by_command() == {}
+    finally:
+        m.close()

@@ -42,6 +42,7 @@ class FleetOptions:
     parallel: int | None = None  # the concentrators' default number of meters worked on at once
     multicast: str | None = None  # the concentrators' default session mode: auto | multicast | unicast
     no_multicast: set[str] = field(default_factory=set)  # meters whose receiver lacks the multicast command
+    concentrator_config: dict[str, Any] = field(default_factory=dict)  # more concentrator config (mc_parity, mc_rounds)
 
 
 class Fleet:
@@ -76,6 +77,7 @@ class Fleet:
                     extra["parallel"] = self.opts.parallel
                 if self.opts.multicast is not None:
                     extra["multicast"] = self.opts.multicast
+                extra.update(self.opts.concentrator_config)
                 d = SimDevice(self.base / concentrator_id(c), device_id=concentrator_id(c),
                               transport=self.opts.transport,  # type: ignore[arg-type]
                               heap=self.opts.concentrator_heap, extra=extra)

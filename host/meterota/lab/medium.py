@@ -13,7 +13,8 @@ meter sees every frame from the concentrator (unicast or broadcast) coming
 from the same back socket, and its replies go back over the medium. Frames
 wait in a transmit queue of ``queue`` frames per channel (a modem's buffer;
 beyond it they are dropped, counted as ``overflow``). Airtime, bytes, frames
-and losses are counted per direction.
+and losses are counted per direction, and per SMP command (``by_command``:
+which requests and replies take the airtime).
 
     spec   := kind ":" rate ["," opt]*      kind := shared | star
     rate   := number [k|M] (bit/s)          opt  := loss=P% | latency=MS | overhead=BYTES | queue=N | seed=N
@@ -139,10 +140,12 @@ class Medium:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.error: BaseException | None = None
-        # Fault injection for tests: every frame offered, when tracing; and a hook
-        # that loses the frames it returns True for (direction, station, frame).
+        # Fault injection for tests: every frame offered, when tracing; a hook
+        # that loses the frames it returns True for (direction, station, frame);
+        # and the next requests of given commands to lose (lose_next).
         self.trace: list[Frame] | None = None
         self.drop: Callable[[str, int, bytes], bool] | None = None
+        self._lose: list[tuple[int, int, int]] = []  # (station, group, cmd): the next such request is lost
         self.reset_counts()
 
     # -- setup ---------------------------------------------------------------------------
@@ -166,6 +169,12 @@ class Medium:
         st.index = len(self.stations)
         self.stations.append(st)
         return f"{front_host}:{UDP_PORT}"
+
+    def lose_next(self, station: int, group: int, cmd: int) -> None:
+        """Lose the next SMP request of group:cmd to the station-th meter added
+        (a fault on top of the random loss, for tests)."""
+        with self._lock:
+            self._lose.append((station, group, cmd))
 
     @property
     def broadcast_address(self) -> str:
@@ -201,6 +210,18 @@ class Medium:
     def reset_counts(self) -> None:
         with getattr(self, "_lock", threading.Lock()):
             self.counts = {d: {"frames": 0, "bytes": 0, "airtime_s": 0.0, "lost": 0, "overflow": 0} for d in DIRS}
+            self.cmds: dict[str, list[float]] = {}
+
+    def by_command(self) -> dict[str, dict[str, float]]:
+        """Frames and airtime per direction and SMP group:command ("up 1:0"), since reset_counts()."""
+        with self._lock:
+            return {k: {"frames": v[0], "airtime_s": v[1]} for k, v in sorted(self.cmds.items())}
+
+    def _count_cmd(self, d: str, data: bytes) -> None:
+        key = f"{d} {int.from_bytes(data[4:6], 'big')}:{data[7]}" if len(data) >= 8 else f"{d} ?"
+        c = self.cmds.setdefault(key, [0, 0.0])
+        c[0] += 1
+        c[1] += self.spec.airtime(len(data))
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         with self._lock:
@@ -227,7 +248,14 @@ class Medium:
 
     def _deliver(self, end: float, sock: socket.socket, dest: tuple[str, int], data: bytes, d: str,
                  station: int = -1) -> None:
-        lost = bool(self.spec.loss and self.rng.random() < self.spec.loss)
+        lost = False
+        if d == "down" and self._lose and len(data) >= 8:
+            rule = (station, int.from_bytes(data[4:6], "big"), data[7])
+            if rule in self._lose:
+                self._lose.remove(rule)
+                lost = True
+        if not lost:
+            lost = bool(self.spec.loss and self.rng.random() < self.spec.loss)
         if not lost and self.drop is not None:
             lost = self.drop(d, station, data)
         if self.trace is not None:
@@ -246,6 +274,7 @@ class Medium:
         with self._lock:
             end = self._transmit(self._channel(st), len(data), now, "down")
             if end is not None:
+                self._count_cmd("down", data)
                 self._deliver(end, st.back, st.meter_addr, data, "down", st.index)
 
     def _on_back(self, st: _Station, data: bytes, src: tuple[str, int], now: float) -> None:
@@ -254,6 +283,7 @@ class Medium:
         with self._lock:
             end = self._transmit(self._channel(st), len(data), now, "up")
             if end is not None:
+                self._count_cmd("up", data)
                 self._deliver(end, st.front, st.conc, data, "up", st.index)
 
     def _on_broadcast(self, data: bytes, src: tuple[str, int], now: float) -> None:
@@ -261,6 +291,7 @@ class Medium:
             if self.spec.kind == "shared":
                 end = self._transmit(self.shared, len(data), now, "broadcast")
                 if end is not None:
+                    self._count_cmd("broadcast", data)
                     for st in self.stations:
                         self._deliver(end, st.back, st.meter_addr, data, "broadcast")
             else:
