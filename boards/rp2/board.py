@@ -192,8 +192,10 @@ class Board:
         import machine
 
         uid, tx, rx_pin, baud = link.uart_spec(spec)
-        # Flash erase/program stalls IRQs for tens of ms; the ring buffer must
-        # absorb what arrives meanwhile only if the host paces its frames.
+        # Flash erase/program stalls IRQs for tens of ms: only the PL011's 32-byte
+        # FIFO takes what arrives meanwhile. The host learns it (info uart_fifo) and
+        # keeps the line quiet while a request that fills a sector is handled.
+        self.uart_fifo = 32
         return machine.UART(uid, baudrate=baud, tx=machine.Pin(tx), rx=machine.Pin(rx_pin),
                             rxbuf=min(32766, max(256, rx)), txbuf=1024, timeout=0, timeout_char=0)
 

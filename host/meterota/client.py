@@ -53,6 +53,7 @@ class UploadStats:
 
 
 Progress = Callable[[int, int], None]
+SECTOR = 4096  # the device's erase unit (device/upload.py): a request that fills one makes it erase
 FIRST_SMALL = 512  # bytes of image in the fallback first chunk (upload on a lossy line)
 
 
@@ -76,6 +77,7 @@ class SMPClient:
         self._link_bps: float | None = None
         self._srtt: float | None = None
         self._rttvar = 0.0
+        self.quiet_flash: bool | None = None  # None: from the device and the port (quiet_on_flash)
 
     # -- waits -----------------------------------------------------------------
     def observe_rtt(self, seconds: float) -> None:
@@ -303,6 +305,16 @@ class SMPClient:
             return self.t.baudrate / 10 if isinstance(self.t, SerialTransport) else float("inf")
         return rates.link_rate_from_echoes(ts[small], ts[big], small, big)
 
+    def quiet_on_flash(self) -> bool:
+        """Whether the link loses bytes while the board writes flash: a UART without flow
+        control, by the device's word (info uart_fifo: its hardware FIFO, all that is kept
+        while interrupts are off) or by the port's name (a USB-serial bridge, a SoC UART)."""
+        if self.quiet_flash is not None:
+            return self.quiet_flash
+        if int((self.device_info or {}).get("uart_fifo") or 0) > 0:
+            return True
+        return isinstance(self.t, SerialTransport) and rates.uart_rate(self.t.port, self.t.baudrate) is not None
+
     def inflate_rate(self) -> float:
         """Raw bytes/s the device inflates at: its own measurement once it has
         inflated something since boot, else its board's measured figure."""
@@ -355,10 +367,15 @@ class SMPClient:
         sent_at: dict[int, float] = {}  # seq -> when sent, for requests sent once (Karn)
         pos = acked
         stalls = 0
+        # On a UART without flow control the board loses what arrives beyond its FIFO while it
+        # erases and programs a sector (interrupts off): after a request that fills a sector,
+        # send nothing until it is answered, so the line is quiet during the stall.
+        quiet = self.quiet_on_flash()
+        barrier: int | None = None  # seq of the sector-filling request in flight
         if progress:
             progress(acked, total)
         while acked < total:
-            while len(inflight) < window and pos < total:
+            while len(inflight) < window and pos < total and (barrier is None or barrier not in inflight):
                 if pos == 0:
                     return False  # off=0 must carry the first-packet fields again
                 group, cmd, body, end = plan.request(pos)
@@ -366,6 +383,8 @@ class SMPClient:
                 inflight[seq] = (end, group, cmd)
                 if not stalls:
                     sent_at[seq] = time.monotonic()
+                if quiet and (end // SECTOR > pos // SECTOR or end == total):
+                    barrier = seq
                 pos = end
                 stats.requests += 1
             # Every request in flight crosses the link before the last reply can come back.
