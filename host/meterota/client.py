@@ -240,19 +240,26 @@ class SMPClient:
         target: the (group, command) of the plain upload; another one than the
         image group's (a concentrator's image store) uploads uncompressed."""
         why = ""
+        probe: _Probe | None = None
         if target != (P.Group.IMAGE, 1):
             compress = False
         elif compress is None:
             # Worth it only where the link is slower than the board inflates (rates.choose).
-            if self.can_deflate:
+            if not self.can_deflate:
+                compress = False
+            elif self._uart_prior() is None and len(data) >= rates.PROBE_MIN:
+                # No UART to go by: the upload's own requests tell (a raw stretch, then a
+                # deflate stretch, timed), not echoes that miss the board's work per request.
+                probe = _Probe()
+                compress = False
+            else:
                 choice = self.choose_compression(data)
                 compress, why = choice.compress, choice.why
                 log.info("upload %s: %s", "compressed" if compress else "raw", why)
-            else:
-                compress = False
         elif compress and not self.can_deflate:
             raise RefusedError("upload: the device does not take compressed uploads")
         plan = _Plan(data, self.max_message, image, upgrade, chunk, compress, target)
+        plan.probe = probe
         stats = UploadStats(compressed=compress, compress_why=why)
         t0 = time.monotonic()
         for _ in range(4):
@@ -262,6 +269,8 @@ class SMPClient:
             stats.rewinds += 1
         else:
             raise ProtocolError("upload: the device keeps losing the upload session")
+        if probe is not None:
+            stats.compressed, stats.compress_why = probe.compress, probe.why
         stats.bytes = len(data) - stats.resumed_from
         stats.wire_bytes = plan.wire
         stats.seconds = time.monotonic() - t0
@@ -269,11 +278,15 @@ class SMPClient:
             raise RefusedError("upload: the device's SHA-256 of the image does not match (match=false)")
         return stats
 
+    def _uart_prior(self) -> float | None:
+        """A UART's baud / 10 when the port is one (by its name), else None."""
+        return rates.uart_rate(self.t.port, self.t.baudrate) if isinstance(self.t, SerialTransport) else None
+
     def link_rate(self) -> float:
         """Bytes/s the link carries: a UART's baud / 10 when the port is one, else
         measured with echo round trips of two sizes (cached for this client)."""
         if self._link_bps is None:
-            r = rates.uart_rate(self.t.port, self.t.baudrate) if isinstance(self.t, SerialTransport) else None
+            r = self._uart_prior()
             self._link_bps = r if r is not None else self._probe_link()
         return self._link_bps
 
@@ -372,15 +385,19 @@ class SMPClient:
         # send nothing until it is answered, so the line is quiet during the stall.
         quiet = self.quiet_on_flash()
         barrier: int | None = None  # seq of the sector-filling request in flight
+        modes: dict[int, tuple[int, bool]] = {}  # seq -> (offset, deflated), for the rate probe
         if progress:
             progress(acked, total)
         while acked < total:
             while len(inflight) < window and pos < total and (barrier is None or barrier not in inflight):
                 if pos == 0:
                     return False  # off=0 must carry the first-packet fields again
+                if plan.probe is not None:
+                    plan.probe.sending(plan, pos)
                 group, cmd, body, end = plan.request(pos)
                 seq = self.send(P.Op.WRITE, group, cmd, body)
                 inflight[seq] = (end, group, cmd)
+                modes[seq] = (pos, plan.compress)
                 if not stalls:
                     sent_at[seq] = time.monotonic()
                 if quiet and (end // SECTOR > pos // SECTOR or end == total):
@@ -390,6 +407,8 @@ class SMPClient:
             # Every request in flight crosses the link before the last reply can come back.
             got = self.receive(self.reply_wait(plan.msg * len(inflight), 32 * len(inflight), attempt=stalls))
             if got is None:
+                if plan.probe is not None:
+                    plan.probe.disturbed(plan)
                 stalls += 1
                 stats.timeouts += 1
                 if stalls > max_stalls:
@@ -414,9 +433,14 @@ class SMPClient:
             off = _off(rbody, total)
             if off == sent[0]:
                 acked = max(acked, off)
+                m = modes.pop(h.seq, None)
+                if plan.probe is not None and m is not None:
+                    plan.probe.acked(plan, m[0], off, m[1], acked)
             else:
                 # The device expects another offset (a frame was lost or it
                 # restarted): its `off` is the truth, rewind to it.
+                if plan.probe is not None:
+                    plan.probe.disturbed(plan)
                 stats.rewinds += 1
                 if off == 0 and acked > 0:
                     return False
@@ -429,6 +453,63 @@ class SMPClient:
                 stats.match = rbody.get("match")
         # Replies still in flight are stale now; they are dropped by seq later.
         return True
+
+
+class _Probe:
+    """Compression chosen from the upload's own requests (no UART rate to go by): after the
+    first chunk, a raw stretch of rates.PROBE_BYTES, then a deflate stretch as long, each timed
+    from the reply to its first request to the reply to its last, pipeline full; the rest goes
+    the faster way (deflate only when it beats raw by rates.PROBE_MARGIN). These requests carry
+    everything the board does per request (deframing, CBOR, hashing, flash, inflating), which
+    echoes do not."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None  # offset the raw stretch starts at
+        self.compress = False
+        self.why = ""
+        self.done = False
+        self.restarts = 0
+        self.acks: dict[bool, list[tuple[float, int]]] = {False: [], True: []}  # deflated -> (t, raw bytes)
+
+    def sending(self, plan: "_Plan", pos: int) -> None:
+        if self.done:
+            return
+        if self.start is None:
+            self.start = pos
+        if not plan.compress and pos >= self.start + rates.PROBE_BYTES:
+            plan.set_compress(True)  # the deflate stretch
+
+    def acked(self, plan: "_Plan", pos: int, end: int, deflated: bool, acked: int) -> None:
+        if self.done or self.start is None:
+            return
+        self.acks[deflated].append((time.monotonic(), end - pos))
+        if deflated and acked >= self.start + 2 * rates.PROBE_BYTES:
+            raw, dfl = rates.stretch_rate(self.acks[False]), rates.stretch_rate(self.acks[True])
+            if raw is None or dfl is None:
+                return
+            self._decide(plan, dfl > rates.PROBE_MARGIN * raw,
+                         f"timed requests: raw {raw / 1000:.1f} kB/s, deflate {dfl / 1000:.1f} kB/s of image")
+
+    def disturbed(self, plan: "_Plan") -> None:
+        """A timeout or a rewind: the stretches' times mean nothing; start them again from the
+        next request, twice at most, then deflate (fewer bytes on a line that loses frames lose
+        fewer frames, as the echo probe decides when an echo is lost)."""
+        if self.done:
+            return
+        self.restarts += 1
+        self.acks = {False: [], True: []}
+        self.start = None
+        if self.restarts > 2:
+            self._decide(plan, True, "timed requests: frames lost three times during the probe, "
+                                     "compressing a lossy link")
+        else:
+            plan.set_compress(False)
+
+    def _decide(self, plan: "_Plan", compress: bool, why: str) -> None:
+        self.done = True
+        self.compress, self.why = compress, why
+        plan.set_compress(compress)
+        log.info("upload %s: %s", "compressed" if compress else "raw", why)
 
 
 class _Plan:
@@ -454,6 +535,12 @@ class _Plan:
             raise ProtocolError(f"device message size {msg} is too small to upload")
         self.wire = 0
         self._cache: dict[int, tuple[int, int, dict[str, Any], int]] = {}
+        self.probe: _Probe | None = None
+
+    def set_compress(self, compress: bool) -> None:
+        if compress != self.compress:
+            self.compress = compress
+            self._cache = {}
 
     def request(self, pos: int) -> tuple[int, int, dict[str, Any], int]:
         r = self._cache.get(pos)

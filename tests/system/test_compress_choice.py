@@ -1,15 +1,19 @@
 """meterota chooses compression from the link's measured rate and the board's
 inflate rate (meterota.rates): a paced UART-speed link compresses, the unpaced
-pty (where deflate ran at 1.5 MB/s against 2.9 MB/s raw) goes raw."""
+pty (where deflate ran at 1.5 MB/s against 2.9 MB/s raw) goes raw; without a UART's baud rate
+to go by, the upload's own timed requests decide, not echoes."""
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Callable
 
 import pytest
 
+from meterota import rates
 from meterota.client import SMPClient
-from meterota.lab.sim import SimDevice
+from meterota.lab.sim import LinkShaper, SimDevice
 from meterota.transport import from_address
 
 from conftest import Images
@@ -35,5 +39,42 @@ def test_compression_follows_the_link(make_device: Callable[..., SimDevice], ima
         if want:
             # The board measured its own inflate rate: the next connection chooses with it.
             assert c.info()["inflate_bps"] > 1_000_000
+    finally:
+        t.close()
+
+
+
+class SlowUplink(LinkShaper):
+    """An asymmetric line: the device's bytes come back at 20 kB/s, the host's go out unpaced
+    (a radio modem's narrow return channel). An echo's reply crawls back; an upload's replies are
+    a few bytes each."""
+
+    def to_host(self, data: bytes) -> bytes:
+        time.sleep(len(data) / 20_000)
+        return data
+
+
+def test_compression_follows_timed_upload_requests_where_echoes_mislead(
+        make_device: Callable[..., SimDevice], images: Images) -> None:
+    """On a link whose return channel is slow the echoes (a kilobyte back each) make the link look
+    slow, and the echo-measured rule compresses; the upload's own requests cross the fast way and
+    raw wins (this host's device inflates slower than the link carries). The upload times a raw
+    stretch and a deflate stretch of its own requests and goes the faster way: raw. Before, the
+    choice came from the echoes alone and the upload was compressed."""
+    dev = make_device("serial", shaper=SlowUplink())
+    data = images.app("1.8.0").read_bytes()
+    assert len(data) >= rates.PROBE_MIN
+    t = from_address(port=dev.address)
+    t.open()
+    try:
+        c = SMPClient(t, timeout=3.0)
+        c.connect()
+        echo_rule = rates.choose(c.link_rate(), c.inflate_rate(), c._sample(data))
+        assert echo_rule.compress, echo_rule.why  # what the echoes say
+        st = c.upload(data)
+        assert st.match is True
+        assert st.compressed is False, st.compress_why
+        m = re.search(r"raw ([\d.]+) kB/s, deflate ([\d.]+) kB/s", st.compress_why)
+        assert m and float(m.group(2)) < float(m.group(1)), st.compress_why
     finally:
         t.close()
