@@ -270,7 +270,8 @@ class SMPClient:
         else:
             raise ProtocolError("upload: the device keeps losing the upload session")
         if probe is not None:
-            stats.compressed, stats.compress_why = probe.compress, probe.why
+            stats.compressed = probe.compress
+            stats.compress_why = probe.why or "timed requests: the upload ended before the probe did (a resumed one)"
         stats.bytes = len(data) - stats.resumed_from
         stats.wire_bytes = plan.wire
         stats.seconds = time.monotonic() - t0
