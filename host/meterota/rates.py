@@ -58,9 +58,10 @@ class Sample:
 # inflate and host figures predict. Compress only where it clearly wins.
 MARGIN = 2.0
 
-# Without a UART's baud rate to go by, the upload itself decides (client._Probe): a raw
+# For an image of PROBE_MIN or more the upload itself decides (client._Probe): a raw
 # stretch and a deflate stretch of PROBE_BYTES each are timed, the rest goes the faster
-# way, deflate only when PROBE_MARGIN x faster. Images under PROBE_MIN use the echo rule.
+# way, deflate only when PROBE_MARGIN x faster. Smaller images use choose() above with the
+# link's rate: a UART's baud / 10 as the prior, else echoes.
 PROBE_BYTES = 16384
 PROBE_MIN = 4 * PROBE_BYTES
 PROBE_MARGIN = 1.1

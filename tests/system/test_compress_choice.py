@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -78,3 +79,39 @@ def test_compression_follows_timed_upload_requests_where_echoes_mislead(
         assert m and float(m.group(2)) < float(m.group(1)), st.compress_why
     finally:
         t.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_uart_rate_is_only_the_prior_the_upload_times_its_requests(tmp_path: Path) -> None:
+    """The simulated ESP32 (twice its CPU speed) on a 115200-baud UART, opened through a name of a
+    USB-serial bridge (ttyUSB*), so the port says "UART at 11.5 kB/s" and the rate rule compresses.
+    But the board inflates slower than the line brings and, the line kept quiet during each sector
+    write, every deflate block (a whole sector) waits for its reply: raw is faster, and the timed
+    requests choose it. Before, the UART's baud rate alone decided: deflate."""
+    from meterota import boards
+    from meterota import image as img
+    from meterota.transport import SerialTransport
+
+    dev = SimDevice(tmp_path / "esp32", device_id="esp32-uart", board="esp32", link="uart", speed=2.0,
+                    extra={"grace_ms": 0})
+    dev.start(timeout=120)
+    try:
+        port = tmp_path / "ttyUSB7"
+        port.symlink_to(dev.address[len("serial:"):])
+        data = img.build_image(None, "1.1.0", slot_size=boards.slot_size("esp32"), board="esp32")
+        t = SerialTransport(str(port))
+        t.open()
+        try:
+            c = SMPClient(t)
+            c.connect()
+            assert rates.uart_rate(str(port), t.baudrate) == 11520
+            assert c.choose_compression(data).compress  # what the baud rate alone says
+            st = c.upload(data)
+            assert st.match is True
+            assert st.compressed is False, st.compress_why
+            assert "timed requests" in st.compress_why, st.compress_why
+        finally:
+            t.close()
+        assert dev.overruns == 0, dev.log_tail()
+    finally:
+        dev.stop()
