@@ -139,11 +139,16 @@ class SMPClient:
         name = what or f"group {group} command {cmd}"
         out = len(P.encode_request(op, group, cmd, 0, body))
         waits = []
+        # Every try is the same request: a reply to an earlier try answers it too. A board slower
+        # than the wait (a throttled Pico loading the record code) answered each try after the
+        # host had sent the next one, whose reply came too late in turn: no try ever counted.
+        seqs: set[int] = set()
         for attempt in range(tries):
             wait = self.reply_wait(out, floor=timeout, attempt=attempt)
             waits.append(wait)
             sent = time.monotonic()
             seq = self.send(op, group, cmd, body)
+            seqs.add(seq)
             deadline = sent + wait
             while True:
                 left = deadline - time.monotonic()
@@ -153,7 +158,7 @@ class SMPClient:
                 if got is None:
                     break
                 h, rbody = got
-                if h.seq != seq or h.group != group or h.cmd != cmd or h.op != op + 1:
+                if h.seq not in seqs or h.group != group or h.cmd != cmd or h.op != op + 1:
                     continue  # a late reply to an earlier request
                 if attempt == 0:
                     self.observe_rtt(time.monotonic() - sent - self.t.line_time(out)
