@@ -81,7 +81,7 @@ class SMPClient:
 
     # -- waits -----------------------------------------------------------------
     def observe_rtt(self, seconds: float) -> None:
-        """One measured round trip, the link's own time taken out (Karn: only for requests that
+        """One measured round trip, the link's own time taken out (the upload loop keeps Karn: only requests that
         were answered on their first send)."""
         r = max(0.0, seconds)
         if self._srtt is None:
@@ -142,13 +142,16 @@ class SMPClient:
         # Every try is the same request: a reply to an earlier try answers it too. A board slower
         # than the wait (a throttled Pico loading the record code) answered each try after the
         # host had sent the next one, whose reply came too late in turn: no try ever counted.
-        seqs: set[int] = set()
+        # The sequence number tells which try a reply answers, so each reply is a clean round-trip
+        # sample (no Karn ambiguity): a board that answers late teaches the waits that follow,
+        # instead of drawing a retry of every request and working through the duplicates.
+        seqs: dict[int, float] = {}  # seq of each try -> when it was sent
         for attempt in range(tries):
             wait = self.reply_wait(out, floor=timeout, attempt=attempt)
             waits.append(wait)
             sent = time.monotonic()
             seq = self.send(op, group, cmd, body)
-            seqs.add(seq)
+            seqs[seq] = sent
             deadline = sent + wait
             while True:
                 left = deadline - time.monotonic()
@@ -160,9 +163,8 @@ class SMPClient:
                 h, rbody = got
                 if h.seq not in seqs or h.group != group or h.cmd != cmd or h.op != op + 1:
                     continue  # a late reply to an earlier request
-                if attempt == 0:
-                    self.observe_rtt(time.monotonic() - sent - self.t.line_time(out)
-                                     - self.t.line_time(len(cbor2.dumps(rbody)) + 8))
+                self.observe_rtt(time.monotonic() - seqs[h.seq] - self.t.line_time(out)
+                                 - self.t.line_time(len(cbor2.dumps(rbody)) + 8))
                 err = P.error_of(group, rbody)
                 if err:
                     raise SMPError(err[0], err[1], err[2], name)

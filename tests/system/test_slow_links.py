@@ -98,7 +98,9 @@ class _SlowBoard:
 def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
     """Waits of about 1.2, 1.8, 2.7 and 4 s, each reply 6 s late: every try's own reply comes after
     the next try went out. The reply to the first try is the answer (the same request); before,
-    only the last try's reply counted and the request failed "no reply after 4 tries"."""
+    only the last try's reply counted and the request failed "no reply after 4 tries". The late
+    reply is also a round-trip sample (its sequence number says which try it answers), so the next
+    requests wait long enough instead of each drawing retries the board works through."""
     from meterota.client import SMPClient
     from meterota.transport import SerialTransport
 
@@ -113,6 +115,8 @@ def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
             c.connect()
             shaper.on = True
             assert c.echo("late") == "late"
+            # The reply's try is known by its sequence number: a clean sample, the waits learn it.
+            assert c.rto > 5.0, c.rto
         finally:
             t.close()
     finally:
