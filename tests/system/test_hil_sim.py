@@ -192,3 +192,38 @@ def test_a_throttled_esp32_on_a_uart_upgrades_with_default_options(tmp_path: Pat
         assert doc["upload"]["timeouts"] == 0, doc["upload"]
     finally:
         dev.stop()
+
+
+@pytest.mark.timeout(400)
+def test_a_picos_trial_boot_is_fed_while_it_reads_flash(tmp_path: Path) -> None:
+    """The simulated Pico (16 x its speed) with its trial watchdog at 400 ms, as tight against
+    that speed as 8 s against its own on a loaded lab machine: reading the bundle's modules and
+    hashing the slots through its littlefs-file sectors takes longer than that with no feed, and
+    the watchdog reverted a good image (the speed-1.0 runs on USB CDC and on the UART). The rp2
+    board feeds its armed watchdog from each flash sector it loads: progress, not a hang (a hang at
+    import still resets, test_a_hung_trial_image_...)."""
+    import json
+
+    from meterota import boards
+    from meterota import image as img
+    from meterota.lab.sim import SimDevice
+    from meterota.store import Store
+
+    from conftest import run_cli
+
+    dev = SimDevice(tmp_path / "pico", device_id="pico-feed", board="rp2", speed=16.0,
+                    extra={"grace_ms": 0, "wdt_ms": 400})
+    dev.start(timeout=120)
+    try:
+        app = tmp_path / "app.bin"
+        app.write_bytes(img.build_image(None, "1.1.0", slot_size=boards.slot_size("rp2"), board="rp2"))
+        db = tmp_path / "r.db"
+        with Store(db) as st:
+            st.set_key(dev.device_id, dev.key)
+        r = run_cli("meterota", "--db", str(db), "--json", "upgrade", "--port", dev.address[len("serial:"):],
+                    str(app), timeout=300)
+        assert dev.wdt_resets == 0, dev.log_tail(40)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["result"] == "OK"
+    finally:
+        dev.stop()
