@@ -55,6 +55,9 @@ def info(c, req):
         "signed_only": c.pubkey is not None,
         "upload": {"state": up.session.state, "off": up.session.off, "len": up.session.length},
         "inflate_bps": _inflate_bps(c.images),
+        # A UART without flow control: bytes beyond its hardware FIFO are lost while
+        # a flash erase/program stalls the board (0: USB CDC or a socket, flow-controlled).
+        "uart_fifo": getattr(c.board, "uart_fifo", 0),
     }
 
 

@@ -35,16 +35,24 @@ class StreamLink:
         self.handler = None
 
     def service(self, handler):
-        n = self.obj.readinto(self.rx)
-        if n is None:
-            return
-        if n == 0:
-            # End of stream: only the simulator's socket ends (the simulator
-            # stopped); a UART never does. Leave like a powered-off board.
-            print("meterota: link closed, stopping")
-            raise SystemExit(0)
+        # Drain what the stream holds, not one buffer per poll: a UART's ring
+        # (rxbuf, sized for buf_count messages) can hold more than rx, and the
+        # requests handled here can add to it (bytes the FIFO kept during a
+        # flash stall). Bytes left in the ring would wait for the next byte on
+        # the line to be seen (the lab's UART polls its wire), and a host that
+        # waits for a reply sends none: the device looked deaf, answering each
+        # request only when the next one came.
         self.handler = handler
-        self.deframer.feed(self.rmv[:n], self._frame)
+        while True:
+            n = self.obj.readinto(self.rx)
+            if n is None:
+                return
+            if n == 0:
+                # End of stream: only the simulator's socket ends (the simulator
+                # stopped); a UART never does. Leave like a powered-off board.
+                print("meterota: link closed, stopping")
+                raise SystemExit(0)
+            self.deframer.feed(self.rmv[:n], self._frame)
 
     def _frame(self, frame, kind):
         resp = self.handler(frame, self.name)

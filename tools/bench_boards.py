@@ -151,6 +151,11 @@ def measure(work: Path, quick: bool, log: Any = print, only: list[str] | None = 
             d = row["deflate"]
             if d.get("inflate_us"):
                 row["inflate_Bps"] = round(d["inflate_bytes"] * 1e6 / d["inflate_us"])
+            c = _client(dev)
+            try:
+                c.image_erase(1)  # the last upload left the image in the slot: the upgrade would skip its upload
+            finally:
+                c.t.close()
             row["upgrade"] = _upgrade(dev, path, base / "records.db")
         except Exception as e:  # noqa: report and go on
             row["error"] = f"{type(e).__name__}: {e}"

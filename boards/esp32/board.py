@@ -152,6 +152,7 @@ class Board:
         import machine
 
         uid, tx, rx_pin, baud = link.uart_spec(spec)
+        self.uart_fifo = 128  # the UART's RX FIFO: all that a flash write's cache-off time keeps
         return machine.UART(uid, baudrate=baud, tx=tx, rx=rx_pin,
                             rxbuf=max(256, rx), txbuf=1024, timeout=0, timeout_char=0)
 

@@ -45,6 +45,12 @@ LAYOUTS = {
 }
 
 
+# The armed trial watchdog's feed, called for every flash sector loaded (FileSectors._load):
+# reading the bundle's modules and hashing a slot through littlefs files takes seconds on a
+# Pico, with no receiver loop to feed it. Flash work progressing is not a hang.
+_feed = None
+
+
 def variant_for(fs_size):
     for name, lay in LAYOUTS.items():
         if lay["fs_size"] == fs_size:
@@ -74,6 +80,8 @@ class FileSectors:
     def _load(self, n):
         if self.cached == n:
             return
+        if _feed is not None:
+            _feed()
         self.cached = -1
         try:
             with open(self._name(n), "rb") as f:
@@ -192,8 +200,10 @@ class Board:
         import machine
 
         uid, tx, rx_pin, baud = link.uart_spec(spec)
-        # Flash erase/program stalls IRQs for tens of ms; the ring buffer must
-        # absorb what arrives meanwhile only if the host paces its frames.
+        # Flash erase/program stalls IRQs for tens of ms: only the PL011's 32-byte
+        # FIFO takes what arrives meanwhile. The host learns it (info uart_fifo) and
+        # keeps the line quiet while a request that fills a sector is handled.
+        self.uart_fifo = 32
         return machine.UART(uid, baudrate=baud, tx=machine.Pin(tx), rx=machine.Pin(rx_pin),
                             rxbuf=min(32766, max(256, rx)), txbuf=1024, timeout=0, timeout_char=0)
 
@@ -214,6 +224,8 @@ class Board:
 
             # RP2040's watchdog tops out at about 8.3 s (RP2350: 16.7 s).
             self._wdt = machine.WDT(timeout=min(8300, int(self.config.get("wdt_ms", 8000))))
+            global _feed
+            _feed = self._wdt.feed
 
     def ready(self, ctx):
         self._arm(ctx)

@@ -53,6 +53,7 @@ class UploadStats:
 
 
 Progress = Callable[[int, int], None]
+SECTOR = 4096  # the device's erase unit (device/upload.py): a request that fills one makes it erase
 FIRST_SMALL = 512  # bytes of image in the fallback first chunk (upload on a lossy line)
 
 
@@ -76,10 +77,11 @@ class SMPClient:
         self._link_bps: float | None = None
         self._srtt: float | None = None
         self._rttvar = 0.0
+        self.quiet_flash: bool | None = None  # None: from the device and the port (quiet_on_flash)
 
     # -- waits -----------------------------------------------------------------
     def observe_rtt(self, seconds: float) -> None:
-        """One measured round trip, the link's own time taken out (Karn: only for requests that
+        """One measured round trip, the link's own time taken out (the upload loop keeps Karn: only requests that
         were answered on their first send)."""
         r = max(0.0, seconds)
         if self._srtt is None:
@@ -137,11 +139,19 @@ class SMPClient:
         name = what or f"group {group} command {cmd}"
         out = len(P.encode_request(op, group, cmd, 0, body))
         waits = []
+        # Every try is the same request: a reply to an earlier try answers it too. A board slower
+        # than the wait (a throttled Pico loading the record code) answered each try after the
+        # host had sent the next one, whose reply came too late in turn: no try ever counted.
+        # The sequence number tells which try a reply answers, so each reply is a clean round-trip
+        # sample (no Karn ambiguity): a board that answers late teaches the waits that follow,
+        # instead of drawing a retry of every request and working through the duplicates.
+        seqs: dict[int, float] = {}  # seq of each try -> when it was sent
         for attempt in range(tries):
             wait = self.reply_wait(out, floor=timeout, attempt=attempt)
             waits.append(wait)
             sent = time.monotonic()
             seq = self.send(op, group, cmd, body)
+            seqs[seq] = sent
             deadline = sent + wait
             while True:
                 left = deadline - time.monotonic()
@@ -151,11 +161,10 @@ class SMPClient:
                 if got is None:
                     break
                 h, rbody = got
-                if h.seq != seq or h.group != group or h.cmd != cmd or h.op != op + 1:
+                if h.seq not in seqs or h.group != group or h.cmd != cmd or h.op != op + 1:
                     continue  # a late reply to an earlier request
-                if attempt == 0:
-                    self.observe_rtt(time.monotonic() - sent - self.t.line_time(out)
-                                     - self.t.line_time(len(cbor2.dumps(rbody)) + 8))
+                self.observe_rtt(time.monotonic() - seqs[h.seq] - self.t.line_time(out)
+                                 - self.t.line_time(len(cbor2.dumps(rbody)) + 8))
                 err = P.error_of(group, rbody)
                 if err:
                     raise SMPError(err[0], err[1], err[2], name)
@@ -238,19 +247,28 @@ class SMPClient:
         target: the (group, command) of the plain upload; another one than the
         image group's (a concentrator's image store) uploads uncompressed."""
         why = ""
+        probe: _Probe | None = None
         if target != (P.Group.IMAGE, 1):
             compress = False
         elif compress is None:
             # Worth it only where the link is slower than the board inflates (rates.choose).
-            if self.can_deflate:
+            if not self.can_deflate:
+                compress = False
+            elif len(data) >= rates.PROBE_MIN:
+                # The upload's own requests tell (a raw stretch, then a deflate stretch, timed),
+                # not echoes that miss the board's work per request, nor a UART's baud rate
+                # alone (a slow board inflates slower than 115200 baud brings: the simulated
+                # ESP32 on a UART, 6.4 kB/s raw against 3.5 deflated).
+                probe = _Probe()
+                compress = False
+            else:
                 choice = self.choose_compression(data)
                 compress, why = choice.compress, choice.why
                 log.info("upload %s: %s", "compressed" if compress else "raw", why)
-            else:
-                compress = False
         elif compress and not self.can_deflate:
             raise RefusedError("upload: the device does not take compressed uploads")
         plan = _Plan(data, self.max_message, image, upgrade, chunk, compress, target)
+        plan.probe = probe
         stats = UploadStats(compressed=compress, compress_why=why)
         t0 = time.monotonic()
         for _ in range(4):
@@ -260,6 +278,9 @@ class SMPClient:
             stats.rewinds += 1
         else:
             raise ProtocolError("upload: the device keeps losing the upload session")
+        if probe is not None:
+            stats.compressed = probe.compress
+            stats.compress_why = probe.why or "timed requests: the upload ended before the probe did (a resumed one)"
         stats.bytes = len(data) - stats.resumed_from
         stats.wire_bytes = plan.wire
         stats.seconds = time.monotonic() - t0
@@ -267,11 +288,15 @@ class SMPClient:
             raise RefusedError("upload: the device's SHA-256 of the image does not match (match=false)")
         return stats
 
+    def _uart_prior(self) -> float | None:
+        """A UART's baud / 10 when the port is one (by its name), else None."""
+        return rates.uart_rate(self.t.port, self.t.baudrate) if isinstance(self.t, SerialTransport) else None
+
     def link_rate(self) -> float:
         """Bytes/s the link carries: a UART's baud / 10 when the port is one, else
         measured with echo round trips of two sizes (cached for this client)."""
         if self._link_bps is None:
-            r = rates.uart_rate(self.t.port, self.t.baudrate) if isinstance(self.t, SerialTransport) else None
+            r = self._uart_prior()
             self._link_bps = r if r is not None else self._probe_link()
         return self._link_bps
 
@@ -302,6 +327,16 @@ class SMPClient:
             log.info("link probe: %s", e)
             return self.t.baudrate / 10 if isinstance(self.t, SerialTransport) else float("inf")
         return rates.link_rate_from_echoes(ts[small], ts[big], small, big)
+
+    def quiet_on_flash(self) -> bool:
+        """Whether the link loses bytes while the board writes flash: a UART without flow
+        control, by the device's word (info uart_fifo: its hardware FIFO, all that is kept
+        while interrupts are off) or by the port's name (a USB-serial bridge, a SoC UART)."""
+        if self.quiet_flash is not None:
+            return self.quiet_flash
+        if int((self.device_info or {}).get("uart_fifo") or 0) > 0:
+            return True
+        return isinstance(self.t, SerialTransport) and rates.uart_rate(self.t.port, self.t.baudrate) is not None
 
     def inflate_rate(self) -> float:
         """Raw bytes/s the device inflates at: its own measurement once it has
@@ -355,22 +390,35 @@ class SMPClient:
         sent_at: dict[int, float] = {}  # seq -> when sent, for requests sent once (Karn)
         pos = acked
         stalls = 0
+        # On a UART without flow control the board loses what arrives beyond its FIFO while it
+        # erases and programs a sector (interrupts off): after a request that fills a sector,
+        # send nothing until it is answered, so the line is quiet during the stall.
+        quiet = self.quiet_on_flash()
+        barrier: int | None = None  # seq of the sector-filling request in flight
+        modes: dict[int, tuple[int, bool]] = {}  # seq -> (offset, deflated), for the rate probe
         if progress:
             progress(acked, total)
         while acked < total:
-            while len(inflight) < window and pos < total:
+            while len(inflight) < window and pos < total and (barrier is None or barrier not in inflight):
                 if pos == 0:
                     return False  # off=0 must carry the first-packet fields again
+                if plan.probe is not None:
+                    plan.probe.sending(plan, pos)
                 group, cmd, body, end = plan.request(pos)
                 seq = self.send(P.Op.WRITE, group, cmd, body)
                 inflight[seq] = (end, group, cmd)
+                modes[seq] = (pos, plan.compress)
                 if not stalls:
                     sent_at[seq] = time.monotonic()
+                if quiet and (end // SECTOR > pos // SECTOR or end == total):
+                    barrier = seq
                 pos = end
                 stats.requests += 1
             # Every request in flight crosses the link before the last reply can come back.
             got = self.receive(self.reply_wait(plan.msg * len(inflight), 32 * len(inflight), attempt=stalls))
             if got is None:
+                if plan.probe is not None:
+                    plan.probe.disturbed(plan)
                 stalls += 1
                 stats.timeouts += 1
                 if stalls > max_stalls:
@@ -395,9 +443,14 @@ class SMPClient:
             off = _off(rbody, total)
             if off == sent[0]:
                 acked = max(acked, off)
+                m = modes.pop(h.seq, None)
+                if plan.probe is not None and m is not None:
+                    plan.probe.acked(plan, m[0], off, m[1], acked)
             else:
                 # The device expects another offset (a frame was lost or it
                 # restarted): its `off` is the truth, rewind to it.
+                if plan.probe is not None:
+                    plan.probe.disturbed(plan)
                 stats.rewinds += 1
                 if off == 0 and acked > 0:
                     return False
@@ -410,6 +463,63 @@ class SMPClient:
                 stats.match = rbody.get("match")
         # Replies still in flight are stale now; they are dropped by seq later.
         return True
+
+
+class _Probe:
+    """Compression chosen from the upload's own requests (images of rates.PROBE_MIN or more): after the
+    first chunk, a raw stretch of rates.PROBE_BYTES, then a deflate stretch as long, each timed
+    from the reply to its first request to the reply to its last, pipeline full; the rest goes
+    the faster way (deflate only when it beats raw by rates.PROBE_MARGIN). These requests carry
+    everything the board does per request (deframing, CBOR, hashing, flash, inflating), which
+    echoes do not."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None  # offset the raw stretch starts at
+        self.compress = False
+        self.why = ""
+        self.done = False
+        self.restarts = 0
+        self.acks: dict[bool, list[tuple[float, int]]] = {False: [], True: []}  # deflated -> (t, raw bytes)
+
+    def sending(self, plan: "_Plan", pos: int) -> None:
+        if self.done:
+            return
+        if self.start is None:
+            self.start = pos
+        if not plan.compress and pos >= self.start + rates.PROBE_BYTES:
+            plan.set_compress(True)  # the deflate stretch
+
+    def acked(self, plan: "_Plan", pos: int, end: int, deflated: bool, acked: int) -> None:
+        if self.done or self.start is None:
+            return
+        self.acks[deflated].append((time.monotonic(), end - pos))
+        if deflated and acked >= self.start + 2 * rates.PROBE_BYTES:
+            raw, dfl = rates.stretch_rate(self.acks[False]), rates.stretch_rate(self.acks[True])
+            if raw is None or dfl is None:
+                return
+            self._decide(plan, dfl > rates.PROBE_MARGIN * raw,
+                         f"timed requests: raw {raw / 1000:.1f} kB/s, deflate {dfl / 1000:.1f} kB/s of image")
+
+    def disturbed(self, plan: "_Plan") -> None:
+        """A timeout or a rewind: the stretches' times mean nothing; start them again from the
+        next request, twice at most, then deflate (fewer bytes on a line that loses frames lose
+        fewer frames, as the echo probe decides when an echo is lost)."""
+        if self.done:
+            return
+        self.restarts += 1
+        self.acks = {False: [], True: []}
+        self.start = None
+        if self.restarts > 2:
+            self._decide(plan, True, "timed requests: frames lost three times during the probe, "
+                                     "compressing a lossy link")
+        else:
+            plan.set_compress(False)
+
+    def _decide(self, plan: "_Plan", compress: bool, why: str) -> None:
+        self.done = True
+        self.compress, self.why = compress, why
+        plan.set_compress(compress)
+        log.info("upload %s: %s", "compressed" if compress else "raw", why)
 
 
 class _Plan:
@@ -435,6 +545,12 @@ class _Plan:
             raise ProtocolError(f"device message size {msg} is too small to upload")
         self.wire = 0
         self._cache: dict[int, tuple[int, int, dict[str, Any], int]] = {}
+        self.probe: _Probe | None = None
+
+    def set_compress(self, compress: bool) -> None:
+        if compress != self.compress:
+            self.compress = compress
+            self._cache = {}
 
     def request(self, pos: int) -> tuple[int, int, dict[str, Any], int]:
         r = self._cache.get(pos)

@@ -58,6 +58,24 @@ class Sample:
 # inflate and host figures predict. Compress only where it clearly wins.
 MARGIN = 2.0
 
+# For an image of PROBE_MIN or more the upload itself decides (client._Probe): a raw
+# stretch and a deflate stretch of PROBE_BYTES each are timed, the rest goes the faster
+# way, deflate only when PROBE_MARGIN x faster. Smaller images use choose() above with the
+# link's rate: a UART's baud / 10 as the prior, else echoes.
+PROBE_BYTES = 16384
+PROBE_MIN = 4 * PROBE_BYTES
+PROBE_MARGIN = 1.1
+
+
+def stretch_rate(acks: list[tuple[float, int]]) -> float | None:
+    """Raw bytes/s of a pipelined stretch from its replies (time, raw bytes acknowledged):
+    the bytes after the first reply over the time from the first reply to the last."""
+    if len(acks) < 2:
+        return None
+    dt = acks[-1][0] - acks[0][0]
+    n = sum(b for _t, b in acks[1:])
+    return n / dt if dt > 0 else float("inf")
+
 
 @dataclass
 class Choice:

@@ -264,3 +264,107 @@ machine.WDT(timeout=30000)            # no 8.3 s ceiling on ESP32
 print("ok")
 """)
     assert out.strip().endswith("ok")
+
+
+def test_uart_link_takes_every_frame_its_ring_holds(tmp_path: Path) -> None:
+    """The board's StreamLink over the UART stand-in: three requests that arrived together (more
+    than the link's 512-byte read buffer, less than the ring) are all handled in one service, and
+    nothing is left in the ring. The receiver polls the UART, which on the lab board watches only
+    the line: before, one service took one buffer, the rest waited in the ring for the next byte on
+    the line, and a host waiting for its reply sends none (the throttled UART upload stalled)."""
+    import binascii
+    import socket
+
+    sys.path.insert(0, str(REPO / "host"))
+    from meterota.lab import mcu
+
+    hw = mcu.hw_params("esp32", tmp_path, {"id": "t"})
+    (tmp_path / "flash.bin").write_bytes(b"\xff" * 4096)
+    (tmp_path / "hw.json").write_text(json.dumps(hw))
+
+    def frame(seq: int, n: int) -> bytes:
+        smp = bytes((2, 0, n >> 8, n & 0xFF, 0, 0, seq, 0)) + bytes(n)
+        ln = len(smp)
+        crc = binascii.crc_hqx(smp, 0)
+        return bytes((6, 0x0B, ln >> 8, ln & 0xFF, ~((ln >> 8) + (ln & 0xFF)) & 0xFF)) + smp + crc.to_bytes(2, "big")
+
+    wire = b"".join(frame(s, 400) for s in range(3))
+    assert 512 < len(wire) < 4096
+    script = tmp_path / "t.py"
+    script.write_text("""
+import sys, select, time, machine, link
+u = machine.UART(1, 115200, rxbuf=8192)
+l = link.StreamLink(u, 2048)
+print("open")
+got = []
+def h(frame, name):
+    got.append(frame[6])
+p = select.poll()
+p.register(u, select.POLLIN)
+t = time.ticks_ms()
+while not p.poll(100) and time.ticks_diff(time.ticks_ms(), t) < 10000:
+    pass
+while u.any() < %d and time.ticks_diff(time.ticks_ms(), t) < 10000:
+    time.sleep_ms(5)                  # the ISR takes the line into the ring
+l.service(h)
+print("frames", got, "left", u.any())
+""" % len(wire))
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    env = dict(os.environ, **mcu.lab_env("esp32", tmp_path))
+    env["MICROPYPATH"] += f":{REPO / 'device'}"
+    try:
+        p = subprocess.Popen([str(MICROPYTHON), str(script)], stdin=theirs.fileno(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        theirs.close()
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "open"  # the UART takes what comes after it is set up
+        ours.sendall(wire)
+        out, err = p.communicate(timeout=60)
+    finally:
+        ours.close()
+    assert p.returncode == 0, out + err
+    assert out.strip() == "frames [0, 1, 2] left 0", out + err
+
+
+def test_uart_drops_what_the_line_brought_before_it_was_set_up(tmp_path: Path) -> None:
+    """A board's UART receives nothing from before it was constructed (during boot nobody
+    listens): a host polling through the board's reset must not leave a backlog of stale requests
+    that the board answers first (the throttled Pico on its UART did not come back within the
+    reset wait while it worked through them, and overran its ring)."""
+    import socket
+
+    sys.path.insert(0, str(REPO / "host"))
+    from meterota.lab import mcu
+
+    hw = mcu.hw_params("rp2", tmp_path, {"id": "t", "variant": "pico"})
+    (tmp_path / "flash.bin").write_bytes(b"\xff" * 4096)
+    (tmp_path / "hw.json").write_text(json.dumps(hw))
+    script = tmp_path / "t.py"
+    script.write_text("""
+import sys, select, time, machine
+u = machine.UART(1, 115200, rxbuf=4096)
+print("open")
+p = select.poll()
+p.register(u, select.POLLIN)
+t = time.ticks_ms()
+while u.any() < 5 and time.ticks_diff(time.ticks_ms(), t) < 10000:
+    p.poll(100)
+print("got", u.read())
+""")
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    env = dict(os.environ, **mcu.lab_env("rp2", tmp_path))
+    try:
+        ours.sendall(b"stale" * 100)  # before the board's UART exists
+        p = subprocess.Popen([str(MICROPYTHON), str(script)], stdin=theirs.fileno(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        theirs.close()
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "open"
+        ours.sendall(b"fresh")
+        out, err = p.communicate(timeout=60)
+    finally:
+        ours.close()
+    assert p.returncode == 0, out + err
+    assert out.strip() == "got b'fresh'", out + err

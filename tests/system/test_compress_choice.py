@@ -1,15 +1,20 @@
 """meterota chooses compression from the link's measured rate and the board's
 inflate rate (meterota.rates): a paced UART-speed link compresses, the unpaced
-pty (where deflate ran at 1.5 MB/s against 2.9 MB/s raw) goes raw."""
+pty (where deflate ran at 1.5 MB/s against 2.9 MB/s raw) goes raw; without a UART's baud rate
+to go by, the upload's own timed requests decide, not echoes."""
 
 from __future__ import annotations
 
+import re
+import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from meterota import rates
 from meterota.client import SMPClient
-from meterota.lab.sim import SimDevice
+from meterota.lab.sim import LinkShaper, SimDevice
 from meterota.transport import from_address
 
 from conftest import Images
@@ -37,3 +42,76 @@ def test_compression_follows_the_link(make_device: Callable[..., SimDevice], ima
             assert c.info()["inflate_bps"] > 1_000_000
     finally:
         t.close()
+
+
+
+class SlowUplink(LinkShaper):
+    """An asymmetric line: the device's bytes come back at 20 kB/s, the host's go out unpaced
+    (a radio modem's narrow return channel). An echo's reply crawls back; an upload's replies are
+    a few bytes each."""
+
+    def to_host(self, data: bytes) -> bytes:
+        time.sleep(len(data) / 20_000)
+        return data
+
+
+def test_compression_follows_timed_upload_requests_where_echoes_mislead(
+        make_device: Callable[..., SimDevice], images: Images) -> None:
+    """On a link whose return channel is slow the echoes (a kilobyte back each) make the link look
+    slow, and the echo-measured rule compresses; the upload's own requests cross the fast way and
+    raw wins (this host's device inflates slower than the link carries). The upload times a raw
+    stretch and a deflate stretch of its own requests and goes the faster way: raw. Before, the
+    choice came from the echoes alone and the upload was compressed."""
+    dev = make_device("serial", shaper=SlowUplink())
+    data = images.app("1.8.0").read_bytes()
+    assert len(data) >= rates.PROBE_MIN
+    t = from_address(port=dev.address)
+    t.open()
+    try:
+        c = SMPClient(t, timeout=3.0)
+        c.connect()
+        echo_rule = rates.choose(c.link_rate(), c.inflate_rate(), c._sample(data))
+        assert echo_rule.compress, echo_rule.why  # what the echoes say
+        st = c.upload(data)
+        assert st.match is True
+        assert st.compressed is False, st.compress_why
+        m = re.search(r"raw ([\d.]+) kB/s, deflate ([\d.]+) kB/s", st.compress_why)
+        assert m and float(m.group(2)) < float(m.group(1)), st.compress_why
+    finally:
+        t.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_uart_rate_is_only_the_prior_the_upload_times_its_requests(tmp_path: Path) -> None:
+    """The simulated ESP32 (twice its CPU speed) on a 115200-baud UART, opened through a name of a
+    USB-serial bridge (ttyUSB*), so the port says "UART at 11.5 kB/s" and the rate rule compresses.
+    But the board inflates slower than the line brings and, the line kept quiet during each sector
+    write, every deflate block (a whole sector) waits for its reply: raw is faster, and the timed
+    requests choose it. Before, the UART's baud rate alone decided: deflate."""
+    from meterota import boards
+    from meterota import image as img
+    from meterota.transport import SerialTransport
+
+    dev = SimDevice(tmp_path / "esp32", device_id="esp32-uart", board="esp32", link="uart", speed=2.0,
+                    extra={"grace_ms": 0})
+    dev.start(timeout=120)
+    try:
+        port = tmp_path / "ttyUSB7"
+        port.symlink_to(dev.address[len("serial:"):])
+        data = img.build_image(None, "1.1.0", slot_size=boards.slot_size("esp32"), board="esp32")
+        t = SerialTransport(str(port))
+        t.open()
+        try:
+            c = SMPClient(t)
+            c.connect()
+            assert rates.uart_rate(str(port), t.baudrate) == 11520
+            assert c.choose_compression(data).compress  # what the baud rate alone says
+            st = c.upload(data)
+            assert st.match is True
+            assert st.compressed is False, st.compress_why
+            assert "timed requests" in st.compress_why, st.compress_why
+        finally:
+            t.close()
+        assert dev.overruns == 0, dev.log_tail()
+    finally:
+        dev.stop()

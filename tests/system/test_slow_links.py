@@ -75,3 +75,49 @@ def test_upgrade_over_a_9600_baud_line_with_default_timeouts(tmp_path: Path, ima
     if staged < 1:
         up = doc["upload"]
         assert up["resumed_from"] > 0 and up["match"] is True, up
+
+
+class _SlowBoard:
+    """Every chunk the device sends reaches the host 6 s late (a board slower than the host's
+    waits: the throttled Pico computing a confirmation record), once switched on."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def to_device(self, data: bytes) -> bytes:
+        return data
+
+    def to_host(self, data: bytes) -> bytes:
+        if self.on:
+            import time
+
+            time.sleep(6.0)  # the fault: the reply's lateness
+        return data
+
+
+def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
+    """Waits of about 1.2, 1.8, 2.7 and 4 s, each reply 6 s late: every try's own reply comes after
+    the next try went out. The reply to the first try is the answer (the same request); before,
+    only the last try's reply counted and the request failed "no reply after 4 tries". The late
+    reply is also a round-trip sample (its sequence number says which try it answers), so the next
+    requests wait long enough instead of each drawing retries the board works through."""
+    from meterota.client import SMPClient
+    from meterota.transport import SerialTransport
+
+    shaper = _SlowBoard()
+    dev = SimDevice(tmp_path / "meter", device_id="meter-slow", shaper=shaper)  # type: ignore[arg-type]
+    dev.start()
+    try:
+        t = SerialTransport(dev.address[len("serial:"):])
+        t.open()
+        try:
+            c = SMPClient(t, timeout=1.0, retries=3)
+            c.connect()
+            shaper.on = True
+            assert c.echo("late") == "late"
+            # The reply's try is known by its sequence number: a clean sample, the waits learn it.
+            assert c.rto > 5.0, c.rto
+        finally:
+            t.close()
+    finally:
+        dev.stop()

@@ -8,7 +8,8 @@
 #     lab link (fd 0), paced by the supervisor at the line's baud rate. Bytes
 #     arriving while interrupts are off (a flash erase/program, _hw.stall) only
 #     have the 32-byte hardware FIFO: the rest is lost (overrun), as is
-#     whatever arrives when the rxbuf ring is full.
+#     whatever arrives when the rxbuf ring is full. What the line brought before
+#     the UART was constructed is dropped (nobody was receiving).
 #   Pin(id, ...): a number with the arguments accepted (no GPIO here).
 import io
 import os
@@ -135,6 +136,17 @@ class UART(io.IOBase):
         self.overruns = 0  # bytes lost
         self.baudrate = baudrate
         self._timeout = timeout or 0
+        # Bytes the line brought before the UART was set up met no receiver: they are gone
+        # (a host polling a board through its reset is not answered from a backlog).
+        self.dropped_at_init = 0
+        while True:
+            try:
+                k = self._wire.readinto(self._chunk)
+            except OSError:
+                k = None
+            if not k:
+                break
+            self.dropped_at_init += k
         _hw.irq_hook(self)
 
     def init(self, *args, **kwargs):
