@@ -222,8 +222,25 @@ class Deframer:
         n = self.plen - 2
         if crc16(self.pmv[:self.plen]) != 0:
             self.dropped += 1
+            self._resync()
             return
         on_frame(self.pmv[:n], BINARY)
+
+    def _resync(self):
+        # A frame that lost bytes on the line (a UART overrun) took the next
+        # frame's first bytes as its body: scan them again from the next
+        # start marker in that body, ahead of what rx still holds. Rare, so a
+        # copy of rx's bytes is allowed here.
+        p = self.pkt.find(b"\x06", 1, self.plen)
+        if p < 0:
+            return
+        k = self.plen - p
+        if k + self.rlen > len(self.rx):
+            return  # more than rx holds: lost like the frame itself
+        held = bytes(self.rmv[:self.rlen])
+        self.rmv[:k] = self.pmv[p:self.plen]
+        self.rmv[k:k + len(held)] = held
+        self.rlen = k + len(held)
 
 
 def encode(frame, kind, out):

@@ -172,3 +172,38 @@ def test_dispatch_errors_never_crash(tmp_path: Path) -> None:
     for o, f in zip(out, frames):
         if o is not None:
             assert o[6] == f[6] and o[7] == f[7] and o[0] & 7 == (f[0] & 7) + 1
+
+
+# A binary frame that lost bytes on the line (a UART overrun mid-body) must not
+# take the frame after it down too: the deframer scans again from the next
+# start marker inside the body it wrongly took.
+RESYNC_SCRIPT = r"""
+import json
+import framing
+
+def req(seq, n):
+    body = bytes([0x40 + (seq + i) % 64 for i in range(n)])
+    return bytes([2, 0, n >> 8, n & 255, 0, 1, seq, 1]) + body
+
+a, b, c = req(1, 300), req(2, 40), req(3, 200)
+wa = bytes(framing.encode(a, framing.BINARY, bytearray()))
+wb = bytes(framing.encode(b, framing.BINARY, bytearray()))
+wc = bytes(framing.encode(c, framing.BINARY, bytearray()))
+out = []
+for piece in (1, 7, 64, 1024):
+    for cut in (20, 200):
+        wire = wa[:100] + wa[100 + cut:] + wb + wc  # `cut` bytes of a's body lost
+        d = framing.Deframer(2048)
+        got = []
+        for i in range(0, len(wire), piece):
+            d.feed(memoryview(wire[i:i + piece]), lambda f, k: got.append(bytes(f)))
+        out.append({"piece": piece, "cut": cut, "b": b in got, "c": c in got, "a": a in got})
+print(json.dumps(out))
+"""
+
+
+def test_a_binary_frame_cut_mid_body_does_not_take_the_next_frame(tmp_path: Path) -> None:
+    rows = json.loads(run_mp(tmp_path, RESYNC_SCRIPT).stdout.splitlines()[-1])
+    for r in rows:
+        assert not r["a"], r  # the cut frame itself is lost (its CRC)
+        assert r["b"] and r["c"], r  # the frames after it are not
