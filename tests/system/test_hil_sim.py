@@ -154,6 +154,23 @@ def test_meterota_sim_board_cli_serves_a_board_that_answers(tmp_path: Path) -> N
     assert p.returncode == 0, p.stderr.read() if p.stderr else ""
 
 
+def _cli_upgrade(dev, tmp_path: Path, board: str, timeout: float):  # type: ignore[no-untyped-def]
+    """`meterota --json upgrade` of a 1.1.0 image for `board` over the simulated board's serial port."""
+    from meterota import boards
+    from meterota import image as img
+    from meterota.store import Store
+
+    from conftest import run_cli
+
+    app = tmp_path / "app.bin"
+    app.write_bytes(img.build_image(None, "1.1.0", slot_size=boards.slot_size(board), board=board))
+    db = tmp_path / "r.db"
+    with Store(db) as st:
+        st.set_key(dev.device_id, dev.key)
+    return run_cli("meterota", "--db", str(db), "--json", "upgrade", "--port", dev.address[len("serial:"):],
+                   str(app), timeout=timeout)
+
+
 @pytest.mark.timeout(300)
 def test_a_throttled_esp32_on_a_uart_upgrades_with_default_options(tmp_path: Path) -> None:
     """The simulated ESP32 at a share of its CPU speed on a 115200-baud UART (--link uart), as a
@@ -165,24 +182,13 @@ def test_a_throttled_esp32_on_a_uart_upgrades_with_default_options(tmp_path: Pat
     bytes were lost, a timeout and a rewind per sector."""
     import json
 
-    from meterota import boards
-    from meterota import image as img
     from meterota.lab.sim import SimDevice
-    from meterota.store import Store
-
-    from conftest import run_cli
 
     dev = SimDevice(tmp_path / "esp32", device_id="esp32-uart", board="esp32", link="uart", speed=4.0,
                     extra={"grace_ms": 0})
     dev.start(timeout=120)
     try:
-        app = tmp_path / "app.bin"
-        app.write_bytes(img.build_image(None, "1.1.0", slot_size=boards.slot_size("esp32"), board="esp32"))
-        db = tmp_path / "r.db"
-        with Store(db) as st:
-            st.set_key(dev.device_id, dev.key)
-        r = run_cli("meterota", "--db", str(db), "--json", "upgrade", "--port", dev.address[len("serial:"):],
-                    str(app), timeout=240)
+        r = _cli_upgrade(dev, tmp_path, "esp32", timeout=240)
         assert r.returncode == 0, r.stderr + dev.log_tail()
         doc = json.loads(r.stdout)
         assert doc["result"] == "OK", doc
@@ -204,24 +210,13 @@ def test_a_picos_trial_boot_is_fed_while_it_reads_flash(tmp_path: Path) -> None:
     import still resets, test_a_hung_trial_image_...)."""
     import json
 
-    from meterota import boards
-    from meterota import image as img
     from meterota.lab.sim import SimDevice
-    from meterota.store import Store
-
-    from conftest import run_cli
 
     dev = SimDevice(tmp_path / "pico", device_id="pico-feed", board="rp2", speed=16.0,
                     extra={"grace_ms": 0, "wdt_ms": 400})
     dev.start(timeout=120)
     try:
-        app = tmp_path / "app.bin"
-        app.write_bytes(img.build_image(None, "1.1.0", slot_size=boards.slot_size("rp2"), board="rp2"))
-        db = tmp_path / "r.db"
-        with Store(db) as st:
-            st.set_key(dev.device_id, dev.key)
-        r = run_cli("meterota", "--db", str(db), "--json", "upgrade", "--port", dev.address[len("serial:"):],
-                    str(app), timeout=300)
+        r = _cli_upgrade(dev, tmp_path, "rp2", timeout=300)
         assert dev.wdt_resets == 0, dev.log_tail(40)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["result"] == "OK"

@@ -17,6 +17,7 @@ from conftest import Images, sim_client
 from meterota.concentrator import Concentrator, JobSpec
 from meterota.image import parse
 from meterota.lab.fleet import Fleet, FleetOptions
+from meterota.lab.medium import Frame
 
 OP_WRITE, OP_WRITE_RSP = 2, 3
 
@@ -53,30 +54,32 @@ def _once_per_station(pred):  # type: ignore[no-untyped-def]
     return drop
 
 
-def _run(fleet: Fleet, data: bytes) -> dict[str, dict]:  # type: ignore[type-arg]
-    c = sim_client(fleet.concentrators[0])
-    conc = Concentrator(c)
-    conc.store(data)
-    job = conc.create_job(parse(data).hash, JobSpec(retries=2, duration=300, mode="unicast"))
-    st = conc.wait(job, 240)
-    results = {e["meter"]: e for e in conc.results(job)}
-    c.t.close()
+def _run_losing(fleet: Fleet, data: bytes, pred) -> tuple[dict[str, dict], list[Frame]]:  # type: ignore[no-untyped-def,type-arg]
+    """One unicast job for both meters with, on each meter's link, the first
+    frame `pred` names lost; its results by meter, and the medium's trace."""
+    med = fleet.media[0]
+    med.drop = _once_per_station(pred)
+    med.trace = []
+    try:
+        c = sim_client(fleet.concentrators[0])
+        conc = Concentrator(c)
+        conc.store(data)
+        job = conc.create_job(parse(data).hash, JobSpec(retries=2, duration=300, mode="unicast"))
+        st = conc.wait(job, 240)
+        results = {e["meter"]: e for e in conc.results(job)}
+        c.t.close()
+    finally:
+        med.drop = None
+        trace, med.trace = med.trace, None
     assert st["state"] == "done" and st["ok"] == 2, (results, fleet.concentrators[0].log_tail(30))
-    return results
+    return results, trace
 
 
 def test_a_lost_request_is_sent_again_after_a_round_trip_not_a_timeout(fleet: Fleet, images: Images) -> None:
     data = images.app("1.1.0").read_bytes()
-    med = fleet.media[0]
     # Lose each meter's first "test this image" request (image state write):
     # nothing after it in flight, so only the concentrator's own timer brings it back.
-    med.drop = _once_per_station(lambda d, f: d == "down" and _hdr(f)[:3] == (OP_WRITE, 1, 0))
-    med.trace = []
-    try:
-        results = _run(fleet, data)
-    finally:
-        med.drop = None
-        trace, med.trace = med.trace, None
+    results, trace = _run_losing(fleet, data, lambda d, f: d == "down" and _hdr(f)[:3] == (OP_WRITE, 1, 0))
     assert all(e["result"] == "OK" and e["attempts"] == 1 for e in results.values()), results
     for station in (0, 1):
         down = [f for f in trace if f.station == station and f.d == "down"]
@@ -103,18 +106,11 @@ def _last_reply(size: int):  # type: ignore[no-untyped-def]
 
 def test_a_lost_reply_to_the_last_chunk_is_not_a_failed_attempt(fleet: Fleet, images: Images) -> None:
     data = images.app("1.2.0").read_bytes()
-    med = fleet.media[0]
     # The meter has the whole image, but its reply saying so is lost: the
     # concentrator's resend finds no session (a meter answers off 0), and must
     # ask the meter (the upload's first request resumes or reports it done)
     # rather than call the attempt failed.
-    med.drop = _once_per_station(_last_reply(len(data)))
-    med.trace = []
-    try:
-        results = _run(fleet, data)
-    finally:
-        med.drop = None
-        trace, med.trace = med.trace, None
+    results, trace = _run_losing(fleet, data, _last_reply(len(data)))
     assert sum(1 for f in trace if f.lost) == 2
     assert all(e["result"] == "OK" and e["attempts"] == 1 for e in results.values()), results
 
@@ -122,16 +118,9 @@ def test_a_lost_reply_to_the_last_chunk_is_not_a_failed_attempt(fleet: Fleet, im
 
 def test_a_lost_reset_request_is_sent_again_not_waited_out(fleet: Fleet, images: Images) -> None:
     data = images.app("1.3.0").read_bytes()
-    med = fleet.media[0]
     # Lose each meter's first reset request: the meter keeps answering from the
     # boot before, which says the reset never arrived (before, the concentrator
     # waited out the meter's whole reset time and failed the attempt).
-    med.drop = _once_per_station(lambda d, f: d == "down" and _hdr(f)[:3] == (OP_WRITE, 0, 5))
-    med.trace = []
-    try:
-        results = _run(fleet, data)
-    finally:
-        med.drop = None
-        trace, med.trace = med.trace, None
+    results, trace = _run_losing(fleet, data, lambda d, f: d == "down" and _hdr(f)[:3] == (OP_WRITE, 0, 5))
     assert sum(1 for f in trace if f.lost) == 2
     assert all(e["result"] == "OK" and e["attempts"] == 1 for e in results.values()), results
