@@ -142,6 +142,7 @@ def test_parallel_unicast_works_on_meters_at_once(fleet: Fleet, images: Images) 
     c.t.close()
 
 
+@pytest.mark.slow  # 23 s; make test keeps the session above (late announce retried, reboot mid-pass)
 def test_a_meter_announced_during_the_pass_joins_it(fleet: Fleet, images: Images) -> None:
     # After the parallel unicast test (1.2.0) when that one runs: a newer image.
     data = images.app("1.3.0").read_bytes()

@@ -42,6 +42,7 @@ def test_hil_subset_against_a_simulated_pico(tmp_path: Path, request: pytest.Fix
     assert "skipped" not in proc.stdout.splitlines()[-1], tail
 
 
+@pytest.mark.slow  # 30 s; make test keeps the throttled ESP32 on its UART (paced: no overruns)
 @pytest.mark.timeout(300)
 def test_uart_fifo_overruns_during_flash_stalls_and_the_upgrade_recovers(tmp_path: Path) -> None:
     """The simulated Pico on a 115200-baud UART (--link uart): while it erases or programs flash
