@@ -418,6 +418,8 @@ class Engine:
             if x.gen is None:
                 s = x
                 break
+        if not self.work:
+            self.next_tk = time.ticks_ms()  # idle since: forget a deadline of long ago (ticks wrap)
         gc.collect()  # an attempt allocates; start each from a clean heap
         a = gc.mem_alloc()
         if a > self.live_peak:

@@ -129,6 +129,14 @@ def hil_mode(config: pytest.Config) -> bool:
 HIL_TEST_TIMEOUT = 1800  # s: a Pico's upgrade takes ~100 s, and each test starts with a return to factory
 
 
+@pytest.fixture()
+def sim_only(request: pytest.FixtureRequest) -> None:
+    """For tests that need simulated devices of their own (fleets, hostile links and stores): skip
+    in a --port run, which has one real board. Use: pytestmark = pytest.mark.usefixtures("sim_only")."""
+    if request.config.getoption("--port"):
+        pytest.skip("needs the simulator: simulated fleets, links or stores of its own")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if hil_mode(config):
         for item in items:

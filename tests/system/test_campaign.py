@@ -30,10 +30,7 @@ def db(db_target: str) -> str:
     return db_target
 
 
-@pytest.fixture(autouse=True)
-def _sim_only(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
-        pytest.skip("needs the simulator: simulated fleets")
+pytestmark = pytest.mark.usefixtures("sim_only")
 
 
 def register(db: str, devices: list[SimDevice]) -> None:

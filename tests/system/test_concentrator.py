@@ -18,10 +18,7 @@ from meterota.lab.sim import SimDevice
 from meterota.store import Store
 
 
-@pytest.fixture(autouse=True)
-def _sim_only(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
-        pytest.skip("needs the simulator: a fleet of simulated meters")
+pytestmark = pytest.mark.usefixtures("sim_only")
 
 
 def connect(dev: SimDevice) -> SMPClient:

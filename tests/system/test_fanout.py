@@ -22,10 +22,7 @@ from meterota.store import Store
 NO_MC, REBOOTS = meter_id(1, 4), meter_id(1, 3)
 
 
-@pytest.fixture(autouse=True)
-def _sim_only(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
-        pytest.skip("needs the simulator: a fleet of simulated meters")
+pytestmark = pytest.mark.usefixtures("sim_only")
 
 
 @pytest.fixture(scope="module")

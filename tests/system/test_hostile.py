@@ -40,10 +40,7 @@ from meterota.store import Store
 EXIT_USAGE, EXIT_CONFIRMATION, EXIT_NOT_RECORDED, EXIT_BUSY = 2, 6, 10, 11
 
 
-@pytest.fixture(autouse=True)
-def _sim_only(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
-        pytest.skip("needs the simulator: hostile links and stores")
+pytestmark = pytest.mark.usefixtures("sim_only")
 
 
 @pytest.fixture

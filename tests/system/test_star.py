@@ -22,10 +22,7 @@ from meterota.lab.medium import Frame
 OP_WRITE, OP_WRITE_RSP = 2, 3
 
 
-@pytest.fixture(autouse=True)
-def _sim_only(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
-        pytest.skip("needs the simulator: a fleet of simulated meters")
+pytestmark = pytest.mark.usefixtures("sim_only")
 
 
 @pytest.fixture(scope="module")

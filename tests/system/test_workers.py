@@ -28,15 +28,9 @@ from meterota.lab.sim import SimDevice, _claim_udp, _release_udp
 from meterota.store import Store
 from test_campaign import device_info, ledger_rows, register, write_plan
 
-pytestmark = pytest.mark.pg
+pytestmark = [pytest.mark.pg, pytest.mark.usefixtures("sim_only")]
 
 LEASE = "3"  # seconds: the takeover time of a dead worker in these tests
-
-
-@pytest.fixture(autouse=True)
-def _sim_only(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
-        pytest.skip("needs the simulator: simulated fleets")
 
 
 @pytest.fixture
