@@ -19,7 +19,7 @@ import cbor2
 
 from . import protocol as P
 from . import rates
-from .errors import DeviceTimeout, ProtocolError, RefusedError
+from .errors import DeviceTimeout, ProtocolError, RefusedError, TransportError
 from .transport import SerialTransport, Transport
 
 log = logging.getLogger("meterota.smp")
@@ -72,6 +72,7 @@ class SMPClient:
         self.timeout = timeout
         self.retries = retries
         self._seq = 0
+        self._last_sent_ok = False  # the last send() reached the transport
         self.params = DeviceParams()
         self.device_info: dict[str, Any] | None = None
         self._link_bps: float | None = None
@@ -113,7 +114,9 @@ class SMPClient:
         seq = self._next_seq()
         frame = P.encode_request(op, group, cmd, seq, body)
         log.debug("-> %s g%d c%d seq %d %s", op.name, group, cmd, seq, _short(body))
+        self._last_sent_ok = False
         self.t.send(frame)
+        self._last_sent_ok = True
         return seq
 
     def receive(self, timeout: float) -> tuple[P.Header, Any] | None:
@@ -203,7 +206,13 @@ class SMPClient:
         return str(self.request(P.Op.WRITE, P.Group.OS, 0, {"d": text}, what="echo")["r"])
 
     def reset(self) -> None:
-        self.request(P.Op.WRITE, P.Group.OS, 5, {}, what="reset", retries=0)
+        """Ask for a reset (one try: a second one could reset the next boot). A USB CDC port goes
+        with its board: once the request has left, a port that fails is the reset under way."""
+        try:
+            self.request(P.Op.WRITE, P.Group.OS, 5, {}, what="reset", retries=0)
+        except TransportError:
+            if not self._last_sent_ok:  # the request never left: a port that is not there
+                raise
 
     def image_state(self) -> list[dict[str, Any]]:
         return list(self.request(P.Op.READ, P.Group.IMAGE, 0, what="read image state").get("images", []))

@@ -13,6 +13,7 @@ The user-errors test (images for the board under test, not for unix) and the res
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -221,5 +222,39 @@ def test_a_picos_trial_boot_is_fed_while_it_reads_flash(tmp_path: Path) -> None:
         assert dev.wdt_resets == 0, dev.log_tail(40)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["result"] == "OK"
+    finally:
+        dev.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_usb_port_vanishes_with_its_reset_and_comes_back_under_its_stable_name(tmp_path: Path) -> None:
+    """USB CDC: the board's reset takes its port off the bus (the open one fails) and it comes
+    back as a new pty behind STATE_DIR/tty (a second enumeration); `wait_back` reopens it and the
+    board answers from its next boot. The board takes its ring and FIFO (768 bytes on rp2) ahead
+    of what it reads."""
+    from meterota.client import SMPClient
+    from meterota.lab.sim import SimDevice
+    from meterota.transport import from_address
+    from meterota.upgrade import wait_back
+
+    dev = SimDevice(tmp_path / "pico", device_id="pico-usb", board="rp2", speed=16, extra={"grace_ms": 0})
+    dev.start(timeout=240)
+    try:
+        port = dev.address[len("serial:"):]
+        assert port == str(tmp_path.resolve() / "pico" / "tty")
+        first = os.readlink(port)
+        t = from_address(port=dev.address)
+        t.open()
+        c = SMPClient(t, timeout=3.0)
+        c.connect()
+        assert c.device_info is not None
+        boots = int(c.device_info["boots"])
+        c.reset()  # its reply may go with the port: that still counts as sent
+        info = wait_back(c, 240.0, boots)
+        assert int(info["boots"]) == boots + 1
+        assert os.path.exists(os.readlink(port)) and first.startswith("/dev/pts/")
+        assert dev._link is not None and dev._link.enumerations == 2
+        assert dev._link._usb is not None and dev._link._usb.rx_bytes == 512 + 256
+        t.close()
     finally:
         dev.stop()

@@ -52,6 +52,10 @@ class Profile:
     wdt_max_ms: int  # 0: no upper limit enforced by the port
     uart_fifo: int
     reset_ms: int  # reset to the firmware's first line (boot ROM, bootloader, port init)
+    # USB CDC receive path: MICROPY_HW_STDIN_BUFFER_LEN (the stdin ring) + TinyUSB's CDC RX FIFO
+    # (CFG_TUD_CDC_RX_BUFSIZE, 256 at full speed); beyond that the host is NAKed.
+    stdin_ring: int = 512
+    cdc_rx_fifo: int = 256
 
 
 PROFILES: dict[str, Profile] = {
@@ -81,6 +85,7 @@ PROFILES: dict[str, Profile] = {
         flash_source="ESP32-WROOM GD25Q32/W25Q32-class: 4 KiB sector erase ~45 ms typ, page program "
                      "~0.6 ms typ; ESP-IDF measures ~39 ms per sector erased inline (espressif/esp-idf#14318)",
         wdt_max_ms=0, uart_fifo=128, reset_ms=400,
+        stdin_ring=260,  # ports/esp32 (native USB: S2/S3/C3/C6)
     ),
 }
 BOARDS = tuple(PROFILES)

@@ -5,13 +5,16 @@ simulated device an address that standard tools can use:
 
 * ``serial:/dev/pts/N`` -- a pty whose master side is bridged to a TCP connection that the
   device opens to the supervisor (the unix port has no UART, so TCP stands in for the wire);
+  a simulated MCU board on USB CDC answers at ``serial:STATE_DIR/tty`` instead, a stable name
+  (like /dev/serial/by-id/...) for a port that vanishes while the board resets (see UsbCdc);
 * ``udp:127.0.0.K:1337`` -- a loopback address the device binds itself (smpmgr only speaks to
   port 1337, so each device needs its own loopback IP).
 
 A device that exits asking for a reset (3), that hits a simulated power failure (86) or that
 crashes (anything else: a watchdog reset on a real board) is restarted with the same state
-directory, hence the same flash.bin. The pty path and the UDP address survive restarts, so a
-client can keep its port open across a device reset, as with a real board.
+directory, hence the same flash.bin. The pty path of the unix board and the UDP address survive
+restarts, so a client can keep its port open across a device reset, as with a real UART or Wi-Fi
+board; a USB CDC port does not (a client reopens it, as on a real board).
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ import secrets
 import selectors
 import signal
 import socket
+import struct
 import subprocess
+import select
 import sys
+import termios
 import threading
 import time
 import tty
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal
 
@@ -168,8 +175,39 @@ class _Direction:
         self.chunks.clear()
 
 
+@dataclass(frozen=True)
+class UsbCdc:
+    """What the bridge models of a MicroPython board's USB CDC console (TinyUSB at full speed,
+    shared/tinyusb/mp_usbd_cdc.c):
+
+    * the port exists only while the board runs: it vanishes when the board resets (the host's
+      open port reads EOF and writes fail with EIO) and comes back, under a new pty, when the
+      firmware's USB is up again; the stable name is the symlink `on_port` maintains;
+    * flow control: the board takes `rx_bytes` (its stdin ring plus the CDC RX FIFO) ahead of
+      what it has read; beyond that the host is NAKed (retried every 1 ms USB frame) and its
+      writes queue in the host's own buffer (the pty's 20 KiB stands for cdc-acm's 16 URBs);
+    * DTR is "a host has the port open" (a pty has no modem lines; pyserial and cdc-acm raise
+      DTR on open and drop it on close): while it is low the board's writes go into the
+      `tx_fifo`-byte TX FIFO, which keeps the newest bytes and drops the older ones; 16 SOFs
+      (`dtr_flush`) after DTR rises, the FIFO goes to the host;
+    * with DTR high, a write the host does not read gives up after `tx_timeout` without
+      progress and the rest is lost (MICROPY_HW_USB_CDC_TX_TIMEOUT)."""
+
+    rx_bytes: int
+    tx_fifo: int = 256
+    tx_timeout: float = 0.5
+    dtr_flush: float = 0.016
+    frame: float = 0.001  # a NAKed OUT transfer is retried in the next frame
+    dtr_poll: float = 0.01  # how often the bridge looks for a host opening the port
+
+
+def _fionread(fd: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
 class _SerialLink:
-    """A pty for host tools, bridged to whichever TCP connection the device process last made."""
+    """A pty for host tools, bridged to whichever TCP connection the device process last made
+    (or, for a board's USB CDC, `UsbCdc`: a pty that exists only while the board runs)."""
 
     def __init__(
         self,
@@ -179,20 +217,39 @@ class _SerialLink:
         on_connect: Callable[[], None],
         on_drop: Callable[[], None],
         tap: Callable[[bytes], None] | None = None,
+        usb: UsbCdc | None = None,
+        on_port: Callable[[str | None], None] | None = None,
     ) -> None:
         self._name = name
+        self._usb = usb
+        self._on_port = on_port
         # Sees every chunk the device sends (the MCU boards print on their USB console).
         self._tap = tap
         self._pending_conn: socket.socket | None = None
+        self._pending_ring: int | None = None
+        self._pending_detach = False
         self._pending_lock = threading.Lock()
         self._shaper = shaper
         self._on_connect = on_connect
         self._on_drop = on_drop
-        self.master, self.slave = os.openpty()
-        # Raw: no echo, no CR/LF translation, 0x03/0x04 pass through -- a binary UART.
-        tty.setraw(self.slave)
-        os.set_blocking(self.master, False)
-        self.path = os.ttyname(self.slave)
+        self.master: int | None = None
+        self.slave: int | None = None
+        self.path: str | None = None
+        if usb is None:
+            self.master, self.slave = os.openpty()
+            # Raw: no echo, no CR/LF translation, 0x03/0x04 pass through -- a binary UART.
+            tty.setraw(self.slave)
+            os.set_blocking(self.master, False)
+            self.path = os.ttyname(self.slave)
+        # USB CDC: the device's unread bytes (a dup of its end of the wire), DTR, the TX FIFO.
+        self._ring_fd: int | None = None
+        self._dtr = False
+        self._hup = select.poll()
+        self._flush_at = 0.0
+        self._stuck_since: float | None = None
+        self._nak = False
+        self.dropped_to_host = 0
+        self.enumerations = 0
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(4)
@@ -221,21 +278,43 @@ class _SerialLink:
         except OSError:
             pass
         self._thread.join()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._pending_lock:
+            if self._pending_conn is not None:
+                self._pending_conn.close()
+                self._pending_conn = None
+            if self._pending_ring is not None:
+                os.close(self._pending_ring)
+                self._pending_ring = None
+        self._drop_conn()
         self.listener.close()
         # The slave was held open only so the master never sees EIO when a client closes the
         # port; it goes last.
         for fd in (self.master, self.slave, self._wake_r, self._wake_w):
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+        self.master = self.slave = None
 
-    def attach(self, conn: socket.socket) -> None:
-        """Make `conn` (the supervisor's end of the device process's wire) the live device."""
+    def attach(self, conn: socket.socket, ring_fd: int | None = None) -> None:
+        """Make `conn` (the supervisor's end of the device process's wire) the live device.
+        `ring_fd` (USB CDC; the link owns it) is a dup of the device's end: its unread count is
+        what the board has taken and not yet read."""
         with self._pending_lock:
             if self._pending_conn is not None:
                 self._pending_conn.close()
+            if self._pending_ring is not None:
+                os.close(self._pending_ring)
             self._pending_conn = conn
+            self._pending_ring = ring_fd
+            self._pending_detach = False
+        self._wake()
+
+    def detach(self) -> None:
+        """The device process is gone (reset, power cut): drop its wire; a USB port vanishes."""
+        with self._pending_lock:
+            self._pending_detach = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"a")
         except OSError:
@@ -251,12 +330,17 @@ class _SerialLink:
             while not self._stop:
                 with self._pending_lock:
                     conn, self._pending_conn = self._pending_conn, None
+                    ring, self._pending_ring = self._pending_ring, None
+                    detach, self._pending_detach = self._pending_detach, False
+                if detach:
+                    self._drop_conn()
                 if conn is not None:
-                    self._adopt(conn)
+                    self._adopt(conn, ring)
                 now = time.monotonic()
                 self._to_dev.advance(now)
                 self._to_host.advance(now)
-                self._flush_to_host()
+                self._poll_dtr(now)
+                self._flush_to_host(now)
                 self._flush_to_device()
                 self._update_interest(sel)
                 events = sel.select(self._timeout(time.monotonic()))
@@ -270,21 +354,75 @@ class _SerialLink:
 
     def _timeout(self, now: float) -> float | None:
         deadlines = [d for d in (self._to_dev.deadline(), self._to_host.deadline()) if d is not None]
+        usb = self._usb
+        if usb is not None and self.master is not None:
+            if not self._dtr:
+                deadlines.append(now + usb.dtr_poll)
+            else:
+                if self._to_host.outbox:
+                    # The flush after DTR rose; a host that does not read (the write's timeout).
+                    deadlines.append(max(self._flush_at, now + usb.frame) if self._flush_at > now
+                                     else now + usb.tx_timeout / 4)
+                if self._nak:
+                    deadlines.append(now + usb.frame)  # NAKed: the host retries next frame
         return max(0.0, min(deadlines) - now) if deadlines else None
 
+    def _ring_room(self) -> int:
+        """USB CDC: how many more bytes the board takes now (its ring and FIFO not yet full)."""
+        assert self._usb is not None
+        if self._ring_fd is None:
+            return 0
+        try:
+            unread = _fionread(self._ring_fd)
+        except OSError:
+            return 0
+        return self._usb.rx_bytes - unread - len(self._to_dev.outbox)
+
     def _update_interest(self, sel: selectors.BaseSelector) -> None:
-        # Without a device, pty input is read and dropped (a UART with nobody listening).
-        m = 0
-        if self._conn is None or self._to_dev.has_room():
-            m |= selectors.EVENT_READ
-        if self._to_host.outbox:
-            m |= selectors.EVENT_WRITE
-        _set_interest(sel, self.master, m, "master")
+        if self.master is None:
+            pass  # a USB port that is not there
+        elif self._usb is not None:
+            m = 0
+            # No DTR: nobody has the slave open; its hang-up would wake the selector for ever.
+            # One look at the ring decides both the interest and the retry timer (_timeout):
+            # the board may read between two looks.
+            self._nak = self._conn is None or self._ring_room() <= 0
+            if self._dtr:
+                if not self._nak:
+                    m |= selectors.EVENT_READ
+                if self._to_host.outbox and time.monotonic() >= self._flush_at:
+                    m |= selectors.EVENT_WRITE
+            _set_interest(sel, self.master, m, "master")
+        else:
+            # Without a device, pty input is read and dropped (a UART with nobody listening).
+            m = 0
+            if self._conn is None or self._to_dev.has_room():
+                m |= selectors.EVENT_READ
+            if self._to_host.outbox:
+                m |= selectors.EVENT_WRITE
+            _set_interest(sel, self.master, m, "master")
         if self._conn is not None:
-            c = selectors.EVENT_READ if self._to_host.has_room() else 0
+            c = selectors.EVENT_READ if self._room_to_host() else 0
             if self._to_dev.outbox:
                 c |= selectors.EVENT_WRITE
             _set_interest(sel, self._conn, c, "conn")
+
+    def _room_to_host(self) -> bool:
+        usb = self._usb
+        if usb is None:
+            return self._to_host.has_room()
+        # Without DTR the board's writes never wait (the FIFO overwrites); with it they wait
+        # for room in the FIFO.
+        return not self._dtr or len(self._to_host.outbox) < usb.tx_fifo
+
+    def _poll_dtr(self, now: float) -> None:
+        if self._usb is None or self.master is None:
+            return
+        hup = any(ev & select.POLLHUP for _fd, ev in self._hup.poll(0))
+        if not hup and not self._dtr:
+            self._flush_at = now + self._usb.dtr_flush
+            self._stuck_since = None
+        self._dtr = not hup
 
     def _dispatch(self, what: str, mask: int) -> None:
         if what == "wake":
@@ -308,17 +446,58 @@ class _SerialLink:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._adopt(conn)
 
-    def _adopt(self, conn: socket.socket) -> None:
+    def _adopt(self, conn: socket.socket, ring_fd: int | None = None) -> None:
         conn.setblocking(False)
         # A device that reset may reconnect before we noticed the old socket's EOF; the newest
         # connection is the live device.
         self._drop_conn()
         self._conn = conn
+        self._ring_fd = ring_fd
+        if self._usb is not None:
+            self._plug()
         with self._stats_lock:
             self.connections += 1
         self._on_connect()
 
+    def _plug(self) -> None:
+        """USB CDC: the board's firmware is up and the host enumerates its port (a new pty; its
+        slave is not held, so the master's hang-up says whether a host has it open)."""
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        path = os.ttyname(slave)
+        os.close(slave)
+        os.set_blocking(master, False)
+        self.master, self.path = master, path
+        self._hup = select.poll()
+        self._hup.register(master, select.POLLIN)
+        self._dtr = False
+        self._to_host.clear()
+        with self._stats_lock:
+            self.enumerations += 1
+        if self._on_port is not None:
+            self._on_port(path)
+
+    def _unplug(self) -> None:
+        if self.master is None:
+            return
+        if self._on_port is not None:
+            self._on_port(None)
+        try:
+            self._sel.unregister(self.master)
+        except (KeyError, ValueError):
+            pass
+        # The host's open port reads EOF and its writes fail (EIO), as when a USB device goes.
+        os.close(self.master)
+        self.master, self.path = None, None
+        self._dtr = False
+        self._to_host.clear()
+
     def _drop_conn(self) -> None:
+        if self._ring_fd is not None:
+            os.close(self._ring_fd)
+            self._ring_fd = None
+        if self._usb is not None:
+            self._unplug()
         if self._conn is None:
             return
         # Unregister before closing: a new socket may reuse the fd number, and a stale key would
@@ -333,8 +512,15 @@ class _SerialLink:
         self._to_dev.clear()
 
     def _read_master(self) -> None:
+        if self.master is None:
+            return
+        n = 4096
+        if self._usb is not None:
+            n = self._ring_room()
+            if n <= 0:
+                return
         try:
-            data = os.read(self.master, 4096)
+            data = os.read(self.master, n)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -367,22 +553,55 @@ class _SerialLink:
             data = self._shaper.to_host(data)
         self._to_host.push(data)
 
-    def _flush_to_host(self) -> None:
+    def _flush_to_host(self, now: float) -> None:
         out = self._to_host.outbox
-        if not out:
+        if not out or self.master is None:
             return
+        usb = self._usb
+        if usb is not None:
+            if not self._dtr:
+                # Nobody has the port open: the TX FIFO keeps the newest bytes.
+                if len(out) > usb.tx_fifo:
+                    with self._stats_lock:
+                        self.dropped_to_host += len(out) - usb.tx_fifo
+                    del out[:-usb.tx_fifo]
+                return
+            if now < self._flush_at:
+                return
         try:
             n = os.write(self.master, out)
         except (BlockingIOError, InterruptedError):
-            return
+            n = 0
+        except OSError as e:
+            if e.errno != errno.EIO:  # the host closed the port; DTR falls on the next poll
+                raise
+            n = 0
         del out[:n]
+        if usb is not None:
+            if n or not out:
+                self._stuck_since = None
+            elif self._stuck_since is None:
+                self._stuck_since = now
+            elif now - self._stuck_since >= usb.tx_timeout:
+                # The board's write gave up after its timeout: what it held is lost.
+                with self._stats_lock:
+                    self.dropped_to_host += len(out)
+                out.clear()
+                self._stuck_since = None
 
     def _flush_to_device(self) -> None:
         out = self._to_dev.outbox
         if not out or self._conn is None:
             return
+        if self._usb is not None:
+            room = self._usb.rx_bytes - (_fionread(self._ring_fd) if self._ring_fd is not None else 0)
+            if room <= 0:
+                return
+            out_now = out[:room]
+        else:
+            out_now = out
         try:
-            n = self._conn.send(out)
+            n = self._conn.send(out_now)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # device died mid-write; its EOF will follow
@@ -593,6 +812,9 @@ class SimDevice:
         if self.transport == "serial":
             if self._link is None:
                 raise SimError(f"{self.device_id}: not started, no serial address yet")
+            if self._usb_cdc:
+                # The port comes and goes with the board: its stable name (a by-id link).
+                return f"serial:{self.state_dir / 'tty'}"
             return f"serial:{self._link.path}"
         if self._udp_host is None:
             raise SimError(f"{self.device_id}: not started, no UDP address yet")
@@ -809,18 +1031,37 @@ class SimDevice:
         if self._log is None:
             self._log = open(self.log_path, "ab", buffering=0)
 
+    @property
+    def _usb_cdc(self) -> bool:
+        return self.board != "unix" and self.link == "usb"
+
+    def _port_link(self, path: str | None) -> None:
+        """Point state_dir/tty at the port (None: the port is gone, so is the link)."""
+        link_path = self.state_dir / "tty"
+        if path is None:
+            link_path.unlink(missing_ok=True)
+            return
+        tmp = self.state_dir / ".tty.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(path, tmp)
+        os.replace(tmp, link_path)
+
     def _open_transport(self) -> None:
         if self.transport == "serial":
             if self._link is None:
+                usb = None
+                if self._usb_cdc:
+                    p = _mcu.profile(self.board)
+                    usb = UsbCdc(rx_bytes=p.stdin_ring + p.cdc_rx_fifo)
                 self._link = _SerialLink(
                     self.device_id, self.shaper, self.bytes_per_second, self._on_connect, self._notify,
-                    tap=self._console if self.board != "unix" and self.link == "usb" else None,
+                    tap=self._console if self._usb_cdc else None, usb=usb, on_port=self._port_link,
                 )
-                link_path = self.state_dir / "tty"
-                tmp = self.state_dir / ".tty.tmp"
-                tmp.unlink(missing_ok=True)
-                os.symlink(self._link.path, tmp)
-                os.replace(tmp, link_path)
+                if usb is None:
+                    assert self._link.path is not None
+                    self._port_link(self._link.path)
+                else:
+                    self._port_link(None)  # a stale link from an earlier run
         elif self._udp_host is None:
             self._udp_host = _claim_udp(self._udp_preferred)
             # Prefer the same address if this device is started again later.
@@ -908,10 +1149,11 @@ class SimDevice:
         stand-ins' notes (watchdog, resets, overruns)."""
         assert self._link is not None
         ours, theirs = socket.socketpair()
-        # Keep what the kernel buffers toward the device small: USB flow control NAKs once the
-        # device's ring (512 B on rp2) and the CDC FIFO are full; the socket's minimum is ~4 KiB.
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
         usb = self.link == "usb"
+        # USB CDC: the bridge gives the board no more than its ring and FIFO hold (UsbCdc); it
+        # counts what the board has not read on a dup of the board's end.
+        ring_fd = os.dup(theirs.fileno()) if usb else None
         if not usb:
             # The UART stand-in's "ISR" takes whatever has arrived without blocking (machine.py).
             theirs.setblocking(False)
@@ -931,10 +1173,14 @@ class SimDevice:
                 # supervisor (it may be SIGSTOPped by the throttle, or spinning on a closed wire).
                 preexec_fn=_die_with_parent,
             )
+        except BaseException:
+            if ring_fd is not None:
+                os.close(ring_fd)
+            raise
         finally:
             theirs.close()
         self._proc = proc
-        self._link.attach(ours)
+        self._link.attach(ours, ring_fd)
         if self._throttle is not None:
             self._throttle.close()
         self._throttle = _mcu.Throttle(proc.pid, self._duty) if self.speed is not None else None
@@ -1078,6 +1324,8 @@ class SimDevice:
                 proc, reader = self._proc, self._reader
             assert proc is not None and reader is not None
             rc = proc.wait()
+            if self._usb_cdc and self._link is not None:
+                self._link.detach()  # the board reset: its USB device is gone from the bus
             # Drain the rest of its output into the log before the next start header. The device
             # does not fork, so EOF follows exit; the bound only guards against a stray child.
             reader.join(10.0)
@@ -1141,9 +1389,7 @@ class SimDevice:
         if self._link is not None:
             self._link.close()
             self._link = None
-            link_path = self.state_dir / "tty"
-            if link_path.is_symlink():
-                link_path.unlink()
+            self._port_link(None)
         if self._udp_host is not None:
             _release_udp(self._udp_host)
             self._udp_host = None
