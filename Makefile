@@ -93,7 +93,7 @@ hil: venv
 # The same suite in HIL mode against simulated boards (meterota sim --board: the board's own code,
 # flash timing, watchdog, heap and CPU speed), one board per run: make hil-sim [SIM_SPEED=1.0]
 SIM_SPEED ?= 1.0
-hil-sim: venv
+hil-sim: venv chromium postgresql mosquitto
 	$(BIN)/pytest -q tests/system --sim-board rp2 --sim-speed $(SIM_SPEED)
 	$(BIN)/pytest -q tests/system --sim-board esp32 --sim-speed $(SIM_SPEED)
 
