@@ -31,9 +31,9 @@ import secrets
 import selectors
 import signal
 import socket
+import select
 import struct
 import subprocess
-import select
 import sys
 import termios
 import threading
@@ -361,8 +361,7 @@ class _SerialLink:
             else:
                 if self._to_host.outbox:
                     # The flush after DTR rose; a host that does not read (the write's timeout).
-                    deadlines.append(max(self._flush_at, now + usb.frame) if self._flush_at > now
-                                     else now + usb.tx_timeout / 4)
+                    deadlines.append(self._flush_at if self._flush_at > now else now + usb.tx_timeout / 4)
                 if self._nak:
                     deadlines.append(now + usb.frame)  # NAKed: the host retries next frame
         return max(0.0, min(deadlines) - now) if deadlines else None
@@ -594,7 +593,7 @@ class _SerialLink:
         if not out or self._conn is None:
             return
         if self._usb is not None:
-            room = self._usb.rx_bytes - (_fionread(self._ring_fd) if self._ring_fd is not None else 0)
+            room = self._ring_room() + len(out)  # what the board takes, this outbox included
             if room <= 0:
                 return
             out_now = out[:room]
