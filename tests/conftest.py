@@ -54,12 +54,19 @@ def run_mp(tmp_path: Path, code: str, heap: str = "128wK", env: dict[str, str] |
     return proc
 
 
-def run_cli(*args: str, check: bool | None = None, timeout: float = 120,
+# How long one command may run: a simulated device's whole upgrade takes seconds; a Pico's, at its
+# own speed, a few minutes (its upload runs at ~1 kB/s), so HIL mode allows more (pytest_configure).
+CLI_TIMEOUT = 120.0
+HIL_CLI_TIMEOUT = 900.0
+
+
+def run_cli(*args: str, check: bool | None = None, timeout: float | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run an installed console script (meterota, smpmgr) as a user would."""
     e = dict(os.environ)
     e.update(env or {})
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout, env=e)
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=timeout or CLI_TIMEOUT, env=e)
     if check:
         assert proc.returncode == 0, f"{args} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -132,9 +139,16 @@ HIL_TEST_TIMEOUT = 1800  # s: a Pico's upgrade takes ~100 s, and each test start
 @pytest.fixture()
 def sim_only(request: pytest.FixtureRequest) -> None:
     """For tests that need simulated devices of their own (fleets, hostile links and stores): skip
-    in a --port run, which has one real board. Use: pytestmark = pytest.mark.usefixtures("sim_only")."""
-    if request.config.getoption("--port"):
+    in HIL mode, which has one board (--port, or --sim-board standing in for it: the suite behaves
+    there as it would against the real one). Use: pytestmark = pytest.mark.usefixtures("sim_only")."""
+    if hil_mode(request.config):
         pytest.skip("needs the simulator: simulated fleets, links or stores of its own")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global CLI_TIMEOUT
+    if hil_mode(config):
+        CLI_TIMEOUT = HIL_CLI_TIMEOUT
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

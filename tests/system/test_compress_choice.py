@@ -55,6 +55,13 @@ class SlowUplink(LinkShaper):
         return data
 
 
+def _timed(why: str) -> tuple[float, float]:
+    """The raw and deflate rates (kB/s) an upload timed, from its `compress_why`."""
+    m = re.search(r"^timed requests: raw ([\d.]+) kB/s, deflate ([\d.]+) kB/s", why)
+    assert m, why
+    return float(m.group(1)), float(m.group(2))
+
+
 def test_compression_follows_timed_upload_requests_where_echoes_mislead(
         make_device: Callable[..., SimDevice], images: Images) -> None:
     """On a link whose return channel is slow the echoes (a kilobyte back each) make the link look
@@ -77,9 +84,7 @@ def test_compression_follows_timed_upload_requests_where_echoes_mislead(
         # The choice is the timed stretches', not the echoes'. Which way they go on this host's
         # unpaced pty depends on its load (raw usually; deflate by a hair under load), so the test
         # holds the upload to its own figures rather than to one outcome.
-        m = re.search(r"^timed requests: raw ([\d.]+) kB/s, deflate ([\d.]+) kB/s", st.compress_why)
-        assert m, st.compress_why
-        raw, dfl = float(m.group(1)), float(m.group(2))
+        raw, dfl = _timed(st.compress_why)
         assert st.compressed == (dfl > rates.PROBE_MARGIN * raw), st.compress_why
     finally:
         t.close()
@@ -91,8 +96,8 @@ def test_a_uart_rate_is_only_the_prior_the_upload_times_its_requests(tmp_path: P
     """The simulated ESP32 (twice its CPU speed) on a 115200-baud UART, opened through a name of a
     USB-serial bridge (ttyUSB*), so the port says "UART at 11.5 kB/s" and the rate rule compresses.
     But the board inflates slower than the line brings and, the line kept quiet during each sector
-    write, every deflate block (a whole sector) waits for its reply: raw is faster, and the timed
-    requests choose it. Before, the UART's baud rate alone decided: deflate."""
+    write, every deflate block (a whole sector) waits for its reply: raw is usually faster, and
+    the timed requests decide. Before, the UART's baud rate alone decided: deflate."""
     from meterota import boards
     from meterota import image as img
     from meterota.transport import SerialTransport
@@ -113,8 +118,11 @@ def test_a_uart_rate_is_only_the_prior_the_upload_times_its_requests(tmp_path: P
             assert c.choose_compression(data).compress  # what the baud rate alone says
             st = c.upload(data)
             assert st.match is True
-            assert st.compressed is False, st.compress_why
-            assert "timed requests" in st.compress_why, st.compress_why
+            # The timed requests decide, not the baud rate. Raw usually wins here; on a loaded host
+            # deflate can come out ahead (one HIL run: raw 8.1, deflate 9.2 kB/s), so the choice is
+            # held to the upload's own figures.
+            raw, dfl = _timed(st.compress_why)
+            assert st.compressed == (dfl > rates.PROBE_MARGIN * raw), st.compress_why
         finally:
             t.close()
         assert dev.overruns == 0, dev.log_tail()

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import xmlschema
 
-from conftest import BIN, REPO, Images, port_of, run_cli
+from conftest import BIN, REPO, Images, hil_mode, port_of, run_cli
 from meterota.campaign import export as ex
 from meterota.campaign.ledger import Ledger
 from meterota.campaign.plan import ConcentratorTarget, Group, Plan
@@ -35,7 +35,7 @@ HASH = "cd" * 32
 
 @pytest.fixture(autouse=True)
 def _needs_mosquitto(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
+    if hil_mode(request.config):
         pytest.skip("needs the simulator")
     if not Path(MOSQUITTO).exists():
         pytest.fail("mosquitto is not installed: run `make mosquitto` (Debian's package)")

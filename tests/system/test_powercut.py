@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import hil_mode
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import powercut  # noqa: E402
@@ -14,7 +16,7 @@ import powercut  # noqa: E402
 
 def test_power_cuts_never_brick_the_device(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                           request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--port"):
+    if hil_mode(request.config):
         pytest.skip("needs the simulator: power-cut injection")
     c, results = powercut.run_campaign(tmp_path, image_kb=40, every=3, stacked=6, jobs=2)
     with capsys.disabled():

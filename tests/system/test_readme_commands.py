@@ -155,6 +155,7 @@ def test_every_command_in_readmes_table_has_help() -> None:
         assert e.value.code == 0 and "usage: meterota" in out.getvalue(), path
 
 
+@pytest.mark.usefixtures("sim_only")  # README's walk-through is on `meterota sim`'s device and image
 def test_the_walk_through_runs_as_written(make_device: Callable[..., SimDevice], tmp_path: Path) -> None:
     """README's walk-through, command by command, on a simulated device in place of
     `meterota sim` (whose device it stands for): the outputs are what README shows."""

@@ -21,6 +21,9 @@ from meterota.image import parse
 from meterota.lab.sim import SimDevice
 from meterota.store import Store
 
+# Devices of its own behind shaped links: the simulator only (a HIL run has one board).
+pytestmark = pytest.mark.usefixtures("sim_only")
+
 BAUD_9600 = 960.0  # bytes per second: 10 bits a byte
 
 

@@ -26,7 +26,7 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "records.db"
 
 
-def meterota(db: Path, *args: str, check: bool | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def meterota(db: Path, *args: str, check: bool | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     return run_cli("meterota", "--db", str(db), *args, check=check, timeout=timeout)
 
 
