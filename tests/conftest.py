@@ -331,11 +331,20 @@ def port_of(dev: SimDevice) -> list[str]:
     return ["--udp", a[len("udp:"):].rsplit(":", 1)[0]]
 
 
+# smpmgr waits a fixed --timeout (2 s by default) for each reply. On a Pico with stock firmware
+# (the slots as littlefs files) the upload request that completes a sector now and then takes
+# littlefs's compaction of the slot directory's metadata: up to 9.7 s at the board's speed in the
+# lab (2000 small flash reads), most requests 0.2 s. README tells smpmgr users the same.
+SMPMGR_BOARD_TIMEOUT = 20.0
+
+
 def smpmgr_target(dev: SimDevice) -> list[str]:
+    """smpmgr's options that address a device (and give a board's replies their time)."""
     a = dev.address
+    slow = ["--timeout", str(SMPMGR_BOARD_TIMEOUT)] if getattr(dev, "board", "unix") != "unix" else []
     if a.startswith("serial:"):
-        return ["--port", a[len("serial:"):]]
-    return ["--ip", a[len("udp:"):].rsplit(":", 1)[0]]
+        return [*slow, "--port", a[len("serial:"):]]
+    return [*slow, "--ip", a[len("udp:"):].rsplit(":", 1)[0]]
 
 
 # -- the records database on both backends -------------------------------------------------
