@@ -219,6 +219,50 @@ print("ok")
     assert out.strip().endswith("ok")
 
 
+def test_the_flash_chip_tells_its_calls_and_the_throttle_refunds_them(tmp_path: Path) -> None:
+    """rp2.Flash and esp32.Partition are C on the boards; here their bytecode would be charged as
+    the board's CPU (littlefs reads a directory in thousands of 32-byte reads: a 10 s request on a
+    simulated Pico at speed 1.0, 5 s with the refund). The chip reports its reads and programs on
+    the side channel, and the throttle takes their measured cost off the charge, also when the note
+    comes before the charge it is for."""
+    sys.path.insert(0, str(REPO / "host"))
+    from meterota.lab import mcu
+
+    cfg = {"id": "t", "variant": "pico"}
+    hw = mcu.hw_params("rp2", tmp_path, cfg)
+    (tmp_path / "flash.bin").write_bytes(b"\xff" * hw["flash_size"])
+    (tmp_path / "hw.json").write_text(json.dumps(hw))
+    (tmp_path / "t.py").write_text("""
+import rp2
+f = rp2.Flash()
+b = bytearray(32)
+for i in range(100):
+    f.readblocks(i, b, 64)
+for i in range(40):
+    f.writeblocks(i, b"\\xff" * 256, 0)
+""")
+    env = dict(os.environ, **mcu.lab_env("rp2", tmp_path))
+    p = subprocess.run([str(MICROPYTHON), "t.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stderr
+    # every 64 calls: 64 reads, then 36 reads and 28 programs; 12 programs still untold
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("C")] == ["C64,0", "C36,28"], p.stderr
+    read, program = mcu.standin_costs(str(MICROPYTHON))
+    assert 0 < read < program < 1e-3, (read, program)
+
+    settle = mcu.Throttle.settle
+    cap = 0.0005
+    # charged first (the device went into debt and was stopped), refunded after: debt paid
+    credit, pre = settle(cap, 0.0, 0.002, 0.0, cap)
+    assert credit < 0 and pre == 0
+    credit, pre = settle(credit, pre, 0.0, 0.002, cap)
+    assert abs(credit - cap) < 1e-12 and pre == 0
+    # refunded first: the part past the cap waits for its charge instead of being lost
+    credit, pre = settle(cap, 0.0, 0.0, 0.002, cap)
+    assert credit == cap and abs(pre - 0.002) < 1e-12
+    credit, pre = settle(credit, pre, 0.002, 0.0, cap)
+    assert abs(credit - cap) < 1e-12 and pre == 0
+
+
 def test_esp32_partition_refuses_and_rolls_back(tmp_path: Path) -> None:
     out = run_lab(tmp_path, "esp32", REFUSE + """
 import esp32, time

@@ -244,7 +244,9 @@ class Throttle:
     What is charged: the process's user CPU time (the kernel's precise per-process clock, scaled
     by its user share), from `begin()` on. So other load on the host does not count as device
     work, the interpreter's own start-up (the board's ROM and bootloader time is modelled apart)
-    and the system time of the file-backed flash model (hardware, not CPU work) are free."""
+    and the system time of the file-backed flash model (hardware, not CPU work) are free. The
+    flash stand-ins' own bytecode (C on the boards) is refunded as the chip reports its calls
+    (`refund`): it is taken off what the device is charged, before or after the charge."""
 
     BURST_S = 0.0005  # host CPU per burst; the device runs in bursts of this, stopped in between
 
@@ -259,7 +261,32 @@ class Throttle:
         self._thread = threading.Thread(target=self._run, name=f"throttle-{pid}", daemon=True)
         self.stopped_s = 0.0
         self.charged_s = 0.0
+        self.refunded_s = 0.0
+        self._refund_lock = threading.Lock()
+        self._refund = 0.0  # host CPU seconds owed back, not yet taken
         self._thread.start()
+
+    def refund(self, seconds: float) -> None:
+        """Host CPU the device spent on work the board does in hardware or C (the flash
+        stand-ins): not the board's time. Ignored before `begin()`, when nothing is charged."""
+        if seconds > 0 and self._begin.is_set():
+            with self._refund_lock:
+                self._refund += seconds
+
+    @staticmethod
+    def settle(credit: float, prepaid: float, used: float, refund: float, cap: float) -> tuple[float, float]:
+        """(credit, prepaid) after charging `used` and taking `refund`. A refund pays for charged
+        CPU; what would lift the credit past the burst cap is kept (prepaid) for the charge it is
+        for, since the chip's note can arrive before this loop has seen that CPU."""
+        credit += prepaid + refund - used
+        prepaid = max(0.0, credit - cap)
+        return credit - prepaid, prepaid
+
+    def _take_refund(self) -> float:
+        with self._refund_lock:
+            r, self._refund = self._refund, 0.0
+        self.refunded_s += r
+        return r
 
     def begin(self) -> None:
         """The firmware starts (lab boot's first note): charge CPU from now on."""
@@ -293,6 +320,7 @@ class Throttle:
         if used_at is None:
             return
         running = True
+        prepaid = 0.0  # refunds that came before the CPU they are for was charged
         while not self._stop.is_set():
             now = time.monotonic()
             credit = min(cap, credit + (now - last) * self.duty)
@@ -302,7 +330,7 @@ class Throttle:
                 return  # the process is gone
             used = max(0.0, cpu - used_at)
             self.charged_s += used
-            credit -= used
+            credit, prepaid = self.settle(credit, prepaid, used, self._take_refund(), cap)
             used_at = max(used_at, cpu)
             if credit > 0:
                 if not running:
@@ -354,6 +382,39 @@ def host_kernel_rate(micropython: str) -> float:
     if best <= 0:
         raise RuntimeError("could not measure the host's MicroPython speed")
     return best
+
+
+def _user_cpu_of(micropython: str, env: dict[str, str], *args: str) -> float:
+    proc = subprocess.Popen([micropython, str(PORTS_DIR / "_cost.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.stderr:
+        proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"flash cost probe failed: {err.decode(errors='replace')[-300:]}")
+    return float(ru.ru_utime)
+
+
+@functools.lru_cache(maxsize=1)
+def standin_costs(micropython: str) -> tuple[float, float]:
+    """Host user-CPU seconds that one flash read (32 bytes) and one page program through the
+    stand-ins (rp2.Flash over the NOR model; esp32.Partition is the same shape) cost above a
+    native call of the same arity: on the boards those calls are C, so the throttle refunds this
+    for each call the chip reports. The best of three runs, as host_kernel_rate."""
+    with tempfile.TemporaryDirectory(prefix="mtr-cost-") as d:
+        hw = {"board": "rp2", "flash": str(Path(d) / "flash.bin"), "flash_size": 64 * KiB,
+              "erase_us": 0, "page_us": 0}
+        (Path(d) / "hw.json").write_text(json.dumps(hw))
+        env = dict(os.environ, MICROPYPATH=f"{PORTS_DIR}:{REPO / 'boards' / 'unix'}", MTR_HW=str(Path(d) / "hw.json"))
+        costs = []
+        for mode, n in (("read", 20000), ("program", 5000)):
+            best = None
+            for _ in range(3):
+                dt = _user_cpu_of(micropython, env, mode, str(n)) - _user_cpu_of(micropython, env, "native", str(n))
+                best = dt if best is None else min(best, dt)
+            costs.append(max(0.0, (best or 0.0) / n))
+    return costs[0], costs[1]
 
 
 def duty_for(board: str, micropython: str, speedup: float = 1.0) -> float:

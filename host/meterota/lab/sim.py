@@ -799,6 +799,7 @@ class SimDevice:
         self._reset_cause = 1  # PWRON_RESET
         self._throttle: _mcu.Throttle | None = None
         self._duty = 1.0
+        self._standin_costs = (0.0, 0.0)  # host CPU s per flash read / program the throttle refunds
         self._side: threading.Thread | None = None
         self._text = bytearray()  # console text from the device (USB link), for lines
         self.overruns = 0  # UART bytes lost in the device's FIFO (reported by the stand-in)
@@ -1025,6 +1026,7 @@ class SimDevice:
             _write_json_atomic(self.state_dir / "hw.json", _mcu.hw_params(self.board, self.state_dir, cfg))
             if self.speed is not None:
                 self._duty = _mcu.duty_for(self.board, str(self.micropython), self.speed)
+                self._standin_costs = _mcu.standin_costs(str(self.micropython))
         elif self.provision is not None and not (self.state_dir / "flash.bin").exists():
             self.provision(self.state_dir)
         if self._log is None:
@@ -1260,6 +1262,11 @@ class SimDevice:
         elif ln.startswith("O") and ln[1:].isdigit():
             self.overruns += int(ln[1:])
             self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
+        elif ln.startswith("C") and ln[1:].replace(",", "", 1).isdigit():  # the flash chip's calls
+            if self._throttle is not None:
+                reads, _, programs = ln[1:].partition(",")
+                r, p = self._standin_costs
+                self._throttle.refund(int(reads) * r + int(programs or 0) * p)
         elif ln == "B":
             if self._throttle is not None:
                 self._throttle.begin()
