@@ -153,13 +153,21 @@ class Pump:
 
     def __init__(self, ctx, disp):
         self.ctx = ctx
-        self.handle = disp.handle
+        self._handle = disp.handle
         # Boards with a watchdog armed for the trial boot feed it here: every
-        # wait of the receiver goes through the pump, at least every IDLE_MS.
+        # wait of the receiver goes through the pump, at least every IDLE_MS,
+        # and every request handled. A link's service drains all the frames its
+        # stream holds, and an RP2040's watchdog, once armed, stays armed after
+        # the confirm: a few slow requests in one service must not reset it.
         self.feed = getattr(ctx.board, "feed", None)
+        self.handle = self._handle if self.feed is None else self._fed
         self.p = select.poll()
         for l in ctx.links:
             self.p.register(l.obj, select.POLLIN)
+
+    def _fed(self, frame, origin=None):
+        self.feed()
+        return self._handle(frame, origin)
 
     def __call__(self, ms, extra=None):
         """Returns True when `extra` (another pollable) became readable."""
