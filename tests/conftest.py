@@ -197,20 +197,15 @@ class BoardDevice:
         self.sim = sim
         # A HIL board is deployed with downgrades allowed: every test starts from the factory 1.0.0.
         self.allows_downgrade = True
-        from meterota.errors import DeviceTimeout
+        from meterota.errors import TransportError
 
         t = from_address(port=port)
-        t.open()
+        try:
+            t.open()
+        except TransportError:
+            pass  # a USB port that is not back yet: _connect waits for it
         self._c = SMPClient(t, timeout=3.0)
-        # The last test may have left the board hung until its watchdog resets it (30 s on ESP32).
-        deadline = time.monotonic() + 180.0
-        while True:
-            try:
-                self._c.connect()
-                break
-            except DeviceTimeout:
-                if time.monotonic() > deadline:
-                    raise
+        self._connect()
         info = self._c.device_info or {}
         self.device_id = str(info.get("id", "?"))
         if key is None:
@@ -222,6 +217,25 @@ class BoardDevice:
             pytest.fail(f"no HMAC key for {self.device_id}: pass --key or register it (meterota keys add)")
         self.key = key
 
+    def _connect(self) -> None:
+        """Connect, waiting out what the last test left: a board hung until its watchdog resets
+        it (30 s on ESP32), or one still rebooting, whose USB port vanished and comes back."""
+        from meterota.errors import DeviceTimeout, TransportError
+        from meterota.upgrade import _reopen
+
+        deadline = time.monotonic() + 180.0
+        while True:
+            try:
+                self._c.connect()
+                return
+            except DeviceTimeout:
+                if time.monotonic() > deadline:
+                    raise
+            except TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                _reopen(self._c)
+
     def baseline(self) -> None:
         """Back to the factory runtime 1.0.0, confirmed, nothing pending, from whatever state the
         last test left: a trial image (reset: it reverts), a test pending in the free slot or a
@@ -231,7 +245,7 @@ class BoardDevice:
         from meterota.upgrade import Upgrader, _send_reset, reset_wait, wait_back
 
         c = self._c
-        c.connect()
+        self._connect()
         info = c.info()
         if info.get("trial"):
             boots = int(info.get("boots", 0))

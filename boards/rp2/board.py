@@ -119,7 +119,7 @@ class FileSectors:
         while pos < len(mv):
             n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
             k = min(len(mv) - pos, SECTOR - o2)
-            self._load(n2)
+            self._load(n2)  # feeds an armed watchdog: flash work progressing is not a hang
             sec = self.sec
             if self.blank:  # 0xFF & x == x
                 sec[o2:o2 + k] = mv[pos:pos + k]
@@ -140,6 +140,8 @@ class FileSectors:
             return SECTOR
         if op == 6:
             self._chk(arg, 0, SECTOR)
+            if _feed is not None:
+                _feed()  # an image's erase removes up to a slot's worth of files
             if self.cached == arg:
                 self.cached = -1
             try:

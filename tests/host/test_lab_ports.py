@@ -263,6 +263,30 @@ for i in range(40):
     assert abs(credit - cap) < 1e-12 and pre == 0
 
 
+def test_watchdog_feeds_reach_the_supervisor_within_a_sixteenth_of_the_timeout(tmp_path: Path) -> None:
+    """The supervisor resets the board when no feed was noted within the timeout. Notes are
+    rate-limited, so an untold feed makes the lab stricter than the chip by the note spacing; a
+    quarter of the timeout (2 s of RP2040's 8 s) reset a Pico fed 1.9 s after its last note and
+    then busy 6.5 s. Feeds 110 ms apart under a 1.6 s watchdog are each told now."""
+    sys.path.insert(0, str(REPO / "host"))
+    from meterota.lab import mcu
+
+    hw = mcu.hw_params("rp2", tmp_path, {"id": "t", "variant": "pico"})
+    (tmp_path / "flash.bin").write_bytes(b"\xff" * hw["flash_size"])
+    (tmp_path / "hw.json").write_text(json.dumps(hw))
+    (tmp_path / "t.py").write_text("""
+import machine, time
+w = machine.WDT(timeout=1600)
+for _ in range(3):
+    time.sleep_ms(110)  # the board's time between feeds (this is the input, not a wait for anything)
+    w.feed()
+""")
+    env = dict(os.environ, **mcu.lab_env("rp2", tmp_path))
+    p = subprocess.run([str(MICROPYTHON), "t.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.split() == ["W1600", "F", "F", "F"], p.stderr
+
+
 def test_esp32_partition_refuses_and_rolls_back(tmp_path: Path) -> None:
     out = run_lab(tmp_path, "esp32", REFUSE + """
 import esp32, time
