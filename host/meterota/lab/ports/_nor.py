@@ -6,7 +6,7 @@
 #
 # On the boards rp2.Flash and esp32.Partition are C: a read is one native call.
 # Here they are bytecode, which the lab's throttle would charge as the board's
-# CPU (~2 us of host CPU a read, ~1 ms of a Pico's time at its speed; littlefs
+# CPU (~1 us of host CPU a read, ~0.5 ms of a Pico's time at its speed; littlefs
 # reads a slot directory in thousands of 32-byte reads). So the chip counts its
 # reads and programs and tells the supervisor ("C<reads>,<programs>" every
 # _NOTE_EVERY), which refunds their measured cost above a native call's
