@@ -268,7 +268,15 @@ class BoardDevice:
         Upgrader(c, None, key=self.key, allow_downgrade=True).run(factory)
 
     def ready_generation(self) -> int:
-        return int(self._c.info()["boots"])
+        from meterota.errors import TransportError
+
+        try:
+            return int(self._c.info()["boots"])
+        except TransportError:
+            # A CLI run in the test reset the board: its USB port vanished under this client
+            # and came back as a new one.
+            self._connect()
+            return int(self._c.info()["boots"])
 
     def wait_ready(self, timeout: float | None = None, *, after: int | None = None) -> None:
         from meterota.upgrade import reset_wait, wait_back
