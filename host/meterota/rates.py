@@ -24,16 +24,18 @@ from dataclasses import dataclass
 
 # Raw bytes/s out of the board's inflater (device/grp_image.py upload_deflated,
 # window 2^9, blocks of up to 4 KiB of an application bundle), as the device counts it
-# (stats inflate_bytes / inflate_us) in `python tools/bench.py --boards-only` on the
-# simulated boards of this machine, 2026-12-02: unix 20-24 MB/s (the host CPU), the
-# ESP32 stand-in 1.8 MB/s, the Pico stand-in 0.36 MB/s (40 kB/s at load 10: the
-# throttle slows the C inflater like Python code, and a loaded host more, so these are
-# lower bounds). A real board's own count (info inflate_bps) replaces them once it
-# has inflated something.
+# (stats inflate_bytes / inflate_us) in `python tools/bench_boards.py --quick esp32 rp2`
+# on the simulated boards of this machine, 2026-12-02 (load under 1): the Pico stand-in
+# 0.18 MB/s over USB CDC (0.09 over its UART), the ESP32 stand-in 0.06 MB/s (0.05);
+# unix 20-24 MB/s (the host CPU, `python tools/bench.py --boards-only`). The throttle
+# slows the C inflater like Python code, and a loaded host more, so these are lower
+# bounds. They are only the prior for images under PROBE_MIN: larger uploads time
+# both ways. A real board's own count (info inflate_bps) replaces them once it has
+# inflated something.
 BOARD_INFLATE_BPS = {
     "unix": 20_000_000,
-    "rp2": 360_000,
-    "esp32": 1_800_000,
+    "rp2": 180_000,
+    "esp32": 60_000,
 }
 UNKNOWN_BOARD_INFLATE_BPS = min(BOARD_INFLATE_BPS.values())  # a board we have no figure for: the slowest
 
