@@ -249,6 +249,8 @@ class _SerialLink:
         self._stuck_since: float | None = None
         self._nak = False
         self.dropped_to_host = 0
+        self.last_from_host = 0.0  # monotonic times of the last bytes each way (the watchdog's log line)
+        self.last_from_board = 0.0
         self.enumerations = 0
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(("127.0.0.1", 0))
@@ -526,6 +528,8 @@ class _SerialLink:
             if e.errno == errno.EIO:  # cannot happen while we hold the slave; be safe anyway
                 return
             raise
+        if data:
+            self.last_from_host = time.monotonic()
         if self._shaper is not None:
             data = self._shaper.to_device(data)
         if self._conn is None:
@@ -546,6 +550,7 @@ class _SerialLink:
         if not data:
             self._drop_conn()
             return
+        self.last_from_board = time.monotonic()
         if self._tap is not None:
             self._tap(data)
         if self._shaper is not None:
@@ -1237,7 +1242,7 @@ class SimDevice:
                 timeout = None if dl is None else max(0.0, dl - time.monotonic())
                 if not sel.select(timeout):
                     if self._wdt_deadline is not None and time.monotonic() >= self._wdt_deadline:
-                        self._log_note(f"--- watchdog: no feed within {self._wdt_ms} ms, reset ---")
+                        self._log_note(f"--- watchdog: no feed within {self._wdt_ms} ms, reset{self._wire_state()} ---")
                         self._wdt_fired = True
                         self._wdt_deadline = None
                         _signal(proc, signal.SIGKILL)
@@ -1252,6 +1257,15 @@ class SimDevice:
         finally:
             sel.close()
             proc.stderr.close()
+
+    def _wire_state(self) -> str:
+        """What the wire did before a watchdog reset: was the board in a request, or idle?"""
+        link = getattr(self, "_link", None)
+        if link is None or not getattr(link, "last_from_host", 0.0):
+            return ""
+        now = time.monotonic()
+        return (f" (last bytes from the host {now - link.last_from_host:.1f} s ago, from the board "
+                f"{now - link.last_from_board:.1f} s ago)")
 
     def _side_note(self, ln: str) -> None:
         if ln.startswith("W") and ln[1:].isdigit():
