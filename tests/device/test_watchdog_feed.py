@@ -1,8 +1,9 @@
 """The receiver feeds a board's watchdog for every request it handles, not only once per poll: a
 link's service drains every frame its stream holds, and on an RP2040, whose watchdog cannot be
-stopped once a trial boot armed it (8.3 s at most), a few slow requests in one service reset a
-confirmed board. Seen on the simulated Pico at its own speed: a deflate block crossing a sector
-behind another request, the port gone mid-test, "watchdog: no feed within 8000 ms"."""
+stopped once a trial boot armed it (8.3 s at most), a few slow requests in one service could reset
+a confirmed board. Found while chasing "watchdog: no feed within 8000 ms" resets of confirmed
+boards on the simulated Pico at its own speed (those resets have another cause as well: see README,
+"Lab rig")."""
 
 from __future__ import annotations
 
