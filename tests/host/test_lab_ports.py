@@ -159,7 +159,9 @@ def test_signature_check_catches_a_mismatch() -> None:
 
 # -- behaviour under the unix MicroPython ------------------------------------------------------
 
-def run_lab(tmp_path: Path, board: str, code: str) -> str:
+def run_lab_proc(tmp_path: Path, board: str, code: str) -> subprocess.CompletedProcess[str]:
+    """`code` under the unix MicroPython with the board's stand-ins and a fresh flash; it must
+    exit 0. The stand-ins' side-channel notes are its stderr."""
     sys.path.insert(0, str(REPO / "host"))
     from meterota.lab import mcu
 
@@ -173,7 +175,11 @@ def run_lab(tmp_path: Path, board: str, code: str) -> str:
     p = subprocess.run([str(MICROPYTHON), str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
-    return p.stdout
+    return p
+
+
+def run_lab(tmp_path: Path, board: str, code: str) -> str:
+    return run_lab_proc(tmp_path, board, code).stdout
 
 
 REFUSE = """
@@ -225,14 +231,9 @@ def test_the_flash_chip_tells_its_calls_and_the_throttle_refunds_them(tmp_path: 
     simulated Pico at speed 1.0, 5 s with the refund). The chip reports its reads and programs on
     the side channel, and the throttle takes their measured cost off the charge, also when the note
     comes before the charge it is for."""
-    sys.path.insert(0, str(REPO / "host"))
     from meterota.lab import mcu
 
-    cfg = {"id": "t", "variant": "pico"}
-    hw = mcu.hw_params("rp2", tmp_path, cfg)
-    (tmp_path / "flash.bin").write_bytes(b"\xff" * hw["flash_size"])
-    (tmp_path / "hw.json").write_text(json.dumps(hw))
-    (tmp_path / "t.py").write_text("""
+    p = run_lab_proc(tmp_path, "rp2", """
 import rp2
 f = rp2.Flash()
 b = bytearray(32)
@@ -241,9 +242,6 @@ for i in range(100):
 for i in range(40):
     f.writeblocks(i, b"\\xff" * 256, 0)
 """)
-    env = dict(os.environ, **mcu.lab_env("rp2", tmp_path))
-    p = subprocess.run([str(MICROPYTHON), "t.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
-    assert p.returncode == 0, p.stderr
     # every 64 calls: 64 reads, then 36 reads and 28 programs; 12 programs still untold
     assert [ln for ln in p.stderr.splitlines() if ln.startswith("C")] == ["C64,0", "C36,28"], p.stderr
     read, program = mcu.standin_costs(str(MICROPYTHON))
@@ -268,22 +266,13 @@ def test_watchdog_feeds_reach_the_supervisor_within_a_sixteenth_of_the_timeout(t
     rate-limited, so an untold feed makes the lab stricter than the chip by the note spacing; a
     quarter of the timeout (2 s of RP2040's 8 s) reset a Pico fed 1.9 s after its last note and
     then busy 6.5 s. Feeds 110 ms apart under a 1.6 s watchdog are each told now."""
-    sys.path.insert(0, str(REPO / "host"))
-    from meterota.lab import mcu
-
-    hw = mcu.hw_params("rp2", tmp_path, {"id": "t", "variant": "pico"})
-    (tmp_path / "flash.bin").write_bytes(b"\xff" * hw["flash_size"])
-    (tmp_path / "hw.json").write_text(json.dumps(hw))
-    (tmp_path / "t.py").write_text("""
+    p = run_lab_proc(tmp_path, "rp2", """
 import machine, time
 w = machine.WDT(timeout=1600)
 for _ in range(3):
     time.sleep_ms(110)  # the board's time between feeds (this is the input, not a wait for anything)
     w.feed()
 """)
-    env = dict(os.environ, **mcu.lab_env("rp2", tmp_path))
-    p = subprocess.run([str(MICROPYTHON), "t.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
-    assert p.returncode == 0, p.stderr
     assert p.stderr.split() == ["W1600", "F", "F", "F"], p.stderr
 
 

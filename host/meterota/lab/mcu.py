@@ -358,15 +358,20 @@ class Throttle:
         self._signal(signal.SIGCONT)
 
 
-def _cpu_of(micropython: str, passes: int) -> float:
-    """CPU seconds (user + system) of one run of the kernel with `passes` passes."""
-    proc = subprocess.Popen([micropython, str(PORTS_DIR / "_speed.py"), str(passes)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _cpu_of(micropython: str, script: str, *args: str, env: dict[str, str] | None = None,
+            user_only: bool = False) -> float:
+    """CPU seconds (user + system, or user only) of one run of a lab probe in lab/ports."""
+    proc = subprocess.Popen([micropython, str(PORTS_DIR / script), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(proc.pid, 0)
+    assert proc.stderr is not None
+    err = proc.stderr.read()  # a few notes at most: the pipe never fills before the exit
+    proc.stderr.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"speed probe failed (exit {proc.returncode})")
-    return float(ru.ru_utime + ru.ru_stime)
+        raise RuntimeError(f"{script} probe failed (exit {proc.returncode}): "
+                           f"{err.decode(errors='replace')[-300:]}")
+    return float(ru.ru_utime if user_only else ru.ru_utime + ru.ru_stime)
 
 
 @functools.lru_cache(maxsize=1)
@@ -376,24 +381,12 @@ def host_kernel_rate(micropython: str) -> float:
     n = 20000
     best = 0.0
     for _ in range(3):
-        dt = _cpu_of(micropython, n) - _cpu_of(micropython, 0)
+        dt = _cpu_of(micropython, "_speed.py", str(n)) - _cpu_of(micropython, "_speed.py", "0")
         if dt > 0:
             best = max(best, n / dt)
     if best <= 0:
         raise RuntimeError("could not measure the host's MicroPython speed")
     return best
-
-
-def _user_cpu_of(micropython: str, env: dict[str, str], *args: str) -> float:
-    proc = subprocess.Popen([micropython, str(PORTS_DIR / "_cost.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    err = proc.stderr.read() if proc.stderr else b""
-    if proc.stderr:
-        proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"flash cost probe failed: {err.decode(errors='replace')[-300:]}")
-    return float(ru.ru_utime)
 
 
 @functools.lru_cache(maxsize=1)
@@ -411,7 +404,8 @@ def standin_costs(micropython: str) -> tuple[float, float]:
         for mode, n in (("read", 20000), ("program", 5000)):
             best = None
             for _ in range(3):
-                dt = _user_cpu_of(micropython, env, mode, str(n)) - _user_cpu_of(micropython, env, "native", str(n))
+                dt = (_cpu_of(micropython, "_cost.py", mode, str(n), env=env, user_only=True)
+                      - _cpu_of(micropython, "_cost.py", "native", str(n), env=env, user_only=True))
                 best = dt if best is None else min(best, dt)
             costs.append(max(0.0, (best or 0.0) / n))
     return costs[0], costs[1]

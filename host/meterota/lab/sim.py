@@ -201,6 +201,11 @@ class UsbCdc:
     dtr_poll: float = 0.01  # how often the bridge looks for a host opening the port
 
 
+def _is_counts(text: str) -> bool:
+    a, sep, b = text.partition(",")
+    return bool(sep) and a.isdigit() and b.isdigit()
+
+
 def _fionread(fd: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 
@@ -1260,8 +1265,8 @@ class SimDevice:
 
     def _wire_state(self) -> str:
         """What the wire did before a watchdog reset: was the board in a request, or idle?"""
-        link = getattr(self, "_link", None)
-        if link is None or not getattr(link, "last_from_host", 0.0):
+        link = self._link
+        if link is None or not link.last_from_host:
             return ""
         now = time.monotonic()
         return (f" (last bytes from the host {now - link.last_from_host:.1f} s ago, from the board "
@@ -1276,11 +1281,11 @@ class SimDevice:
         elif ln.startswith("O") and ln[1:].isdigit():
             self.overruns += int(ln[1:])
             self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
-        elif ln.startswith("C") and ln[1:].replace(",", "", 1).isdigit():  # the flash chip's calls
+        elif ln.startswith("C") and _is_counts(ln[1:]):  # the flash chip's calls: "C<reads>,<programs>"
             if self._throttle is not None:
                 reads, _, programs = ln[1:].partition(",")
                 r, p = self._standin_costs
-                self._throttle.refund(int(reads) * r + int(programs or 0) * p)
+                self._throttle.refund(int(reads) * r + int(programs) * p)
         elif ln == "B":
             if self._throttle is not None:
                 self._throttle.begin()
