@@ -1,7 +1,7 @@
 # A/B slots over board block devices (esp32.Partition, rp2.Flash or the unix
 # NOR model), all with 4 KiB blocks and MicroPython's block protocol:
 # readblocks(n, buf, off), writeblocks(n, buf, off) programs without erasing,
-# ioctl(6, n) erases block n.
+# writeblocks(n, buf) erases then programs, ioctl(6, n) erases block n.
 from micropython import const
 import image
 
@@ -33,6 +33,12 @@ class Slot:
 
     def program(self, sector, buf):
         self.bdev.writeblocks(sector, buf, 0)
+
+    def rewrite(self, sector, buf):
+        """Erase and program whole sectors in one call (the block protocol's
+        2-argument writeblocks): on sectors kept as littlefs files that is one
+        commit, where an erase and a program were three."""
+        self.bdev.writeblocks(sector, buf)
 
 
 class SlotTable:

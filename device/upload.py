@@ -242,10 +242,11 @@ class Session:
         for j in range(used, SECTOR):
             self.buf[j] = 0xFF  # programming 0xFF leaves NOR untouched
         if not self.sparse or self.mapped(sector) == 0xFF:
-            self.slot.erase(sector)
-        # else a multicast left blocks of it: the sector is erased but for those,
-        # which the buffer holds too (programming only clears bits)
-        self.slot.program(sector, self.buf)
+            self.slot.rewrite(sector, self.buf)
+        else:
+            # a multicast left blocks of it: the sector is erased but for those,
+            # which the buffer holds too (programming only clears bits)
+            self.slot.program(sector, self.buf)
         if sector < SECTOR - _MAP_AT:
             self._mark(_MAP_AT + sector)
         self.flushed = self.off

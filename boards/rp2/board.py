@@ -14,6 +14,12 @@
 #    backed by one littlefs file per 4 KiB sector under /mtr. An absent file
 #    reads as erased (0xFF); erase removes it; a program rewrites it (littlefs
 #    makes each rewrite atomic, so a power cut leaves the old or the new sector).
+#    A slot's files sit 16 to a subdirectory (/mtra/7/115): littlefs compacts a
+#    directory's metadata in time that grows with the square of its entries, and
+#    with 128 files in one directory a single sector's write took up to 42,000
+#    flash reads (16 to a directory: 5,000; tests/device/test_rp2_file_sectors.py).
+#    Each subdirectory costs a metadata pair (8 KiB), so 8 to one would not let
+#    a Pico's two full slots fit.
 #
 # Links: config "serial" = "stdin" (USB CDC, flow-controlled by USB) or
 # "uart:ID:TX:RX[:BAUD]"; on W boards config "wifi" + "udp_port" add UDP.
@@ -28,6 +34,7 @@ except ImportError:  # CPython (tests import this module)
     rp2 = None  # type: ignore
 
 SECTOR = 4096
+SHARD = 16  # sector files per subdirectory of a slot
 CONFIG_PATH = "/config.json"
 FILES_DIR = "/mtr"
 
@@ -59,13 +66,16 @@ def variant_for(fs_size):
 
 
 class FileSectors:
-    """A block device of `count` 4 KiB sectors stored as files DIR/NNN, with
-    NOR rules: erased reads 0xFF, a program only clears bits, 3-argument
-    writeblocks erases first, ioctl(6, n) erases sector n."""
+    """A block device of `count` 4 KiB sectors stored as files DIR/NNN (DIR/K/NNN,
+    16 sectors to a subdirectory K, when there are more than 16), with NOR rules:
+    erased reads 0xFF, a program only clears bits, 2-argument writeblocks erases
+    first (here: replaces whole sector files, one littlefs commit each), ioctl(6, n)
+    erases sector n."""
 
     def __init__(self, path, count):
         self.path = path
         self.count = count
+        self.sharded = count > SHARD
         self.sec = bytearray(SECTOR)
         self.cached = -1  # sector number held in self.sec
         self.blank = True  # that sector has no file (all 0xFF)
@@ -73,9 +83,29 @@ class FileSectors:
             os.mkdir(path)
         except OSError:
             pass
+        if self.sharded:
+            self._unflatten()
 
     def _name(self, n):
+        if self.sharded:
+            return "%s/%d/%03d" % (self.path, n // SHARD, n)
         return "%s/%03d" % (self.path, n)
+
+    def _unflatten(self):
+        # A board deployed before the subdirectories kept DIR/NNN: move those files
+        # (each rename is atomic, so a power cut here leaves every sector in one place,
+        # and the next boot moves the rest).
+        for ent in os.ilistdir(self.path):
+            if ent[1] == 0x8000 and len(ent[0]) == 3:
+                n = int(ent[0])
+                self._mkdir(n)
+                os.rename("%s/%s" % (self.path, ent[0]), self._name(n))
+
+    def _mkdir(self, n):
+        try:
+            os.mkdir("%s/%d" % (self.path, n // SHARD))
+        except OSError:
+            pass  # there already
 
     def _load(self, n):
         if self.cached == n:
@@ -97,6 +127,20 @@ class FileSectors:
         if n < 0 or off < 0 or n * SECTOR + off + ln > self.count * SECTOR:
             raise OSError(22)
 
+    def _store(self, n, data):
+        if _feed is not None:
+            _feed()  # flash work progressing is not a hang
+        self.cached = -1
+        try:
+            f = open(self._name(n), "wb")
+        except OSError:
+            if not self.sharded:
+                raise
+            self._mkdir(n)  # the first sector of its subdirectory
+            f = open(self._name(n), "wb")
+        with f:
+            f.write(data)
+
     def readblocks(self, n, buf, off=0):
         self._chk(n, off, len(buf))
         mv = memoryview(buf)
@@ -110,25 +154,29 @@ class FileSectors:
 
     def writeblocks(self, n, buf, off=None):
         if off is None:
+            # Erase and program whole sectors: each file is replaced as it stands
+            # (one commit; removing it first cost littlefs two more).
+            if len(buf) % SECTOR:
+                raise OSError(22)  # as rp2.Flash: the erase takes whole sectors
+            self._chk(n, 0, len(buf))
+            mv = memoryview(buf)
             for s in range(len(buf) // SECTOR):
-                self.ioctl(6, n + s)
-            off = 0
+                self._store(n + s, mv[s * SECTOR:(s + 1) * SECTOR])
+            return
         self._chk(n, off, len(buf))
         mv = memoryview(buf)
         pos = 0
         while pos < len(mv):
             n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
             k = min(len(mv) - pos, SECTOR - o2)
-            self._load(n2)  # feeds an armed watchdog: flash work progressing is not a hang
+            self._load(n2)
             sec = self.sec
             if self.blank:  # 0xFF & x == x
                 sec[o2:o2 + k] = mv[pos:pos + k]
             else:
                 for i in range(k):
                     sec[o2 + i] &= mv[pos + i]
-            self.cached = -1
-            with open(self._name(n2), "wb") as f:
-                f.write(sec)
+            self._store(n2, sec)
             self.blank = False
             self.cached = n2
             pos += k
@@ -147,7 +195,14 @@ class FileSectors:
             try:
                 os.remove(self._name(arg))
             except OSError:
-                pass
+                return 0  # erased already
+            if self.sharded:
+                # littlefs gives a directory a metadata pair (8 KiB): return it with
+                # the subdirectory's last file
+                try:
+                    os.rmdir("%s/%d" % (self.path, arg // SHARD))
+                except OSError:
+                    pass  # not empty
             return 0
         return 0
 

@@ -1,0 +1,108 @@
+"""The rp2 board's slots on stock firmware are littlefs files, one per 4 KiB sector
+(boards/rp2/board.py FileSectors). Under MicroPython's own littlefs (VfsLfs2 with the Pico's
+_boot.py settings: progsize 256, readsize and lookahead 32, on a 1408 KiB region), an upload's
+sector writes must stay cheap however full the slots are: littlefs compacts a directory's metadata
+in time that grows with the square of its entries, and a Pico's watchdog (8.3 s at most) cannot
+be stopped once a trial armed it.
+
+Before the subdirectories and the one-commit rewrite, filling slot B beside a full slot A made one
+sector's write cost up to 42,348 block reads (128 files in one directory); now 4,984 at most."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import REPO, run_mp
+
+CODE = r"""
+import os, sys, vfs
+sys.path.insert(0, %(rp2)r)
+import board, slots
+
+class Ram:
+    # The Pico's FS region as littlefs sees it (rp2.Flash's block protocol), counting reads.
+    def __init__(self, blocks):
+        self.mem = bytearray(b"\xff" * (blocks * 4096))
+        self.blocks = blocks
+        self.reads = 0
+    def readblocks(self, n, buf, off=0):
+        self.reads += 1
+        a = n * 4096 + off
+        buf[:] = self.mem[a:a + len(buf)]
+    def writeblocks(self, n, buf, off=None):
+        if off is None:
+            self.ioctl(6, n)
+            off = 0
+        a = n * 4096 + off
+        self.mem[a:a + len(buf)] = buf
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.blocks
+        if op == 5:
+            return 4096
+        if op == 6:
+            self.mem[arg * 4096:(arg + 1) * 4096] = b"\xff" * 4096
+        return 0
+
+dev = Ram(352)
+vfs.VfsLfs2.mkfs(dev, progsize=256)
+vfs.mount(vfs.VfsLfs2(dev, progsize=256), "/fs")
+os.chdir("/fs")
+
+# A board deployed before the subdirectories: slot A's files flat under mtra/.
+os.mkdir("mtra")
+for n in range(20):
+    with open("mtra/%%03d" %% n, "wb") as f:
+        f.write(bytes([n]) * 4096)
+a = board.FileSectors("mtra", 128)
+b = bytearray(4)
+for n in (0, 15, 16, 19):
+    a.readblocks(n, b)
+    assert b == bytes([n]) * 4, (n, b)
+assert sorted(os.listdir("mtra")) == ["0", "1"], os.listdir("mtra")
+assert len(os.listdir("mtra/1")) == 4
+
+# Slot A full, then an upload into slot B as device/upload.py writes it: each sector
+# rewritten whole, then its progress byte programmed into the meta sector.
+meta = board.FileSectors("mtrm", 4)
+assert not meta.sharded
+sa, sb = slots.Slot(a, 0), slots.Slot(board.FileSectors("mtrb", 128), 1)
+buf = bytearray(4096)
+worst = 0
+for s, n in ((sa, k) for k in range(20, 128)):
+    buf[:] = bytes([n]) * 4096
+    s.rewrite(n, buf)
+for n in range(128):
+    dev.reads = 0
+    buf[:] = bytes([n ^ 0x5A]) * 4096
+    sb.rewrite(n, buf)
+    meta.writeblocks(0, b"\x00", 16 + n)
+    worst = max(worst, dev.reads)
+for n in (0, 77, 127):
+    sb.readinto(n * 4096 + 100, b)
+    assert b == bytes([n ^ 0x5A]) * 4, (n, b)
+    sa.readinto(n * 4096, b)
+    assert b == bytes([n]) * 4, (n, b)
+
+# NOR rules through the files: a program only clears bits; an erase reads 0xFF.
+sb.program(3, b"\x0f" * 256)
+sb.readinto(3 * 4096, b)
+assert b == bytes([(3 ^ 0x5A) & 0x0F]) * 4, b
+for n in range(16):
+    sb.erase(n)
+sb.readinto(0, b)
+assert b == b"\xff" * 4
+assert "0" not in os.listdir("mtrb"), os.listdir("mtrb")   # its metadata pair given back
+try:
+    sb.rewrite(5, b"\x00" * 100)
+    raise SystemExit("rewrite took part of a sector")
+except OSError:
+    pass
+print("worst", worst)
+"""
+
+
+def test_slot_sector_writes_stay_cheap_on_littlefs(tmp_path: Path) -> None:
+    out = run_mp(tmp_path, CODE % {"rp2": str(REPO / "boards" / "rp2")}, heap="4M").stdout
+    worst = int(out.split()[-1])
+    assert worst < 8000, f"one sector's write cost {worst} littlefs block reads"
