@@ -355,9 +355,9 @@ def port_of(dev: SimDevice) -> list[str]:
 
 # smpmgr waits a fixed --timeout (2 s by default) for each reply. On a Pico with stock firmware
 # (the slots as littlefs files) the upload request that completes a sector now and then takes
-# littlefs's compaction of the slot directory's metadata: 5.5-9.7 s at the board's speed in the
-# lab (2000 small flash reads; `python tools/request_times.py rp2 1.0`), most requests 0.2 s.
-# README tells smpmgr users the same.
+# littlefs's compaction of a slot directory's metadata: up to 5.3 s at the board's speed in the
+# lab (`python tools/request_times.py rp2 1.0`), most requests 0.13 s. README tells smpmgr users
+# the same.
 SMPMGR_BOARD_TIMEOUT = 20.0
 
 

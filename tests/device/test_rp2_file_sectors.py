@@ -98,6 +98,28 @@ try:
     raise SystemExit("rewrite took part of a sector")
 except OSError:
     pass
+
+# A full filesystem: the write that finds no room raises ENOSPC (the upload answers
+# FLASH_WRITE_FAILED) and what was written before stays readable.
+vfs.umount("/fs")
+os.chdir("/")
+small = Ram(24)
+vfs.VfsLfs2.mkfs(small, progsize=256)
+vfs.mount(vfs.VfsLfs2(small, progsize=256), "/small")
+s = slots.Slot(board.FileSectors("/small/mtrb", 64), 1)
+n = 0
+try:
+    while n < 64:
+        buf[:] = bytes([n]) * 4096
+        s.rewrite(n, buf)
+        n += 1
+    raise SystemExit("no ENOSPC")
+except OSError as e:
+    assert e.errno == 28, e
+assert 10 < n < 24, n
+for k in range(n):
+    s.readinto(k * 4096 + 4095, memoryview(b)[:1])
+    assert b[0] == k, (k, b[0])
 print("worst", worst)
 """
 
