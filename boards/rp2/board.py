@@ -96,7 +96,7 @@ class FileSectors:
         # (each rename is atomic, so a power cut here leaves every sector in one place,
         # and the next boot moves the rest).
         for ent in os.ilistdir(self.path):
-            if ent[1] == 0x8000 and len(ent[0]) == 3:
+            if ent[1] == 0x8000 and len(ent[0]) == 3 and ent[0].isdigit():
                 n = int(ent[0])
                 self._mkdir(n)
                 os.rename("%s/%s" % (self.path, ent[0]), self._name(n))
