@@ -4,7 +4,7 @@ options, plain and with --console, the trial boot included.
 The device is a simulated meter behind a UART-paced bridge (960 bytes/s each way). Part of the
 image is staged beforehand on an unpaced link (the device keeps the upload session across its
 restart), so the test spends its time where each case failed ("no reply ... after 4 tries of
-2 s"): with defaults, the last fifth of the upload's pipelined window at 9600 baud and the
+2 s"): with defaults, the last tenth of the upload's pipelined window at 9600 baud and the
 test-and-reset; with --console (whole image staged), the reset wait's polls, whose replies take
 longer than their fixed 0.5 s on the base64 console framing at 9600 baud."""
 
@@ -64,7 +64,7 @@ def upgrade(tmp_path: Path, dev: SimDevice, app: Path, *extra: str) -> dict[str,
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("extra,staged", [([], 0.8), (["--console"], 1.0)], ids=["defaults", "console"])
+@pytest.mark.parametrize("extra,staged", [([], 0.9), (["--console"], 1.0)], ids=["defaults", "console"])
 def test_upgrade_over_a_9600_baud_line_with_default_timeouts(tmp_path: Path, images: Images,
                                                              extra: list[str], staged: float) -> None:
     app = images.app("1.1.0")
