@@ -355,8 +355,8 @@ def port_of(dev: SimDevice) -> list[str]:
 
 # smpmgr waits a fixed --timeout (2 s by default) for each reply. On a Pico with stock firmware
 # (the slots as littlefs files) the upload request that completes a sector now and then takes
-# littlefs's compaction of a slot directory's metadata: up to 5.3 s at the board's speed in the
-# lab (`python tools/request_times.py rp2 1.0`), most requests 0.13 s. README tells smpmgr users
+# littlefs's compaction of a slot directory's metadata: up to 2.8 s at the board's speed in the
+# lab (`python tools/request_times.py rp2 1.0`), most requests 0.16 s. README tells smpmgr users
 # the same.
 SMPMGR_BOARD_TIMEOUT = 20.0
 

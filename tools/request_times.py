@@ -4,7 +4,7 @@ chunks, one request at a time, no retries): what a fixed client timeout must all
     python tools/request_times.py rp2 1.0      # BOARD SPEED; prints boot, median, total, slowest
 
 The slowest requests are the ones that complete a sector whose write makes littlefs compact a
-slot directory's metadata (the Pico on stock firmware keeps its slots as littlefs files, 16 to a
+slot directory's metadata (the Pico on stock firmware keeps its slots as littlefs files, 8 to a
 subdirectory: boards/rp2/README.md). README's smpmgr
 section and tests/conftest.py SMPMGR_BOARD_TIMEOUT quote these figures."""
 

@@ -14,12 +14,12 @@
 #    backed by one littlefs file per 4 KiB sector under /mtr. An absent file
 #    reads as erased (0xFF); erase removes it; a program rewrites it (littlefs
 #    makes each rewrite atomic, so a power cut leaves the old or the new sector).
-#    A slot's files sit 16 to a subdirectory (/mtra/7/115): littlefs compacts a
+#    A slot's files sit 8 to a subdirectory (/mtra/14/115): littlefs compacts a
 #    directory's metadata in time that grows with the square of its entries, and
 #    with 128 files in one directory a single sector's write took up to 42,000
-#    flash reads (16 to a directory: 5,000; tests/device/test_rp2_file_sectors.py).
-#    Each subdirectory costs a metadata pair (8 KiB), so 8 to one would not let
-#    a Pico's two full slots fit.
+#    flash reads (16 to a directory: 5,000; 8: 1,700; tests/device/
+#    test_rp2_file_sectors.py). Each subdirectory costs a metadata pair (8 KiB
+#    per 32 KiB of slot): the price is room (boards/rp2/README.md).
 #
 # Links: config "serial" = "stdin" (USB CDC, flow-controlled by USB) or
 # "uart:ID:TX:RX[:BAUD]"; on W boards config "wifi" + "udp_port" add UDP.
@@ -34,7 +34,7 @@ except ImportError:  # CPython (tests import this module)
     rp2 = None  # type: ignore
 
 SECTOR = 4096
-SHARD = 16  # sector files per subdirectory of a slot
+SHARD = 8  # sector files per subdirectory of a slot
 CONFIG_PATH = "/config.json"
 FILES_DIR = "/mtr"
 
@@ -67,7 +67,7 @@ def variant_for(fs_size):
 
 class FileSectors:
     """A block device of `count` 4 KiB sectors stored as files DIR/NNN (DIR/K/NNN,
-    16 sectors to a subdirectory K, when there are more than 16), with NOR rules:
+    SHARD sectors to a subdirectory K, when there are more than SHARD), with NOR rules:
     erased reads 0xFF, a program only clears bits, 2-argument writeblocks erases
     first (here: replaces whole sector files, one littlefs commit each), ioctl(6, n)
     erases sector n."""
@@ -104,8 +104,9 @@ class FileSectors:
     def _mkdir(self, n):
         try:
             os.mkdir("%s/%d" % (self.path, n // SHARD))
-        except OSError:
-            pass  # there already
+        except OSError as e:
+            if e.errno != 17:  # EEXIST; a full filesystem's ENOSPC is the write's error
+                raise
 
     def _load(self, n):
         if self.cached == n:

@@ -6,7 +6,8 @@ in time that grows with the square of its entries, and a Pico's watchdog (8.3 s 
 be stopped once a trial armed it.
 
 Before the subdirectories and the one-commit rewrite, filling slot B beside a full slot A made one
-sector's write cost up to 42,348 block reads (128 files in one directory); now 4,984 at most."""
+sector's write cost up to 42,348 block reads (128 files in one directory); 4,984 with 16 files to
+a subdirectory, 1,714 with 8."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ b = bytearray(4)
 for n in (0, 15, 16, 19):
     a.readblocks(n, b)
     assert b == bytes([n]) * 4, (n, b)
-assert sorted(os.listdir("mtra")) == ["0", "1"], os.listdir("mtra")
-assert len(os.listdir("mtra/1")) == 4
+assert sorted(os.listdir("mtra")) == ["0", "1", "2"], os.listdir("mtra")
+assert len(os.listdir("mtra/2")) == 4
 
 # Slot A full, then an upload into slot B as device/upload.py writes it: each sector
 # rewritten whole, then its progress byte programmed into the meta sector.
@@ -92,7 +93,7 @@ for n in range(16):
     sb.erase(n)
 sb.readinto(0, b)
 assert b == b"\xff" * 4
-assert "0" not in os.listdir("mtrb"), os.listdir("mtrb")   # its metadata pair given back
+assert sorted(os.listdir("mtrb"))[:2] == ["10", "11"], os.listdir("mtrb")  # 0 and 1 gave their pairs back
 try:
     sb.rewrite(5, b"\x00" * 100)
     raise SystemExit("rewrite took part of a sector")
@@ -127,4 +128,4 @@ print("worst", worst)
 def test_slot_sector_writes_stay_cheap_on_littlefs(tmp_path: Path) -> None:
     out = run_mp(tmp_path, CODE % {"rp2": str(REPO / "boards" / "rp2")}, heap="4M").stdout
     worst = int(out.split()[-1])
-    assert worst < 8000, f"one sector's write cost {worst} littlefs block reads"
+    assert worst < 3000, f"one sector's write cost {worst} littlefs block reads"

@@ -187,8 +187,8 @@ def provision(board: str, state_dir: Path, config: dict[str, Any], img: bytes | 
         a_sectors = -(-len(img) // SECTOR)
         if a_sectors * SECTOR > int(lay["slot_a"][1]):
             raise ValueError("factory image larger than slot A")
-        for n in range(a_sectors):  # boards/rp2/board.py FileSectors: 16 files to a subdirectory
-            files[f"mtra/{n // 16}/{n:03d}"] = img[n * SECTOR:(n + 1) * SECTOR].ljust(SECTOR, b"\xff")
+        for n in range(a_sectors):  # boards/rp2/board.py FileSectors: 8 files to a subdirectory
+            files[f"mtra/{n // 8}/{n:03d}"] = img[n * SECTOR:(n + 1) * SECTOR].ljust(SECTOR, b"\xff")
         flash = _littlefs(size // SECTOR, 256, files)
     elif board == "esp32":
         parts = {p[0]: p for p in esp32_partitions()}
