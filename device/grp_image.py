@@ -316,7 +316,7 @@ class ImageGroup:
         except ValueError:
             raise GroupError(INVALID_IMAGE_HEADER_MAGIC)
         slot = table[target]
-        if length > slot.size:
+        if length > slot.size or not slot.fits(length):
             raise GroupError(INVALID_IMAGE_TOO_LARGE)
         if hdr.hdr_size < image.HEADER_SIZE or hdr.hashed_size > length or hdr.flags & (image.F_ENCRYPTED | image.F_RAM_LOAD):
             raise GroupError(INVALID_IMAGE_HEADER)

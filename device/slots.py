@@ -34,6 +34,13 @@ class Slot:
     def program(self, sector, buf):
         self.bdev.writeblocks(sector, buf, 0)
 
+    def fits(self, length):
+        """Whether the board's storage has room for an image of `length` bytes in
+        this slot: always for flash partitions, which hold their size; sectors kept
+        as files share a filesystem (boards/rp2 FileSectors.fits)."""
+        f = getattr(self.bdev, "fits", None)
+        return f is None or f(length)
+
     def rewrite(self, sector, buf):
         """Erase and program whole sectors in one call (the block protocol's
         2-argument writeblocks): on sectors kept as littlefs files that is one

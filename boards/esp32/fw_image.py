@@ -99,6 +99,9 @@ class FwSlot:
     def erase(self, sector):
         self.part.ioctl(6, sector)
 
+    def fits(self, length):
+        return True  # an OTA partition holds its size (slots.Slot.fits)
+
     def invalidate(self):
         """Make the partition hold no image: trailer first, then the app's first block."""
         self.part.ioctl(6, self.tblock)

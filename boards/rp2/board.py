@@ -35,6 +35,7 @@ except ImportError:  # CPython (tests import this module)
 
 SECTOR = 4096
 SHARD = 8  # sector files per subdirectory of a slot
+RESERVE = 6  # 4 KiB blocks an upload leaves free: the meta files' rewrites, metadata compactions
 CONFIG_PATH = "/config.json"
 FILES_DIR = "/mtr"
 
@@ -107,6 +108,27 @@ class FileSectors:
         except OSError as e:
             if e.errno != 17:  # EEXIST; a full filesystem's ENOSPC is the write's error
                 raise
+
+    def fits(self, length):
+        """Whether littlefs has room for `length` bytes of image here: the sector
+        files and subdirectories not there yet, and RESERVE blocks to spare (an upload
+        that filled the filesystem would leave no block for the boot state's writes).
+        Sectors already there are replaced in place."""
+        n = -(-length // SECTOR)
+        need = n + RESERVE
+        for k in range(-(-n // SHARD)) if self.sharded else (None,):
+            d = self.path if k is None else "%s/%d" % (self.path, k)
+            try:
+                for ent in os.ilistdir(d):
+                    if ent[0].isdigit() and int(ent[0]) < n:
+                        need -= 1
+            except OSError:
+                need += 2  # a new subdirectory's metadata pair
+        st = os.statvfs(self.path)
+        # littlefs counts the blocks in use by walking the filesystem and may count one
+        # twice: on a full one more than it has, and the free count wraps around.
+        free = st[3] if st[3] <= st[2] else 0
+        return st[0] * free >= need * SECTOR
 
     def _load(self, n):
         if self.cached == n:

@@ -11,9 +11,10 @@ a subdirectory, 1,714 with 8."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from conftest import REPO, run_mp
+from conftest import MP_PATH, REPO, run_mp
 
 CODE = r"""
 import os, sys, vfs
@@ -100,14 +101,20 @@ try:
 except OSError:
     pass
 
-# A full filesystem: the write that finds no room raises ENOSPC (the upload answers
-# FLASH_WRITE_FAILED) and what was written before stays readable.
+# A small filesystem: FileSectors.fits says how much image it takes (the upload's first request
+# refuses more: INVALID_IMAGE_TOO_LARGE), and past that the write that finds no room raises
+# ENOSPC (the upload answers FLASH_WRITE_FAILED) and what was written before stays readable.
 vfs.umount("/fs")
 os.chdir("/")
 small = Ram(24)
 vfs.VfsLfs2.mkfs(small, progsize=256)
 vfs.mount(vfs.VfsLfs2(small, progsize=256), "/small")
-s = slots.Slot(board.FileSectors("/small/mtrb", 64), 1)
+fs = board.FileSectors("/small/mtrb", 64)
+s = slots.Slot(fs, 1)
+fit = 0
+while s.fits((fit + 1) * 4096):
+    fit += 1
+assert 8 <= fit < 24 - board.RESERVE, fit
 n = 0
 try:
     while n < 64:
@@ -117,10 +124,17 @@ try:
     raise SystemExit("no ENOSPC")
 except OSError as e:
     assert e.errno == 28, e
-assert 10 < n < 24, n
+assert fit < n <= fit + board.RESERVE + 2, (fit, n)  # never admits more than fits; keeps RESERVE
 for k in range(n):
     s.readinto(k * 4096 + 4095, memoryview(b)[:1])
     assert b[0] == k, (k, b[0])
+assert s.fits(fit * 4096) is False   # full now
+for k in range(n):
+    s.erase(k)
+assert s.fits(fit * 4096) and not s.fits((fit + 1) * 4096)
+s.rewrite(0, buf)
+assert s.fits(fit * 4096)   # sector 0 is replaced in place
+print("fit", fit, "enospc at", n)
 print("worst", worst)
 """
 
@@ -129,3 +143,47 @@ def test_slot_sector_writes_stay_cheap_on_littlefs(tmp_path: Path) -> None:
     out = run_mp(tmp_path, CODE % {"rp2": str(REPO / "boards" / "rp2")}, heap="4M").stdout
     worst = int(out.split()[-1])
     assert worst < 3000, f"one sector's write cost {worst} littlefs block reads"
+
+
+UPLOAD = r"""
+import sys, json, binascii, os, vfs
+import board, receiver, updater, rp2board
+%(ram)s
+b = board.Board(%(dir)r)
+small = Ram(40)  # 160 KiB of littlefs: room for the image, not for what the first request claims
+vfs.VfsLfs2.mkfs(small, progsize=256)
+vfs.mount(vfs.VfsLfs2(small, progsize=256), "/small")
+b.slot_b = rp2board.FileSectors("/small/mtrb", 64)
+updater.Updater(b).select_boot()
+ctx, disp = receiver.build(b)
+for h in json.loads(%(reqs)r):
+    print(binascii.hexlify(disp.handle(binascii.unhexlify(h))).decode())
+"""
+
+
+def test_an_upload_the_filesystem_has_no_room_for_is_refused_at_its_first_request(tmp_path: Path) -> None:
+    """Slot B as rp2 sector files on a littlefs too small for what the upload announces: the first
+    request answers INVALID_IMAGE_TOO_LARGE (30) at once, where before the upload ran until a
+    sector write failed (FLASH_WRITE_FAILED, after minutes on a Pico) and left the filesystem full;
+    an image that fits is taken."""
+    import hashlib
+    import shutil
+
+    import cbor2
+
+    from meterota import image as img
+    from test_protocol_vectors import _req, _state_dir
+
+    d = _state_dir(tmp_path)
+    shutil.copy(REPO / "boards" / "rp2" / "board.py", tmp_path / "rp2board.py")
+    data = img.build_image(None, "1.1.0", slot_size=64 * 4096)
+    assert len(data) < 100 * 1024
+    first = {"off": 0, "data": data[:512], "image": 0, "sha": hashlib.sha256(data).digest()}
+    reqs = [_req(2, 1, 1, cbor2.dumps(dict(first, len=240 * 1024))),
+            _req(2, 1, 1, cbor2.dumps(dict(first, len=len(data))))]
+    ram = CODE[CODE.index("class Ram:"):CODE.index("dev = Ram(352)")]
+    code = UPLOAD % {"ram": ram, "dir": str(d), "reqs": json.dumps([r.hex() for r in reqs])}
+    out = run_mp(tmp_path, code, heap="1M", env={"MICROPYPATH": f"{tmp_path}:{MP_PATH}"}).stdout.split()
+    too_big, fits = (cbor2.loads(bytes.fromhex(x)[8:]) for x in out)
+    assert too_big == {"err": {"group": 1, "rc": 30}}, too_big  # SMP v2: the image group's own code
+    assert fits.get("rc", 0) == 0 and fits["off"] == 512, fits
