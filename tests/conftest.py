@@ -266,6 +266,7 @@ class BoardDevice:
         if active.get("hash") == img.parse(factory).hash and not info.get("trial"):
             return  # the factory image runs confirmed (a fresh board has no record to verify yet)
         Upgrader(c, None, key=self.key, allow_downgrade=True).run(factory)
+        c.settle()  # the test may start with smpmgr on this port
 
     def ready_generation(self) -> int:
         from meterota.errors import TransportError

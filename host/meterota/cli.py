@@ -105,7 +105,7 @@ def _connected(args: argparse.Namespace) -> Iterator[SMPClient]:
         c.connect(negotiate=not args.console)
         yield c
     finally:
-        c.t.close()
+        c.close()
 
 
 def open_store(path: Path | str | None) -> Store:
@@ -439,7 +439,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
                 if campaign and up.last is not None and up.last.recorded:
                     _field_result(st, campaign, up.last, out)
     finally:
-        c.t.close()
+        c.close()
     conf = res.confirmation or {}
     out.result(res.as_dict(), lambda: print(
         f"{res.device}: {res.result} {res.from_version} -> {res.to_version} in {res.seconds:.1f} s"

@@ -30,7 +30,7 @@ def state(dev: SimDevice) -> dict[int, dict[str, Any]]:
     try:
         return {e["slot"]: e for e in c.image_state()}
     finally:
-        c.t.close()
+        c.close()  # smpmgr may come next: no reply owed for a retried try left on the port
 
 
 def info(dev: SimDevice) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def info(dev: SimDevice) -> dict[str, Any]:
     try:
         return c.info()
     finally:
-        c.t.close()
+        c.close()
 
 
 def smpmgr(dev: SimDevice, *args: str, check: bool = True) -> Any:

@@ -81,11 +81,13 @@ def test_upgrade_over_a_9600_baud_line_with_default_timeouts(tmp_path: Path, ima
 
 
 class _SlowBoard:
-    """Every chunk the device sends reaches the host 6 s late (a board slower than the host's
-    waits: the throttled Pico computing a confirmation record), once switched on."""
+    """Every chunk the device sends reaches the host `delay` s late, one after the other (a board
+    slower than the host's waits: the throttled Pico computing a confirmation record), once
+    switched on."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 6.0) -> None:
         self.on = False
+        self.delay = delay
 
     def to_device(self, data: bytes) -> bytes:
         return data
@@ -94,7 +96,7 @@ class _SlowBoard:
         if self.on:
             import time
 
-            time.sleep(6.0)  # the fault: the reply's lateness
+            time.sleep(self.delay)  # the fault: the reply's lateness
         return data
 
 
@@ -120,6 +122,34 @@ def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
             assert c.echo("late") == "late"
             # The reply's try is known by its sequence number: a clean sample, the waits learn it.
             assert c.rto > 5.0, c.rto
+        finally:
+            t.close()
+    finally:
+        dev.stop()
+
+
+def test_replies_owed_to_answered_tries_are_read_before_the_port_is_left(tmp_path: Path) -> None:
+    """A reply 2 s late against a 1 s wait: the first try's reply answers the request while the
+    second try is on its way, and the board answers that one too. SMPClient.close() (settle)
+    reads it before closing; left on the port, it reached the next client, and smpmgr failed on
+    it with "Bad sequence 3, expected 0" (make hil-sim on the Pico: a retried state read, then
+    smpmgr's confirm)."""
+    from meterota.client import SMPClient
+    from meterota.transport import SerialTransport
+
+    shaper = _SlowBoard(2.0)
+    dev = SimDevice(tmp_path / "meter", device_id="meter-slow", shaper=shaper)  # type: ignore[arg-type]
+    dev.start()
+    try:
+        t = SerialTransport(dev.address[len("serial:"):])
+        t.open()
+        try:
+            c = SMPClient(t, timeout=1.0, retries=3)
+            c.connect()
+            shaper.on = True
+            assert c.echo("late") == "late"
+            assert c.settle() == 1  # the second try's reply, 2 s after the first's
+            assert t.recv(0.5) is None
         finally:
             t.close()
     finally:
