@@ -10,16 +10,19 @@ longer than their fixed 0.5 s on the base64 console framing at 9600 baud."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from conftest import Images, port_of, run_cli, sim_client
+from meterota.client import SMPClient
 from meterota.image import parse
 from meterota.lab.sim import SimDevice
 from meterota.store import Store
+from meterota.transport import SerialTransport
 
 # Devices of its own behind shaped links: the simulator only (a HIL run has one board).
 pytestmark = pytest.mark.usefixtures("sim_only")
@@ -100,16 +103,10 @@ class _SlowBoard:
         return data
 
 
-def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
-    """Waits of about 1.2, 1.8, 2.7 and 4 s, each reply 6 s late: every try's own reply comes after
-    the next try went out. The reply to the first try is the answer (the same request); before,
-    only the last try's reply counted and the request failed "no reply after 4 tries". The late
-    reply is also a round-trip sample (its sequence number says which try it answers), so the next
-    requests wait long enough instead of each drawing retries the board works through."""
-    from meterota.client import SMPClient
-    from meterota.transport import SerialTransport
-
-    shaper = _SlowBoard()
+@contextlib.contextmanager
+def _late_replies(tmp_path: Path, delay: float) -> Iterator[SMPClient]:
+    """A client (1 s waits, 3 retries) connected to a meter whose replies then come `delay` s late."""
+    shaper = _SlowBoard(delay)
     dev = SimDevice(tmp_path / "meter", device_id="meter-slow", shaper=shaper)  # type: ignore[arg-type]
     dev.start()
     try:
@@ -119,13 +116,23 @@ def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
             c = SMPClient(t, timeout=1.0, retries=3)
             c.connect()
             shaper.on = True
-            assert c.echo("late") == "late"
-            # The reply's try is known by its sequence number: a clean sample, the waits learn it.
-            assert c.rto > 5.0, c.rto
+            yield c
         finally:
             t.close()
     finally:
         dev.stop()
+
+
+def test_a_reply_to_an_earlier_try_answers_the_request(tmp_path: Path) -> None:
+    """Waits of about 1.2, 1.8, 2.7 and 4 s, each reply 6 s late: every try's own reply comes after
+    the next try went out. The reply to the first try is the answer (the same request); before,
+    only the last try's reply counted and the request failed "no reply after 4 tries". The late
+    reply is also a round-trip sample (its sequence number says which try it answers), so the next
+    requests wait long enough instead of each drawing retries the board works through."""
+    with _late_replies(tmp_path, 6.0) as c:
+        assert c.echo("late") == "late"
+        # The reply's try is known by its sequence number: a clean sample, the waits learn it.
+        assert c.rto > 5.0, c.rto
 
 
 def test_replies_owed_to_answered_tries_are_read_before_the_port_is_left(tmp_path: Path) -> None:
@@ -134,23 +141,7 @@ def test_replies_owed_to_answered_tries_are_read_before_the_port_is_left(tmp_pat
     reads it before closing; left on the port, it reached the next client, and smpmgr failed on
     it with "Bad sequence 3, expected 0" (make hil-sim on the Pico: a retried state read, then
     smpmgr's confirm)."""
-    from meterota.client import SMPClient
-    from meterota.transport import SerialTransport
-
-    shaper = _SlowBoard(2.0)
-    dev = SimDevice(tmp_path / "meter", device_id="meter-slow", shaper=shaper)  # type: ignore[arg-type]
-    dev.start()
-    try:
-        t = SerialTransport(dev.address[len("serial:"):])
-        t.open()
-        try:
-            c = SMPClient(t, timeout=1.0, retries=3)
-            c.connect()
-            shaper.on = True
-            assert c.echo("late") == "late"
-            assert c.settle() == 1  # the second try's reply, 2 s after the first's
-            assert t.recv(0.5) is None
-        finally:
-            t.close()
-    finally:
-        dev.stop()
+    with _late_replies(tmp_path, 2.0) as c:
+        assert c.echo("late") == "late"
+        assert c.settle() == 1  # the second try's reply, 2 s after the first's
+        assert c.t.recv(0.5) is None
