@@ -95,12 +95,21 @@ class FileSectors:
     def _unflatten(self):
         # A board deployed before the subdirectories kept DIR/NNN: move those files
         # (each rename is atomic, so a power cut here leaves every sector in one place,
-        # and the next boot moves the rest).
-        for ent in os.ilistdir(self.path):
-            if ent[1] == 0x8000 and len(ent[0]) == 3 and ent[0].isdigit():
-                n = int(ent[0])
-                self._mkdir(n)
-                os.rename("%s/%s" % (self.path, ent[0]), self._name(n))
+        # and the next boot moves the rest). Without room for the subdirectories the
+        # slot stays flat: slower to write, but its image stays where it is.
+        flat = [e[0] for e in os.ilistdir(self.path)
+                if e[1] == 0x8000 and len(e[0]) == 3 and e[0].isdigit()]
+        if not flat:
+            return
+        st = os.statvfs(self.path)
+        free = st[3] if st[3] <= st[2] else 0
+        if st[0] * free < (2 * (-(-self.count // SHARD)) + RESERVE) * SECTOR:
+            self.sharded = False
+            return
+        for name in flat:
+            n = int(name)
+            self._mkdir(n)
+            os.rename("%s/%s" % (self.path, name), self._name(n))
 
     def _mkdir(self, n):
         try:

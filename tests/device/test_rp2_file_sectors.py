@@ -135,6 +135,24 @@ assert s.fits(fit * 4096) and not s.fits((fit + 1) * 4096)
 s.rewrite(0, buf)
 assert s.fits(fit * 4096)   # sector 0 is replaced in place
 print("fit", fit, "enospc at", n)
+
+# Flat files of an older deploy on a filesystem with no room for the subdirectories: the slot
+# stays flat and keeps its image (moving it would have failed half-way, at boot).
+for k in range(n):
+    s.erase(k)
+os.mkdir("/small/mtrc")
+k = 0
+try:
+    while True:
+        with open("/small/mtrc/%%03d" %% k, "wb") as f:
+            f.write(bytes([k]) * 4096)
+        k += 1
+except OSError:
+    pass
+old = board.FileSectors("/small/mtrc", 64)
+assert not old.sharded and k > 8, k
+old.readblocks(k - 1, memoryview(b)[:1])
+assert b[0] == k - 1, b[0]
 print("worst", worst)
 """
 
