@@ -101,9 +101,7 @@ class FileSectors:
                 if e[1] == 0x8000 and len(e[0]) == 3 and e[0].isdigit()]
         if not flat:
             return
-        st = os.statvfs(self.path)
-        free = st[3] if st[3] <= st[2] else 0
-        if st[0] * free < (2 * (-(-self.count // SHARD)) + RESERVE) * SECTOR:
+        if self._free() < (2 * (-(-self.count // SHARD)) + RESERVE) * SECTOR:
             self.sharded = False
             return
         for name in flat:
@@ -133,11 +131,13 @@ class FileSectors:
                         need -= 1
             except OSError:
                 need += 2  # a new subdirectory's metadata pair
+        return self._free() >= need * SECTOR
+
+    def _free(self):
         st = os.statvfs(self.path)
         # littlefs counts the blocks in use by walking the filesystem and may count one
         # twice: on a full one more than it has, and the free count wraps around.
-        free = st[3] if st[3] <= st[2] else 0
-        return st[0] * free >= need * SECTOR
+        return st[0] * st[3] if st[3] <= st[2] else 0
 
     def _load(self, n):
         if self.cached == n:
