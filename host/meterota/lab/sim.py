@@ -813,6 +813,8 @@ class SimDevice:
         self._side: threading.Thread | None = None
         self._text = bytearray()  # console text from the device (USB link), for lines
         self.overruns = 0  # UART bytes lost in the device's FIFO (reported by the stand-in)
+        # Heap bytes the port stand-ins' Python took at the last boot (C on a real board).
+        self.standin_heap: int | None = None
         self.wdt_resets = 0
 
     # -- public properties ----------------------------------------------------------------------
@@ -1286,6 +1288,8 @@ class SimDevice:
                 reads, _, programs = ln[1:].partition(",")
                 r, p = self._standin_costs
                 self._throttle.refund(int(reads) * r + int(programs) * p)
+        elif ln.startswith("H") and ln[1:].isdigit():
+            self.standin_heap = int(ln[1:])
         elif ln == "B":
             if self._throttle is not None:
                 self._throttle.begin()

@@ -9,6 +9,8 @@
 #   irq hook (the UART's 32-byte FIFO) see the interrupts come back only after.
 # - note(): the side channel to the supervisor on fd 2 (stderr), one line per
 #   event: "W<ms>" watchdog armed, "F" fed (rate-limited), never payload.
+# - standins_loaded(): "H<bytes>", the heap the stand-ins' modules took at boot
+#   (their bytecode and state: C in the boards' firmware, costing no heap there).
 import json
 import os
 import sys
@@ -42,6 +44,13 @@ def stall(us):
     time.sleep_us(us)
     for h in _hooks:
         h.irq_on()
+
+
+def standins_loaded(before):
+    import gc
+
+    gc.collect()
+    note("H%d" % (gc.mem_alloc() - before))
 
 
 def note(line):

@@ -4,9 +4,15 @@
 # rp2:   littlefs over rp2.Flash() (progsize=256) mounted at /, as _boot.py.
 # esp32: the bootloader's OTA choice (esp32.boot), then littlefs over the vfs
 #        partition at /, as _boot.py / inisetup.py.
+# The heap the stand-ins' own Python takes (C on the boards) is reported as
+# "H<bytes>" so that figures can be given net of it.
 # Then the host's filesystem is gone: sys.path is the board's ('', '/lib'),
 # the stand-ins stay loaded (frozen in the real firmware), and main.py runs
 # from the device filesystem as pyexec_file("main.py") would.
+import gc
+
+gc.collect()
+_h0 = gc.mem_alloc()
 import _hw
 
 _hw.note("B")  # the firmware starts: the supervisor charges CPU time to the board from here
@@ -21,10 +27,12 @@ board = p["board"]
 if board == "rp2":
     import rp2
 
+    _hw.standins_loaded(_h0)
     fs = vfs.VfsLfs2(rp2.Flash(), progsize=256)
 elif board == "esp32":
     import esp32
 
+    _hw.standins_loaded(_h0)
     esp32.boot()
     fs = vfs.VfsLfs2(esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")[0])
 else:
@@ -36,7 +44,7 @@ vfs.umount("/")
 vfs.mount(fs, "/")
 os.chdir("/")
 sys.path[:] = ["", "/lib"]
-del fs, p
+del fs, p, _h0
 _g = {"__name__": "__main__"}
 with open("main.py") as _f:
     _src = _f.read()
