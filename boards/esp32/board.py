@@ -159,7 +159,9 @@ class Board:
     def _udp(self):
         import wifi
 
-        return wifi.udp_socket(self.config)
+        s = wifi.udp_socket(self.config)
+        del sys.modules["wifi"]  # needed once, at boot: its code need not stay in the heap
+        return s
 
     # -- native firmware -------------------------------------------------------
     def register(self, disp, ctx, images):

@@ -73,13 +73,19 @@ class FileSectors:
     first (here: replaces whole sector files, one littlefs commit each), ioctl(6, n)
     erases sector n."""
 
+    # One sector cache for every instance (meta, slot A, slot B): a 4 KiB buffer
+    # each took 12 KiB of a Pico's heap, and no call works on two at once.
+    sec = None
+    owner = None  # the instance whose sector `sec` holds
+    cached = -1  # that sector's number
+    blank = True  # that sector has no file (all 0xFF)
+
     def __init__(self, path, count):
         self.path = path
         self.count = count
         self.sharded = count > SHARD
-        self.sec = bytearray(SECTOR)
-        self.cached = -1  # sector number held in self.sec
-        self.blank = True  # that sector has no file (all 0xFF)
+        if FileSectors.sec is None:
+            FileSectors.sec = bytearray(SECTOR)
         try:
             os.mkdir(path)
         except OSError:
@@ -140,20 +146,28 @@ class FileSectors:
         return st[0] * st[3] if st[3] <= st[2] else 0
 
     def _load(self, n):
-        if self.cached == n:
+        C = FileSectors
+        if C.owner is self and C.cached == n:
             return
         if _feed is not None:
             _feed()
-        self.cached = -1
+        C.owner = None
+        sec = C.sec
         try:
             with open(self._name(n), "rb") as f:
-                k = f.readinto(self.sec)
+                k = f.readinto(sec)
         except OSError:
             k = 0
         for i in range(k, SECTOR):
-            self.sec[i] = 0xFF
-        self.blank = k == 0
-        self.cached = n
+            sec[i] = 0xFF
+        C.blank = k == 0
+        C.owner = self
+        C.cached = n
+
+    def _drop(self, n):
+        # sector n's file changes: the cache no longer holds it
+        if FileSectors.owner is self and FileSectors.cached == n:
+            FileSectors.owner = None
 
     def _chk(self, n, off, ln):
         if n < 0 or off < 0 or n * SECTOR + off + ln > self.count * SECTOR:
@@ -162,7 +176,7 @@ class FileSectors:
     def _store(self, n, data):
         if _feed is not None:
             _feed()  # flash work progressing is not a hang
-        self.cached = -1
+        self._drop(n)
         try:
             f = open(self._name(n), "wb")
         except OSError:
@@ -181,7 +195,7 @@ class FileSectors:
             n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
             k = min(len(mv) - pos, SECTOR - o2)
             self._load(n2)
-            mv[pos:pos + k] = memoryview(self.sec)[o2:o2 + k]
+            mv[pos:pos + k] = memoryview(FileSectors.sec)[o2:o2 + k]
             pos += k
 
     def writeblocks(self, n, buf, off=None):
@@ -202,15 +216,17 @@ class FileSectors:
             n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
             k = min(len(mv) - pos, SECTOR - o2)
             self._load(n2)
-            sec = self.sec
-            if self.blank:  # 0xFF & x == x
+            C = FileSectors
+            sec = C.sec
+            if C.blank:  # 0xFF & x == x
                 sec[o2:o2 + k] = mv[pos:pos + k]
             else:
                 for i in range(k):
                     sec[o2 + i] &= mv[pos + i]
             self._store(n2, sec)
-            self.blank = False
-            self.cached = n2
+            C.blank = False  # the cache holds what was stored
+            C.owner = self
+            C.cached = n2
             pos += k
 
     def ioctl(self, op, arg):
@@ -222,8 +238,7 @@ class FileSectors:
             self._chk(arg, 0, SECTOR)
             if _feed is not None:
                 _feed()  # an image's erase removes up to a slot's worth of files
-            if self.cached == arg:
-                self.cached = -1
+            self._drop(arg)
             try:
                 os.remove(self._name(arg))
             except OSError:
@@ -299,7 +314,9 @@ class Board:
     def _udp(self):
         import wifi
 
-        return wifi.udp_socket(self.config)
+        s = wifi.udp_socket(self.config)
+        del sys.modules["wifi"]  # needed once, at boot: its code need not stay in the heap
+        return s
 
     def register(self, disp, ctx, images):
         """receiver.build's board hook, before the application is imported: a trial boot arms

@@ -86,6 +86,17 @@ for n in (0, 77, 127):
     sa.readinto(n * 4096, b)
     assert b == bytes([n]) * 4, (n, b)
 
+# One sector cache for every FileSectors (a Pico's meta, slot A and slot B took 4 KiB each):
+# another instance costs its few attributes, not a buffer.
+import gc
+gc.collect()
+h0 = gc.mem_alloc()
+extra = board.FileSectors("mtrx", 4)
+extra.readblocks(0, b)
+gc.collect()
+assert gc.mem_alloc() - h0 < 1024, gc.mem_alloc() - h0
+del extra
+
 # NOR rules through the files: a program only clears bits; an erase reads 0xFF.
 sb.program(3, b"\x0f" * 256)
 sb.readinto(3 * 4096, b)
