@@ -507,12 +507,15 @@ def _entry(link: Link, tool: str, data: bytes, sec: float | None, runs: int, set
 # Heap: the smallest -X heapsize=NwK that still does the job
 
 
-def heap_probe(template: Path, work: Path, n: int, mode: str, data: bytes) -> bool:
+def heap_probe(template: Path, work: Path, n: int, mode: str, data: bytes,
+               board: dict[str, Any] | None = None) -> bool:
+    """Whether a device with -X heapsize=NwK boots and does `mode`; `board`: SimDevice arguments
+    of a simulated board (board=, link=, speed=), the unix board when None."""
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(template, work)
-    dev = SimDevice(work, device_id="bench-heap", heap=f"{n}wK")
+    dev = SimDevice(work, device_id="bench-heap", heap=f"{n}wK", **(board or {}))
     try:
-        dev.start(timeout=15)
+        dev.start(timeout=15 if board is None else 60)
     except SimError:
         return False
     try:
@@ -535,22 +538,22 @@ def heap_probe(template: Path, work: Path, n: int, mode: str, data: bytes) -> bo
 
 
 def smallest_heap(template: Path, work: Path, mode: str, data: bytes, lo: int = 8, hi: int = 256,
-                  window: int = 6) -> tuple[int | None, int | None]:
+                  window: int = 6, board: dict[str, Any] | None = None) -> tuple[int | None, int | None]:
     """(bisection result, reliable minimum) in wK for heap_probe. Heap need is not quite monotonic
     (fragmentation), so from the bisection result upward `window` consecutive sizes must all pass;
     each failure moves the reliable minimum above it. None when even `hi` fails."""
-    if not heap_probe(template, work, hi, mode, data):
+    if not heap_probe(template, work, hi, mode, data, board):
         return None, None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if heap_probe(template, work, mid, mode, data):
+        if heap_probe(template, work, mid, mode, data, board):
             hi = mid
         else:
             lo = mid
     found = reliable = hi
     n = hi + 1
     while n < reliable + window:
-        if not heap_probe(template, work, n, mode, data):
+        if not heap_probe(template, work, n, mode, data, board):
             reliable = n + 1
         n += 1
     return found, reliable

@@ -13,6 +13,7 @@ and the unix simulator, one device per board and link:
 
     python tools/bench.py --boards [--quick]
     python tools/bench_boards.py [--quick] [--speed=X] [BOARD or BOARD/LINK ...]
+    python tools/bench_boards.py --smallest-heap [--speed=X] [BOARD ...]   (heap bisection, speed 16)
 """
 
 from __future__ import annotations
@@ -169,6 +170,41 @@ def measure(work: Path, quick: bool, log: Any = print, only: list[str] | None = 
     return rows
 
 
+def smallest_heaps(work: Path, boards: list[str], speed: float = 16.0, log: Any = print) -> list[dict[str, Any]]:
+    """The smallest -X heapsize=NwK with which each simulated board boots and completes a deflate
+    upload of the runtime-only image, both slots holding images (tools/bench.py's bisection, with
+    3 sizes above it that must pass), and N less the heap the stand-ins took at boot. The heap does
+    not depend on the board's speed: the boards run at `speed` x theirs to make it quick."""
+    import bench
+
+    out = []
+    for board in boards:
+        t0 = time.monotonic()
+        data = _image(board, "1.1.0", None)
+        template = work / f"heap-{board}" / "template"
+        dev = _device(template, board, "usb", speed)
+        dev.start(timeout=300)
+        try:
+            c = _client(dev)
+            try:
+                c.image_erase(1)
+                c.upload(data, compress=False)
+            finally:
+                c.t.close()
+            standin = dev.standin_heap
+        finally:
+            dev.stop()
+        found, reliable = bench.smallest_heap(template, work / f"heap-{board}" / "probe", "deflate", data,
+                                              lo=24, hi=160, window=3,
+                                              board={"board": board, "link": "usb", "speed": speed})
+        row = {"board": board, "bisection_wK": found, "smallest_wK": reliable, "standin_heap": standin,
+               "net_kib32": None if reliable is None else round(reliable - (_kib32(standin) or 0), 1),
+               "seconds": round(time.monotonic() - t0)}
+        log(f"  heap {board}: " + json.dumps(row))
+        out.append(row)
+    return out
+
+
 def _net(r: dict[str, Any]) -> Any:
     """The deflate upload's high-water less the heap the lab's port stand-ins took at boot: what
     the board's firmware (its port modules in C) would leave to the device code."""
@@ -215,6 +251,11 @@ if __name__ == "__main__":
     w = REPO / ".meterota" / "bench"
     w.mkdir(parents=True, exist_ok=True)
     only = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--smallest-heap" in sys.argv:
+        # python tools/bench_boards.py --smallest-heap [--speed=X] [rp2 esp32]
+        hs = smallest_heaps(w, only or ["rp2", "esp32"], speed if speed != 1.0 else 16.0)
+        (REPO / "bench-boards-heap.json").write_text(json.dumps(hs, indent=1))
+        sys.exit(0)
     rs = measure(w, quick, only=only or None, speed=speed)
     print(table(rs))
     (REPO / "bench-boards.json").write_text(json.dumps(rs, indent=1))

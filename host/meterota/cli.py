@@ -702,7 +702,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--baud", type=at.baud, default=115200, help="serial baud rate (default 115200)")
     g.add_argument("--timeout", type=at.positive_float, default=2.0,
                    help="seconds to wait for each reply (default 2)")
-    g.add_argument("--retries", type=at.count, default=3, help="retries of a silent request (default 3)")
+    g.add_argument("--retries", type=at.count, default=3,
+                   help="retries of a silent request (default 3); an upload resends from the device's "
+                   "offset through retries + 2 silent waits in a row")
     g.add_argument("--console", action="store_true", help="stay on the standard SMP console framing")
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document on stdout")
 

@@ -282,14 +282,19 @@ class SMPClient:
         return bool(self.device_info and "deflate" in self.device_info.get("features", ()))
 
     def upload(self, data: bytes, *, image: int = 1, upgrade: bool = False, window: int | None = None,
-               chunk: int | None = None, progress: Progress | None = None, max_stalls: int = 5,
+               chunk: int | None = None, progress: Progress | None = None, max_stalls: int | None = None,
                compress: bool | None = None, target: tuple[int, int] = (P.Group.IMAGE, 1)) -> UploadStats:
         """Upload `data` to the device's free slot; resumes where the device says.
 
         compress: None = when the device offers it (meterota's group 64 upload of
         raw-deflate blocks with a 512-byte window), True = require it, False = never.
         target: the (group, command) of the plain upload; another one than the
-        image group's (a concentrator's image store) uploads uncompressed."""
+        image group's (a concentrator's image store) uploads uncompressed.
+        max_stalls: silent waits in a row the upload resends through (from the device's
+        last offset, each wait 1.5 x the one before); by default the client's retries + 2
+        (5 with the default 3), so that fewer retries also give up on a dead line sooner."""
+        if max_stalls is None:
+            max_stalls = self.retries + 2
         why = ""
         probe: _Probe | None = None
         if target != (P.Group.IMAGE, 1):
@@ -466,7 +471,8 @@ class SMPClient:
                 stalls += 1
                 stats.timeouts += 1
                 if stalls > max_stalls:
-                    raise DeviceTimeout(f"upload: device {self.t.name} stopped answering at offset {acked}")
+                    raise DeviceTimeout(f"upload: device {self.t.name} stopped answering at offset {acked} "
+                                        f"({stalls} silent waits in a row)")
                 inflight.clear()
                 sent_at.clear()
                 pos = acked  # resend from what the device confirmed

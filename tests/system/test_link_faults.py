@@ -463,6 +463,22 @@ def test_one_lost_device_info_reply_is_retried(make_device: Callable[..., SimDev
     assert r.returncode == 0, r.stderr
 
 
+def test_fewer_retries_give_up_on_a_dead_line_sooner(make_device: Callable[..., SimDevice], images: Images,
+                                                      db: Path) -> None:
+    """The line to the device goes dead 8 kB into the upload: with `--retries 0` the upload gives
+    up after 2 silent waits in a row past the first (retries + 2), a clean failure naming them.
+    Before, an upload always waited through 6, whatever --retries said (25 s at --timeout 0.5)."""
+    shaper = make_shaper("stall", at=8000, seconds=600, mode="drop", direction="to_device", enabled=False)
+    dev = make_device("serial", shaper=shaper)
+    register(db, dev)
+    shaper.enabled = True
+    r = meterota(db, "upgrade", *port_of(dev), "--timeout", "0.3", "--retries", "0", str(images.app("1.1.0")))
+    shaper.enabled = False
+    assert r.returncode == 3, r.stderr
+    assert_clean_failure(r)
+    assert "stopped answering at offset" in r.stderr and "(3 silent waits in a row)" in r.stderr, r.stderr
+
+
 def test_lost_reset_reply_is_not_fatal(make_device: Callable[..., SimDevice], images: Images, db: Path) -> None:
     shaper = _lost_reply(P.Group.OS, 5)
     dev = make_device("serial", shaper=shaper)
