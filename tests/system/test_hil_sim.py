@@ -1,7 +1,7 @@
 """HIL mode in CI: the system suite's `--port` plumbing against a simulated board
 (`--sim-board`, the board's own code under its port's stand-ins), as `make hil` runs it against a
 real one. `make hil-sim` runs the whole suite on both boards at their calibrated speed; this is
-the subset in `make test`, on the simulated Pico at 16 x its speed (the plumbing is under test
+the subset in `make test`, on the simulated Pico at 64 x its speed (the plumbing is under test
 here, not the board's pace):
 
 - smpmgr's one-shot upgrade, which leaves the board running an unconfirmed trial image, then
@@ -34,7 +34,7 @@ def test_hil_subset_against_a_simulated_pico(tmp_path: Path, request: pytest.Fix
     if request.config.getoption("--port") or request.config.getoption("--sim-board"):
         pytest.skip("already in HIL mode")
     proc = subprocess.run([str(BIN / "pytest"), "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
-                           "--sim-board", "rp2", "--sim-speed", "16", *SUBSET],
+                           "--sim-board", "rp2", "--sim-speed", "64", *SUBSET],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
