@@ -326,3 +326,32 @@ def test_real_device_answers_smpmgr_over_the_pty(tmp_path: Path) -> None:
         assert "r='hi'" in r.stdout
     finally:
         dev.stop()
+
+
+def test_a_boards_watchdog_clock_leaves_out_its_wait_for_a_host_cpu() -> None:
+    """Two busy processes on one CPU each wait on its run queue about half the time: the board
+    clock of one (what the lab's watchdog counts) falls behind wall time by that wait, which a
+    chip never has; after the process exits the clock keeps the last wait and does not jump."""
+    from meterota.lab.sim import BoardClock
+
+    if not os.path.exists(f"/proc/{os.getpid()}/schedstat") or not hasattr(os, "sched_setaffinity"):
+        pytest.fail("this Linux host has no /proc/PID/schedstat: the lab's watchdog would count wall time")
+    cpu = min(os.sched_getaffinity(0))
+    spin = [sys.executable, "-c", "while True: pass"]
+    procs = [subprocess.Popen(spin, preexec_fn=lambda: os.sched_setaffinity(0, {cpu})) for _ in range(2)]
+    try:
+        clock = BoardClock(procs[0].pid)
+        w0, c0 = time.monotonic(), clock.now()
+        deadline = w0 + 30
+        while clock.waited() < 0.3:
+            assert time.monotonic() < deadline, "no run-queue wait measured"
+            time.sleep(0.05)  # polling the kernel's counter, not synchronisation
+        behind = (time.monotonic() - w0) - (clock.now() - c0)
+        assert behind >= 0.25, behind
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    last = time.monotonic() - clock.now()
+    assert abs((time.monotonic() - clock.now()) - last) < 0.05
+    assert clock.waited() >= 0.3

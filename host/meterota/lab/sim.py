@@ -201,6 +201,32 @@ class UsbCdc:
     dtr_poll: float = 0.01  # how often the bridge looks for a host opening the port
 
 
+class BoardClock:
+    """The time a simulated board's watchdog counts: wall time less what its process spent
+    runnable but waiting for a host CPU (/proc/PID/schedstat's run-queue delay). A chip's time
+    never waits for another program; on a loaded host the throttled board would otherwise run
+    slower than the chip for the same wall time and its watchdog be stricter than the chip's.
+    Time the throttle holds the process stopped is the board's own pace and still counts. Where
+    /proc has no schedstat, plain wall time."""
+
+    def __init__(self, pid: int) -> None:
+        self.path = f"/proc/{pid}/schedstat"
+        self._waited = 0.0
+
+    def waited(self) -> float:
+        """Seconds the process has waited on a run queue since it started; once it has exited,
+        the last figure read (so that its clock does not jump ahead)."""
+        try:
+            with open(self.path) as f:
+                self._waited = int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+        return self._waited
+
+    def now(self) -> float:
+        return time.monotonic() - self.waited()
+
+
 def _is_counts(text: str) -> bool:
     a, sep, b = text.partition(",")
     return bool(sep) and a.isdigit() and b.isdigit()
@@ -804,7 +830,8 @@ class SimDevice:
         self.dead_reason: str | None = None
         # MCU boards: the watchdog the device armed (supervisor-enforced), the throttle, the wire.
         self._wdt_ms: int | None = None
-        self._wdt_deadline: float | None = None
+        self._wdt_deadline: float | None = None  # on _wdt_clock
+        self._wdt_clock = BoardClock(os.getpid())  # the running board's, from its start on
         self._wdt_fired = False
         self._reset_cause = 1  # PWRON_RESET
         self._throttle: _mcu.Throttle | None = None
@@ -1243,12 +1270,14 @@ class SimDevice:
         buf = b""
         sel = selectors.DefaultSelector()
         sel.register(fd, selectors.EVENT_READ)
+        clock = self._wdt_clock = BoardClock(proc.pid)
         try:
             while True:
                 dl = self._wdt_deadline
-                timeout = None if dl is None else max(0.0, dl - time.monotonic())
+                # On the board's clock the deadline is never nearer than in wall time: wait, then look.
+                timeout = None if dl is None else max(0.0, dl - clock.now())
                 if not sel.select(timeout):
-                    if self._wdt_deadline is not None and time.monotonic() >= self._wdt_deadline:
+                    if self._wdt_deadline is not None and clock.now() >= self._wdt_deadline:
                         self._log_note(f"--- watchdog: no feed within {self._wdt_ms} ms, reset{self._wire_state()} ---")
                         self._wdt_fired = True
                         self._wdt_deadline = None
@@ -1277,9 +1306,9 @@ class SimDevice:
     def _side_note(self, ln: str) -> None:
         if ln.startswith("W") and ln[1:].isdigit():
             self._wdt_ms = int(ln[1:])
-            self._wdt_deadline = time.monotonic() + self._wdt_ms / 1000
+            self._wdt_deadline = self._wdt_clock.now() + self._wdt_ms / 1000
         elif ln == "F" and self._wdt_ms:
-            self._wdt_deadline = time.monotonic() + self._wdt_ms / 1000
+            self._wdt_deadline = self._wdt_clock.now() + self._wdt_ms / 1000
         elif ln.startswith("O") and ln[1:].isdigit():
             self.overruns += int(ln[1:])
             self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
