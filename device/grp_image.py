@@ -6,7 +6,6 @@ import image
 import upload
 import time
 from smp import GroupError, MgmtError, arg
-from policy import Refused
 
 GROUP = const(1)
 CMD_STATE = const(0)
@@ -32,17 +31,6 @@ INVALID_IMAGE_DATA_OVERRUN = const(31)
 IMAGE_CONFIRMATION_DENIED = const(32)
 IMAGE_SETTING_TEST_TO_ACTIVE_DENIED = const(33)
 
-_REFUSED = {
-    "test-active": IMAGE_SETTING_TEST_TO_ACTIVE_DENIED,
-    "pending": IMAGE_ALREADY_PENDING,
-    "not-bootable": INVALID_IMAGE_HEADER,
-    "in-use": NO_FREE_SLOT,
-    "downgrade": CURRENT_VERSION_IS_NEWER,
-    "unsigned": IMAGE_CONFIRMATION_DENIED,
-    "wrong-key": IMAGE_CONFIRMATION_DENIED,
-    "bad-signature": IMAGE_CONFIRMATION_DENIED,
-    "wrong-kind": INVALID_IMAGE_VECTOR_TABLE,
-}
 # The upload's `image` number, as smpmgr --slot N sends it (MCUboot's serial
 # recovery numbering: 0 = default, then two numbers per image, one per slot).
 # Image 0 (0, 1, 2) is the application bundle: all go to the free A/B slot.
@@ -53,29 +41,7 @@ FIRMWARE_IMAGES = (3, 4)
 BUSY_MS = const(10000)  # an upload idle this long may be taken over by another client
 
 _BYTES = (bytes, bytearray, memoryview)
-
-
 NO_FREE_MEMORY = const(15)
-# Zephyr's img_mgmt_translate_error_code for SMP v1 clients, case by case: the
-# invalid-argument codes are INVALID_SLOT (14) and 19-22, 24, 25; the header
-# magic (23), version query (26) and vector table/size/overrun (29-31) are
-# EUNKNOWN there, as is every code it does not list. Checked against
-# tests/device/vectors/smp_v1_errors.json.
-_V1_EINVAL = (INVALID_SLOT, 19, 20, INVALID_LENGTH, INVALID_IMAGE_HEADER, INVALID_HASH, 25)
-
-
-def v1_rc(rc):
-    """Zephyr's translation of image errors for SMP v1 clients."""
-    if rc in (NO_IMAGE, NO_TLVS):
-        return smp.ENOENT
-    if rc in (NO_FREE_SLOT, CURRENT_VERSION_IS_NEWER, IMAGE_ALREADY_PENDING):
-        return smp.EBADSTATE
-    if rc == NO_FREE_MEMORY:
-        return smp.ENOMEM
-    if rc in _V1_EINVAL:
-        return smp.EINVAL
-    return smp.EUNKNOWN
-
 
 GROUP_METEROTA = const(64)
 CMD_UPLOAD_DEFLATED = const(3)  # meterota's compressed upload (user group 64)
@@ -83,8 +49,10 @@ DEFLATE_WBITS = const(9)  # 512-byte window: what a small device can afford
 DEFLATE_BLOCK = const(4096)  # raw bytes per request at most
 
 
-def _refused(r):
-    return GroupError(_REFUSED.get(r.why, UNKNOWN))
+def _v1(rc):
+    """Zephyr's translation of image errors for SMP v1 clients (imgcheck.v1_rc):
+    an error path, so its table is loaded only when a v1 client needs it."""
+    return smp.call_lazy("imgcheck", "v1_rc", rc)
 
 
 class ImageGroup:
@@ -194,26 +162,10 @@ class ImageGroup:
             raise
 
     # -- what differs between the A/B slots and another target --------------
+    # (and, in imgcheck.py, the A/B slots' admission and verdict, which another
+    # kind replaces with its own `_admit(target, hdr, req)` and `_accept(info)`)
     def _target(self):
         return self.up.other
-
-    def _admit(self, target, hdr, req):
-        up = self.up
-        if up.slot_in_use(target) or up.st.pending == target:
-            raise GroupError(NO_FREE_SLOT)
-        running = up.running()
-        if arg(req, "upgrade", bool, False) and running is not None:
-            if image.version_key(hdr.version) <= image.version_key(running.version):
-                raise GroupError(CURRENT_VERSION_IS_NEWER)
-        try:
-            up.policy.check_version(hdr, running)
-        except Refused as r:
-            raise _refused(r)
-
-    def _accept(self, inf):
-        if inf.tlvs.get(image.TLV_KIND) is not None:
-            raise Refused("wrong-kind")  # a native firmware image is no application bundle
-        self.up.policy.check_image(inf, self.up.running())
 
     def _claim(self, same_image):
         """Refuse with EBUSY a second client while an upload is alive; a client
@@ -276,89 +228,13 @@ class ImageGroup:
             return {"off": s.off}
         return self._finish()
 
+    # The first chunk and the end of an upload come once per image: their
+    # checks live in device/imgcheck.py, loaded for the call and released after.
     def _first(self, req, data):
-        s = self.session
-        table = self.table
-        length = arg(req, "len", int)
-        sha = arg(req, "sha", _BYTES, b"")
-        if len(sha) > 32:
-            raise GroupError(INVALID_HASH)
-        target = self._target()
-        same = (length is not None and len(sha) and s.state != upload.IDLE and s.slot.index == target
-                and s.length == length and s.sha == bytes(sha))
-        self._claim(same)
-        if same:
-            # Same image as the unfinished (or finished) session: resume.
-            if s.state == upload.DONE and table.info(target) is not None:
-                return {"off": s.length, "match": True}
-            if s.state == upload.RUNNING:
-                if s.need_rehash:
-                    s.rehash()
-                if s.off == s.length:
-                    return self._finish()  # all data was in flash; only the end was lost
-                if s.off > 0:
-                    return {"off": s.off}
-                if s.hdr is None and len(data) >= image.HEADER_SIZE:
-                    try:
-                        s.hdr = image.Header(data)
-                    except ValueError:
-                        raise GroupError(INVALID_IMAGE_HEADER_MAGIC)
-                if s.hdr is not None:
-                    table.busy = target
-                    return None  # sector 0 still to come; later sectors (a multicast's) are kept
-            # Nothing kept yet: start the session again with this first chunk.
-        if length is None:
-            raise GroupError(INVALID_LENGTH)
-        if len(data) < image.HEADER_SIZE:
-            raise GroupError(INVALID_IMAGE_HEADER)
-        try:
-            hdr = image.Header(data)
-        except ValueError:
-            raise GroupError(INVALID_IMAGE_HEADER_MAGIC)
-        slot = table[target]
-        if length > slot.size or not slot.fits(length):
-            raise GroupError(INVALID_IMAGE_TOO_LARGE)
-        if hdr.hdr_size < image.HEADER_SIZE or hdr.hashed_size > length or hdr.flags & (image.F_ENCRYPTED | image.F_RAM_LOAD):
-            raise GroupError(INVALID_IMAGE_HEADER)
-        self._admit(target, hdr, req)
-        if s.state == upload.RUNNING and s.slot.index != target:
-            s.cancel(False)
-        table.busy = target
-        table.invalidate(target)
-        try:
-            s.begin(slot, length, sha, hdr)
-        except OSError:
-            raise GroupError(FLASH_WRITE_FAILED)
-        return None
+        return smp.call_lazy("imgcheck", "first", self, req, data)
 
     def _finish(self):
-        s = self.session
-        table = self.table
-        t = s.slot.index
-        digest, match = s.finish()
-        table.busy = -1
-        table.invalidate(t)
-        # Read back what reached flash and verify it like the boot stage does.
-        inf = table.info(t)
-        if inf is None or inf.hash != digest:
-            s.cancel(True)
-            table.invalidate(t)
-            raise GroupError(INVALID_HASH)
-        if match is False:
-            s.cancel(True)
-            table.invalidate(t)
-            return {"off": s.off, "match": False}
-        try:
-            self._accept(inf)
-        except Refused as r:
-            # Refused images never stay bootable: the header sector goes.
-            s.cancel(True)
-            table.invalidate(t)
-            raise _refused(r)
-        s.mark_done()
-        if match is None:
-            return {"off": s.off}
-        return {"off": s.off, "match": True}
+        return smp.call_lazy("imgcheck", "finish", self)
 
 
 def register(disp, up):
@@ -367,5 +243,5 @@ def register(disp, up):
     disp.register(GROUP, CMD_UPLOAD, None, g.upload)
     disp.register(GROUP, CMD_ERASE, None, g.erase)
     disp.register(GROUP_METEROTA, CMD_UPLOAD_DEFLATED, None, g.upload_deflated)
-    disp.set_v1_translation(GROUP, v1_rc)
+    disp.set_v1_translation(GROUP, _v1)
     return g

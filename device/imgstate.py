@@ -2,9 +2,10 @@
 # kinds an ImageGroup serves (grp_image.ImageGroup and the groups of add_image).
 # A host sends these a few times per upgrade, so this code is loaded for each
 # request and released after (smp.call_lazy); the upload path stays resident.
-from grp_image import GroupError, HASH_NOT_FOUND, INVALID_HASH, INVALID_SLOT, _BYTES, _refused
+from grp_image import GroupError, HASH_NOT_FOUND, INVALID_HASH, INVALID_SLOT, _BYTES
+from imgcheck import refused
 from smp import arg
-from policy import Refused
+from updater import Refused
 
 
 def state_map(top):
@@ -45,7 +46,7 @@ def write(top, req):
             else:
                 raise GroupError(HASH_NOT_FOUND)
     except Refused as r:
-        raise _refused(r)
+        raise refused(r)
     return state_map(top)
 
 
@@ -59,5 +60,5 @@ def erase(top, req):
     try:
         g.erase_slot(logical & 1)
     except Refused as r:
-        raise _refused(r)
+        raise refused(r)
     return {}

@@ -7,62 +7,60 @@ import hashlib
 import struct
 import sys
 import image
+from updater import Refused
 
 # DER SubjectPublicKeyInfo prefix of an Ed25519 key: KEYHASH = SHA-256(prefix + key).
 _ED25519_SPKI = b"\x30\x2a\x30\x05\x06\x03\x2b\x65\x70\x03\x21\x00"
 
 
-class Refused(Exception):
-    """An operation the state or the policy does not allow; .why names it for SMP."""
-
-    def __init__(self, why):
-        self.why = why
+def _keyhash(pubkey):
+    return hashlib.sha256(_ED25519_SPKI + pubkey).digest()
 
 
-class Policy:
-    def __init__(self, cfg):
-        pk = cfg.get("pubkey")
-        self.pubkey = bytes.fromhex(pk) if pk else None
-        self.keyhash = hashlib.sha256(_ED25519_SPKI + self.pubkey).digest() if self.pubkey else None
-        self.allow_downgrade = bool(cfg.get("allow_downgrade", False))
-        self._trusted = []  # image hashes whose signature verified in this run
+def _pubkey(cfg):
+    pk = cfg.get("pubkey")
+    return bytes.fromhex(pk) if pk else None
 
-    def check_version(self, hdr, running):
-        """At the first chunk: refuse an image older than the running (confirmed) one."""
-        if running is None or self.allow_downgrade:
-            return
-        if image.version_key(hdr.version) < image.version_key(running.version):
+
+def check_version(cfg, trusted, hdr, running):
+    """At the first chunk: refuse an image older than the running (confirmed) one."""
+    if running is None or cfg.get("allow_downgrade", False):
+        return
+    if image.version_key(hdr.version) < image.version_key(running.version):
+        raise Refused("downgrade")
+
+
+def check_image(cfg, trusted, info, running):
+    """Once the whole image is in flash (and again before it may boot). `trusted`:
+    the hashes whose signature verified in this run, kept by the caller."""
+    if running is not None and not cfg.get("allow_downgrade", False):
+        new = _counter(info)
+        old = _counter(running)
+        if old is not None and (new is None or new < old):
             raise Refused("downgrade")
+    pubkey = _pubkey(cfg)
+    if pubkey is None or info.hash in trusted:
+        return
+    sig = info.tlvs.get(image.TLV_ED25519)
+    if sig is None or len(sig) != 64:
+        raise Refused("unsigned")
+    kh = info.tlvs.get(image.TLV_KEYHASH)
+    if kh is not None and bytes(kh) != _keyhash(pubkey):
+        raise Refused("wrong-key")
+    import ed25519
 
-    def check_image(self, info, running):
-        """Once the whole image is in flash (and again before it may boot)."""
-        if running is not None and not self.allow_downgrade:
-            new = _counter(info)
-            old = _counter(running)
-            if old is not None and (new is None or new < old):
-                raise Refused("downgrade")
-        if self.pubkey is None or info.hash in self._trusted:
-            return
-        sig = info.tlvs.get(image.TLV_ED25519)
-        if sig is None or len(sig) != 64:
-            raise Refused("unsigned")
-        kh = info.tlvs.get(image.TLV_KEYHASH)
-        if kh is not None and bytes(kh) != self.keyhash:
-            raise Refused("wrong-key")
-        import ed25519
-
-        try:
-            ok = ed25519.verify(self.pubkey, info.hash, bytes(sig))
-        finally:
-            # A verify is rare (once per image) and its code is large: give
-            # its RAM back to the receiver's buffers instead of keeping it.
-            del ed25519
-            for m in ("ed25519", "sha512"):
-                sys.modules.pop(m, None)
-            gc.collect()
-        if not ok:
-            raise Refused("bad-signature")
-        self._trusted.append(bytes(info.hash))
+    try:
+        ok = ed25519.verify(pubkey, info.hash, bytes(sig))
+    finally:
+        # A verify is rare (once per image) and its code is large: give
+        # its RAM back to the receiver's buffers instead of keeping it.
+        del ed25519
+        for m in ("ed25519", "sha512"):
+            sys.modules.pop(m, None)
+        gc.collect()
+    if not ok:
+        raise Refused("bad-signature")
+    trusted.append(bytes(info.hash))
 
 
 def _counter(info):

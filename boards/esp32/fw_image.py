@@ -35,7 +35,7 @@ import grp_image
 import upload
 import firmware_ab
 from smp import GroupError, arg
-from policy import Refused
+from updater import Refused
 from bootstate import RES_OK, RES_KO
 
 SECTOR = const(4096)
@@ -407,7 +407,7 @@ class FirmwareImages(grp_image.ImageGroup):
         inf = t.info(1)
         if inf is None or not inf.bootable:
             raise Refused("not-bootable")
-        self.up.policy.check_image(inf, self.running_info())
+        self.up.check_image(inf, self.running_info())
         f = t.flags(1)
         if f[F_TEST] != 0xFF or f[F_TRIED] != 0xFF or f[F_OK] != 0xFF or f[F_DONE] != 0xFF:
             t.clear_flags(1)  # tested before (an older firmware): a new test
@@ -506,12 +506,14 @@ class FirmwareImages(grp_image.ImageGroup):
             if image.version_key(hdr.version) <= image.version_key(v):
                 raise GroupError(grp_image.CURRENT_VERSION_IS_NEWER)
         try:
-            self.up.policy.check_version(hdr, None if v is None else _Version(v))
+            self.up.check_version(hdr, None if v is None else _Version(v))
         except Refused as r:
-            raise grp_image._refused(r)
+            import imgcheck  # loaded: _admit runs in imgcheck.first
+
+            raise imgcheck.refused(r)
 
     def _accept(self, inf):
-        self.up.policy.check_image(inf, self.running_info())
+        self.up.check_image(inf, self.running_info())
 
 
 def register(disp, ctx, images, running, nxt, first=True):
