@@ -101,6 +101,9 @@ class ImageGroup:
     def on_trial(self):
         return bool(self.up.st.trial)
 
+    def find_hash(self, h):
+        return self.table.find_hash(h)
+
     def confirm_running(self):
         self.up.confirm()
 

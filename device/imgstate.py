@@ -37,7 +37,7 @@ def write(top, req):
                 raise GroupError(INVALID_HASH)
             h = bytes(h)
             for g in groups:
-                i = g.table.find_hash(h)
+                i = g.find_hash(h)
                 if i >= 0:
                     if any(o is not g and o.on_trial() for o in groups):
                         raise Refused("pending")  # one trial at a time, whatever the image kind

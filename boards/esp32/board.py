@@ -89,6 +89,94 @@ class Sub:
         return 0
 
 
+class _Idle:
+    state = 0  # upload.IDLE: what the firmware's session is while fw_image is not loaded
+
+
+class Firmware:
+    """Image 1 of the image group (the native firmware), with fw_image.py and
+    firmware_ab.py loaded only while a request needs them: a state read, test,
+    erase, the board's boot check, or a firmware upload, during which they stay
+    loaded (its session lives in RAM). Their code is 11 KiB (32-bit) of heap that a
+    bundle's upload, the common case, no longer carries. What must outlive a load
+    stays here: the verified images of both partitions (hashing an OTA partition
+    again on every state read would take seconds) and the upload's claim."""
+
+    IDLE = _Idle()
+
+    def __init__(self, ctx, disp, running, nxt):
+        self.args = (ctx, disp, running, nxt)
+        self.cache = ([False, False], [False, False])  # fw_image.FwTable's info and desc
+        self.g = None  # fw_image.FirmwareImages while loaded
+
+    def _load(self):
+        g = self.g
+        if g is None:
+            import fw_image
+
+            g = self.g = fw_image.FirmwareImages(*self.args, cache=self.cache)
+        return g
+
+    def _call(self, name, *args):
+        try:
+            return getattr(self._load(), name)(*args)
+        finally:
+            self._release()
+
+    def _release(self):
+        g = self.g
+        if g is not None and g.session.state == 0:  # no upload in progress or done
+            self.g = None
+            for m in ("fw_image", "firmware_ab"):
+                sys.modules.pop(m, None)
+
+    # What grp_image.ImageGroup and imgstate.py use of another image kind.
+    @property
+    def owner(self):
+        return None if self.g is None else self.g.owner
+
+    @property
+    def session(self):
+        return self.IDLE if self.g is None else self.g.session
+
+    def _upload(self, req):
+        return self._call("_upload", req)
+
+    def _claim(self, same_image):
+        return self._call("_claim", same_image)
+
+    def state_images(self):
+        return self._call("state_images")
+
+    def find_hash(self, h):
+        return self._call("find_hash", h)
+
+    def test(self, i, permanent):
+        return self._call("test", i, permanent)
+
+    def on_trial(self):
+        return self._call("on_trial")
+
+    def confirm_running(self):
+        return self._call("confirm_running")
+
+    def erase_slot(self, logical):
+        return self._call("erase_slot", logical)
+
+    # What the board uses.
+    def boot_check(self):
+        return self._call("boot_check")
+
+    def trial(self):
+        return self._call("trial")
+
+    def fail(self, reason):
+        return self._call("fail", reason)
+
+    def self_test(self, feed):
+        return self._call("self_test", feed)
+
+
 def _find(label):
     P = esp32.Partition
     found = P.find(P.TYPE_DATA, label=label)
@@ -103,7 +191,7 @@ class Board:
             self.config = json.load(f)
         self._wdt = None
         self.layout = "?"
-        self.fw = None  # fw_image.FirmwareImages when the table has OTA app slots
+        self.fw = None  # Firmware (image 1) when the table has OTA app slots
         self._fw_checked = False  # its boot check runs once per boot, not per receiver
         self._setup_flash()
 
@@ -179,10 +267,13 @@ class Board:
             nxt = running.get_next_update()
         except OSError:
             return  # no OTA partitions: uploads to image 3/4 answer ENOTSUP
-        import fw_image
+        import grp_image
 
-        self.fw = fw_image.register(disp, ctx, images, running, nxt, not self._fw_checked)
+        fw = self.fw = Firmware(ctx, disp, running, nxt)
+        if not self._fw_checked:
+            fw.boot_check()
         self._fw_checked = True
+        images.add_image(grp_image.FIRMWARE_IMAGES, fw)
 
     # -- lifecycle -----------------------------------------------------------
     def ready(self, ctx):

@@ -112,13 +112,15 @@ class FwTable:
     """The running (0) and the next (1) OTA partition, the SlotTable interface
     grp_image uses, plus the app descriptor of images not uploaded over SMP."""
 
-    def __init__(self, running, nxt):
+    def __init__(self, running, nxt, cache=None):
         self.slots = (FwSlot(running, 0), FwSlot(nxt, 1))
         self.chunk = bytearray(1024)  # verification reads
         self.page = bytearray(256)  # the flags page
         self.hdr = bytearray(image.HEADER_SIZE)
-        self._info = [False, False]
-        self._desc = [False, False]
+        # What info() and desc() found, per partition (False: not read yet). The
+        # board keeps these lists while this module is not loaded (board.Firmware),
+        # so that a state read does not hash both partitions again.
+        self._info, self._desc = cache or ([False, False], [False, False])
         self.busy = -1
 
     def __getitem__(self, i):
@@ -319,9 +321,9 @@ def chip_id(part):
 class FirmwareImages(grp_image.ImageGroup):
     """Image 1: the ESP32's own firmware, through the image group's commands."""
 
-    def __init__(self, ctx, disp, running, nxt):
+    def __init__(self, ctx, disp, running, nxt, cache=None):
         self.ctx = ctx
-        t = FwTable(running, nxt)
+        t = FwTable(running, nxt, cache)
         super().__init__(ctx.up, disp, FwSession(t, chip_id(running)), t)
 
     # -- state --------------------------------------------------------------
@@ -514,13 +516,3 @@ class FirmwareImages(grp_image.ImageGroup):
 
     def _accept(self, inf):
         self.up.check_image(inf, self.running_info())
-
-
-def register(disp, ctx, images, running, nxt, first=True):
-    """Serve the native firmware as image 1 of `images` (grp_image.ImageGroup);
-    `first`: the first registration of this boot (runs the boot check)."""
-    g = FirmwareImages(ctx, disp, running, nxt)
-    if first:
-        g.boot_check()
-    images.add_image(grp_image.FIRMWARE_IMAGES, g)
-    return g

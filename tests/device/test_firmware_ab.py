@@ -374,6 +374,38 @@ d.erase(2, tag='erase_running')
     assert r.body("erase_running") == {"err": {"group": 1, "rc": NO_FREE_SLOT}}
 
 
+def test_the_firmware_code_is_loaded_only_for_firmware_requests(tmp_path: Path, images: Images) -> None:
+    """fw_image.py and firmware_ab.py (11 KiB of a 32-bit heap with their data) are not
+    resident while a bundle is uploaded: a state read loads them and lets them go, a
+    firmware upload keeps them until its session ends, and the images they verified
+    outlive the load (the state reads agree)."""
+    r = Run(tmp_path, images)
+    r.run(f"""
+import sys, hashlib
+def loaded(tag):
+    fwdrv.out(tag, mods=sorted(m for m in ("fw_image", "firmware_ab") if m in sys.modules))
+loaded('booted')
+d.state('s1')
+loaded('after_state')
+data = open({str(images.fw)!r}, 'rb').read()
+d.call(2, 1, 1, {{"off": 0, "len": len(data), "sha": hashlib.sha256(data).digest(), "image": 3,
+                 "data": data[:512]}}, 'first')
+loaded('uploading')
+d.state('s2')
+loaded('state_while_uploading')
+d.erase(3, tag='cancel')
+loaded('cancelled')
+d.state('s3')
+""")
+    assert r.get("booted")["mods"] == [] and r.get("after_state")["mods"] == []
+    assert r.body("first") == {"off": 512}
+    assert r.get("uploading")["mods"] == ["firmware_ab", "fw_image"]
+    assert r.get("state_while_uploading")["mods"] == ["firmware_ab", "fw_image"]
+    assert r.body("cancel") == {}
+    assert r.get("cancelled")["mods"] == []
+    assert r.state("s1") == r.state("s3") and (1, 0) in r.state("s1")
+
+
 def test_no_bundle_trial_during_a_firmware_trial(tmp_path: Path, images: Images) -> None:
     r = Run(tmp_path, images)
     h = images.hash(images.fw)
