@@ -3,9 +3,14 @@
 # A host sends these a few times per upgrade, so this code is loaded for each
 # request and released after (smp.call_lazy); the upload path stays resident.
 from grp_image import GroupError, HASH_NOT_FOUND, INVALID_HASH, INVALID_SLOT, _BYTES
-from imgcheck import refused
 from smp import arg
 from updater import Refused
+
+
+def refused(r):
+    import imgcheck  # an error path: its table is not loaded for every state request
+
+    return imgcheck.refused(r)
 
 
 def state_map(top):

@@ -74,19 +74,19 @@ class FileSectors:
     first (here: replaces whole sector files, one littlefs commit each), ioctl(6, n)
     erases sector n."""
 
-    # One sector cache for every instance (meta, slot A, slot B): a 4 KiB buffer
-    # each took 12 KiB of a Pico's heap, and no call works on two at once.
-    sec = None
-    owner = None  # the instance whose sector `sec` holds
+    # One open sector file for every instance (meta, slot A, slot B), read in place:
+    # littlefs gives an open file a 1 KiB cache, where a copy of the sector took
+    # 4 KiB of a Pico's heap (12 KiB with one per instance); no call works on two
+    # sectors at once.
+    f = None  # that file (None: the sector has no file, all 0xFF)
+    owner = None  # the instance whose sector it is
     cached = -1  # that sector's number
-    blank = True  # that sector has no file (all 0xFF)
+    size = 0  # bytes the file holds; past them the sector reads 0xFF
 
     def __init__(self, path, count):
         self.path = path
         self.count = count
         self.sharded = count > SHARD
-        if FileSectors.sec is None:
-            FileSectors.sec = bytearray(SECTOR)
         try:
             os.mkdir(path)
         except OSError:
@@ -146,49 +146,68 @@ class FileSectors:
         # twice: on a full one more than it has, and the free count wraps around.
         return st[0] * st[3] if st[3] <= st[2] else 0
 
-    def _load(self, n):
+    def _open(self, n):
         C = FileSectors
         if C.owner is self and C.cached == n:
             return
         if _feed is not None:
             _feed()
-        C.owner = None
-        sec = C.sec
+        self._close()
         try:
-            with open(self._name(n), "rb") as f:
-                k = f.readinto(sec)
+            f = open(self._name(n), "rb")
+            C.size = f.seek(0, 2)
+            C.f = f
         except OSError:
-            k = 0
-        i = k
-        while i < SECTOR:  # erased reads 0xFF: a page at a time, not 4096 byte steps
-            j = min(SECTOR, (i | 255) + 1)
-            sec[i:j] = _FF[:j - i]
-            i = j
-        C.blank = k == 0
+            C.size = 0
         C.owner = self
         C.cached = n
 
+    @staticmethod
+    def _close():
+        C = FileSectors
+        f = C.f
+        C.f = C.owner = None
+        C.size = 0
+        if f is not None:
+            f.close()
+
     def _drop(self, n):
-        # sector n's file changes: the cache no longer holds it
+        # sector n's file changes: the open handle no longer shows it
         if FileSectors.owner is self and FileSectors.cached == n:
-            FileSectors.owner = None
+            self._close()
+
+    def _read(self, n, o, mv):
+        """Bytes o.. of sector n into memoryview mv (within the sector)."""
+        self._open(n)
+        f = FileSectors.f
+        size = FileSectors.size
+        k = 0
+        if f is not None and o < size:
+            f.seek(o)
+            k = f.readinto(mv[:min(len(mv), size - o)])
+        while k < len(mv):  # erased reads 0xFF: a page at a time
+            j = min(len(mv), k + 256)
+            mv[k:j] = _FF[:j - k]
+            k = j
 
     def _chk(self, n, off, ln):
         if n < 0 or off < 0 or n * SECTOR + off + ln > self.count * SECTOR:
             raise OSError(22)
 
-    def _store(self, n, data):
-        if _feed is not None:
-            _feed()  # flash work progressing is not a hang
-        self._drop(n)
+    def _create(self, n):
         try:
-            f = open(self._name(n), "wb")
+            return open(self._name(n), "wb")
         except OSError:
             if not self.sharded:
                 raise
             self._mkdir(n)  # the first sector of its subdirectory
-            f = open(self._name(n), "wb")
-        with f:
+            return open(self._name(n), "wb")
+
+    def _store(self, n, data):
+        if _feed is not None:
+            _feed()  # flash work progressing is not a hang
+        self._drop(n)
+        with self._create(n) as f:
             f.write(data)
 
     def readblocks(self, n, buf, off=0):
@@ -198,8 +217,7 @@ class FileSectors:
         while pos < len(mv):
             n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
             k = min(len(mv) - pos, SECTOR - o2)
-            self._load(n2)
-            mv[pos:pos + k] = memoryview(FileSectors.sec)[o2:o2 + k]
+            self._read(n2, o2, mv[pos:pos + k])
             pos += k
 
     def writeblocks(self, n, buf, off=None):
@@ -219,19 +237,31 @@ class FileSectors:
         while pos < len(mv):
             n2, o2 = n + (off + pos) // SECTOR, (off + pos) % SECTOR
             k = min(len(mv) - pos, SECTOR - o2)
-            self._load(n2)
-            C = FileSectors
-            sec = C.sec
-            if C.blank:  # 0xFF & x == x
-                sec[o2:o2 + k] = mv[pos:pos + k]
-            else:
-                for i in range(k):
-                    sec[o2 + i] &= mv[pos + i]
-            self._store(n2, sec)
-            C.blank = False  # the cache holds what was stored
-            C.owner = self
-            C.cached = n2
+            self._program(n2, o2, mv[pos:pos + k])
             pos += k
+
+    def _program(self, n, o, data):
+        # NOR program: the new bytes AND the old ones, written in place (littlefs
+        # commits the file when it is closed, so a power cut keeps the old bytes or
+        # the new). A sector without a file gets one, 0xFF up to `o`.
+        new = bytearray(len(data))
+        self._read(n, o, memoryview(new))
+        size = FileSectors.size
+        for i in range(len(new)):
+            new[i] &= data[i]
+        if _feed is not None:
+            _feed()
+        self._drop(n)
+        with open(self._name(n), "r+b") if size else self._create(n) as f:
+            if size < o:
+                f.seek(size)
+                while size < o:
+                    k = min(o - size, 256)
+                    f.write(_FF[:k])
+                    size += k
+            else:
+                f.seek(o)
+            f.write(new)
 
     def ioctl(self, op, arg):
         if op == 4:

@@ -51,6 +51,25 @@ vfs.VfsLfs2.mkfs(dev, progsize=256)
 vfs.mount(vfs.VfsLfs2(dev, progsize=256), "/fs")
 os.chdir("/fs")
 
+# What reading a sector holds: one open sector file for every FileSectors (littlefs's 1 KiB
+# cache for it), where a copy of the sector took 4 KiB of a Pico's heap.
+import gc
+with open("probe", "wb") as f:
+    f.write(b"\x01" * 4096)
+b = bytearray(4)
+gc.collect()
+h0 = gc.mem_alloc()
+probe = board.FileSectors("mtrp", 4)
+os.rename("probe", "mtrp/000")
+probe.readblocks(0, b)
+assert b == b"\x01" * 4, b
+gc.collect()
+assert gc.mem_alloc() - h0 < 2048, gc.mem_alloc() - h0
+probe.ioctl(6, 0)
+probe.readblocks(0, b)
+assert b == b"\xff" * 4, b
+del probe
+
 # A board deployed before the subdirectories: slot A's files flat under mtra/.
 os.mkdir("mtra")
 for n in range(20):
@@ -86,9 +105,7 @@ for n in (0, 77, 127):
     sa.readinto(n * 4096, b)
     assert b == bytes([n]) * 4, (n, b)
 
-# One sector cache for every FileSectors (a Pico's meta, slot A and slot B took 4 KiB each):
-# another instance costs its few attributes, not a buffer.
-import gc
+# Another instance costs its few attributes, not a buffer.
 gc.collect()
 h0 = gc.mem_alloc()
 extra = board.FileSectors("mtrx", 4)
@@ -101,6 +118,16 @@ del extra
 sb.program(3, b"\x0f" * 256)
 sb.readinto(3 * 4096, b)
 assert b == bytes([(3 ^ 0x5A) & 0x0F]) * 4, b
+# A program into part of a sector keeps the rest; into a sector without a file, 0xFF around it.
+meta.ioctl(6, 2)
+meta.writeblocks(2, b"\x12\x34", 1000)
+meta.writeblocks(2, b"\x30", 1001)
+got = bytearray(4096)
+meta.readblocks(2, got)
+assert got[:1000] == b"\xff" * 1000 and got[1000:1002] == b"\x12\x30" and got[1002:] == b"\xff" * 3094, got[996:1006]
+meta.writeblocks(2, b"\x00" * 8, 4088)
+meta.readblocks(2, got)
+assert got[1000:1002] == b"\x12\x30" and got[4088:] == bytes(8) and got[1002:4088] == b"\xff" * 3086
 for n in range(16):
     sb.erase(n)
 sb.readinto(0, b)
