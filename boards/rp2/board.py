@@ -40,18 +40,20 @@ RESERVE = 6  # 4 KiB blocks an upload leaves free: the meta files' rewrites, met
 CONFIG_PATH = "/config.json"
 FILES_DIR = "/mtr"
 
-# Mirrors layout.json (offsets relative to the FS region start).
-K = 1024
-LAYOUTS = {
-    "pico": {"fs_size": 1408 * K, "fs": [0, 368 * K], "meta": [368 * K, 16 * K],
-             "slot_a": [384 * K, 512 * K], "slot_b": [896 * K, 512 * K]},
-    "pico_w": {"fs_size": 848 * K, "fs": [0, 192 * K], "meta": [192 * K, 16 * K],
-               "slot_a": [208 * K, 320 * K], "slot_b": [528 * K, 320 * K]},
-    "pico2": {"fs_size": 3072 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
-              "slot_a": [1024 * K, 1024 * K], "slot_b": [2048 * K, 1024 * K]},
-    "pico2_w": {"fs_size": 2560 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
-                "slot_a": [1024 * K, 768 * K], "slot_b": [1792 * K, 768 * K]},
-}
+def layouts():
+    """The layouts per variant, mirroring layout.json (offsets relative to the FS
+    region start). Built when asked (at boot), so its dicts do not stay in the heap."""
+    K = 1024
+    return {
+        "pico": {"fs_size": 1408 * K, "fs": [0, 368 * K], "meta": [368 * K, 16 * K],
+                 "slot_a": [384 * K, 512 * K], "slot_b": [896 * K, 512 * K]},
+        "pico_w": {"fs_size": 848 * K, "fs": [0, 192 * K], "meta": [192 * K, 16 * K],
+                   "slot_a": [208 * K, 320 * K], "slot_b": [528 * K, 320 * K]},
+        "pico2": {"fs_size": 3072 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
+                  "slot_a": [1024 * K, 1024 * K], "slot_b": [2048 * K, 1024 * K]},
+        "pico2_w": {"fs_size": 2560 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
+                    "slot_a": [1024 * K, 768 * K], "slot_b": [1792 * K, 768 * K]},
+    }
 
 
 # The armed trial watchdog's feed, called for every flash sector loaded (FileSectors._load):
@@ -61,7 +63,7 @@ _feed = None
 
 
 def variant_for(fs_size):
-    for name, lay in LAYOUTS.items():
+    for name, lay in layouts().items():
         if lay["fs_size"] == fs_size:
             return name
     return None
@@ -302,7 +304,7 @@ class Board:
         region = rp2.Flash()
         fs_size = region.ioctl(4, 0) * SECTOR
         self.variant = cfg.get("variant") or variant_for(fs_size)
-        lay = cfg.get("layout") or LAYOUTS.get(self.variant or "")
+        lay = cfg.get("layout") or layouts().get(self.variant or "")
         if not lay:
             raise OSError(22, "no layout for an FS region of %d bytes" % fs_size)
         mode = cfg.get("flash_mode", "auto")

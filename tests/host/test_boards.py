@@ -159,12 +159,12 @@ def test_esp32_stock_layout(esp32_layout: dict) -> None:
 def test_rp2_layouts() -> None:
     data = json.loads((BOARDS / "rp2" / "layout.json").read_text())
     board = load(BOARDS / "rp2" / "board.py", "rp2_board")
-    assert set(data["boards"]) == set(RP2_FS) == set(board.LAYOUTS)
+    assert set(data["boards"]) == set(RP2_FS) == set(board.layouts())
     for name, lay in data["boards"].items():
         fs_size = lay["fs_size"]
         assert fs_size == RP2_FS[name], name
         assert lay["fs_region"] == [lay["flash_size"] - fs_size, fs_size], "the FS region is the top of flash"
-        assert {k: lay[k] for k in board.LAYOUTS[name]} == board.LAYOUTS[name], f"{name}: board.py != layout.json"
+        assert {k: lay[k] for k in board.layouts()[name]} == board.layouts()[name], f"{name}: board.py != layout.json"
         regions_ok({k: tuple(lay[k]) for k in ("fs", "meta", "slot_a", "slot_b")}, 0, fs_size)
         assert lay["fs"][0] == 0 and lay["slot_b"][0] + lay["slot_b"][1] == fs_size
         assert lay["fs"][1] >= FS_MIN, f"{name}: no room left for the device files"
