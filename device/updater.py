@@ -91,54 +91,12 @@ class Updater:
     def select_boot(self):
         """Decide which slot boots now and persist that decision before it runs.
 
-        Returns the slot index, or -1 when no slot holds a bootable image."""
-        st = self.st
-        st.boots += 1
-        if not st.valid:
-            st.active = NONE
-            st.pending = NONE
-            st.flags = 0
-        failed = NONE  # a test image that just failed: never fall back onto it
-        if st.trial:
-            # The test image got a reset before anyone confirmed it.
-            failed = st.active
-            self.revert("not confirmed before reset")
-        elif st.pending != NONE:
-            p = st.pending
-            st.pending = NONE
-            why = "pending image invalid"
-            if p != st.active and self._bootable(p):
-                try:
-                    self.trust(p)  # the boot stage checks like MCUboot would
-                except Refused as r:
-                    why = "pending image refused: " + r.why
-                    p = NONE
-            if p != NONE and p != st.active and self._bootable(p):
-                prev = st.active
-                st.active = p
-                if st.permanent:
-                    self._record(RES_OK, "made permanent", p, prev)
-                else:
-                    st.trial = True
-            else:
-                self._record(RES_KO, why, st.pending if p == NONE else p, st.active)
-            st.permanent = False
-        if st.active != NONE and not self._bootable(st.active):
-            if st.trial:
-                failed = st.active
-                self.revert("test image invalid")
-            else:
-                st.revert_reason = "active image invalid"
-                failed = st.active
-                st.active = NONE
-        if st.active == NONE or not self._bootable(st.active):
-            st.active = NONE
-            for i in (slots.A, slots.B):
-                if i != failed and self._bootable(i):
-                    st.active = i
-                    break
-        st.save()
-        return -1 if st.active == NONE else st.active
+        Returns the slot index, or -1 when no slot holds a bootable image. Its
+        code (device/bootsel.py) is the boot stage's: the receiver never runs
+        it, so the receiver's copy of this module does not carry it."""
+        import bootsel
+
+        return bootsel.select_boot(self)
 
     # -- test / confirm / revert ------------------------------------------
     def revert(self, reason):
