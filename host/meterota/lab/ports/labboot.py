@@ -48,4 +48,9 @@ del fs, p, _h0
 _g = {"__name__": "__main__"}
 with open("main.py") as _f:
     _src = _f.read()
-exec(_src, _g)
+# pyexec_file keeps neither the file (littlefs gives an open file a 1 KiB cache, which
+# stays with the object) nor the source once main.py is compiled: nor does the lab.
+_code = compile(_src, "main.py", "exec")
+del _f, _src
+gc.collect()
+exec(_code, _g)
