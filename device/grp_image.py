@@ -50,9 +50,9 @@ DEFLATE_BLOCK = const(4096)  # raw bytes per request at most
 
 
 def _v1(rc):
-    """Zephyr's translation of image errors for SMP v1 clients (imgcheck.v1_rc):
+    """Zephyr's translation of image errors for SMP v1 clients (imgerr.v1_rc):
     an error path, so its table is loaded only when a v1 client needs it."""
-    return smp.call_lazy("imgcheck", "v1_rc", rc)
+    return smp.call_lazy("imgerr", "v1_rc", rc)
 
 
 class ImageGroup:

@@ -8,9 +8,9 @@ from updater import Refused
 
 
 def refused(r):
-    import imgcheck  # an error path: its table is not loaded for every state request
+    import imgerr  # an error path: its table is not loaded for every state request
 
-    return imgcheck.refused(r)
+    return imgerr.refused(r)
 
 
 def state_map(top):

@@ -22,14 +22,6 @@ def _pubkey(cfg):
     return bytes.fromhex(pk) if pk else None
 
 
-def check_version(cfg, trusted, hdr, running):
-    """At the first chunk: refuse an image older than the running (confirmed) one."""
-    if running is None or cfg.get("allow_downgrade", False):
-        return
-    if image.version_key(hdr.version) < image.version_key(running.version):
-        raise Refused("downgrade")
-
-
 def check_image(cfg, trusted, info, running):
     """Once the whole image is in flash (and again before it may boot). `trusted`:
     the hashes whose signature verified in this run, kept by the caller."""

@@ -66,23 +66,16 @@ class Updater:
         """Raise Refused unless slot i may boot under the policy."""
         self.check_image(self.slots.info(i), self.running())
 
-    # The policy's checks come once or twice per image: device/policy.py is
-    # loaded for the check and released after.
-    def check_version(self, hdr, running):
-        """At the first chunk: Refused for an image older than `running`."""
-        self._policy("check_version", hdr, running)
-
     def check_image(self, info, running):
         """Once the whole image is in flash, and before it may boot: Refused
-        unless its signature and security counter pass."""
-        self._policy("check_image", info, running)
-
-    def _policy(self, name, *args):
+        unless its signature and security counter pass (device/policy.py, loaded
+        for the check and released after: it comes once or twice per image; the
+        first chunk's version rule is imgcheck.check_version)."""
         had = "policy" in sys.modules
         try:
             import policy
 
-            return getattr(policy, name)(self.cfg, self.trusted, *args)
+            return policy.check_image(self.cfg, self.trusted, info, running)
         finally:
             if not had:
                 sys.modules.pop("policy", None)

@@ -53,7 +53,7 @@ def _addr(part):
 
 
 class _Version:
-    """What policy.check_version needs of the running image."""
+    """What imgcheck.check_version needs of the running image."""
 
     def __init__(self, v):
         self.version = v
@@ -507,11 +507,11 @@ class FirmwareImages(grp_image.ImageGroup):
         if arg(req, "upgrade", bool, False) and v is not None:
             if image.version_key(hdr.version) <= image.version_key(v):
                 raise GroupError(grp_image.CURRENT_VERSION_IS_NEWER)
-        try:
-            self.up.check_version(hdr, None if v is None else _Version(v))
-        except Refused as r:
-            import imgcheck  # loaded: _admit runs in imgcheck.first
+        import imgcheck  # loaded: _admit runs in imgcheck.first
 
+        try:
+            imgcheck.check_version(hdr, None if v is None else _Version(v), self.up.cfg)
+        except Refused as r:
             raise imgcheck.refused(r)
 
     def _accept(self, inf):

@@ -33,7 +33,7 @@ def _bodies(tmp_path: Path, frames: list[bytes]) -> list[Any]:
 
 def test_v1_translation_of_every_image_error_is_zephyrs(tmp_path: Path, v1: dict[str, Any]) -> None:
     rcs = [e["rc"] for e in v1["img_mgmt_err"]]
-    out = run_mp(tmp_path, "import json, imgcheck\nprint(json.dumps([imgcheck.v1_rc(rc) for rc in %r]))" % rcs)
+    out = run_mp(tmp_path, "import json, imgerr\nprint(json.dumps([imgerr.v1_rc(rc) for rc in %r]))" % rcs)
     got = dict(zip(rcs, json.loads(out.stdout)))
     want = {e["rc"]: v1["mgmt_err"][e["v1"]] for e in v1["img_mgmt_err"]}
     wrong = {rc: (got[rc], want[rc]) for rc in rcs if got[rc] != want[rc]}
