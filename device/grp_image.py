@@ -92,11 +92,16 @@ class ImageGroup:
         raise GroupError(INVALID_SLOT)
 
     # -- what a group reports and does for its own slots --------------------
+    # (state requests only, which run with device/imgstate.py loaded)
     def state_images(self):
-        return self.up.state_images()
+        import imgstate
+
+        return imgstate.slots_images(self.up)
 
     def test(self, i, permanent):
-        self.up.test(i, permanent)
+        import imgstate
+
+        imgstate.slots_test(self.up, i, permanent)
 
     def on_trial(self):
         return bool(self.up.st.trial)
@@ -108,8 +113,9 @@ class ImageGroup:
         self.up.confirm()
 
     def erase_slot(self, logical):
-        i = self.up.active if logical == 0 else self.up.other
-        self.up.erase(i)
+        import imgstate
+
+        imgstate.slots_erase(self.up, self.up.active if logical == 0 else self.up.other)
 
     # State read/write and erase come a few times per upgrade: their code is
     # loaded for the request and released after (device/imgstate.py).

@@ -2,6 +2,9 @@
 # kinds an ImageGroup serves (grp_image.ImageGroup and the groups of add_image).
 # A host sends these a few times per upgrade, so this code is loaded for each
 # request and released after (smp.call_lazy); the upload path stays resident.
+import image
+import upload
+from bootstate import NONE
 from grp_image import GroupError, HASH_NOT_FOUND, INVALID_HASH, INVALID_SLOT, _BYTES
 from smp import arg
 from updater import Refused
@@ -67,3 +70,66 @@ def erase(top, req):
     except Refused as r:
         raise refused(r)
     return {}
+
+
+# The A/B slots' side of these requests (grp_image.ImageGroup's; another image
+# kind has its own).
+def slots_test(up, slot, permanent):
+    """State write `hash` of an A/B slot: test it at the next boot (or confirm the running one)."""
+    st = up.st
+    if slot == st.active:
+        if permanent:
+            up.confirm()
+            return
+        raise Refused("test-active")
+    if st.trial:
+        raise Refused("pending")  # the other slot is the fallback
+    if not up._bootable(slot):
+        raise Refused("not-bootable")
+    up.trust(slot)
+    st.pending = slot
+    st.permanent = permanent
+    st.save()
+
+
+def slots_erase(up, i):
+    """Erase A/B slot i, unless it runs or is the fallback."""
+    if up.slot_in_use(i):
+        raise Refused("in-use")
+    if up.session.state != upload.IDLE and up.session.slot.index == i:
+        up.session.cancel(False)
+    if up.st.pending == i:
+        up.st.pending = NONE
+        up.st.permanent = False
+        up.st.save()
+    up.slots[i].erase(0)
+    up.slots.busy = -1
+    up.slots.invalidate(i)
+
+
+def slots_images(up):
+    """The SMP state-read list: slot 0 is the running image, slot 1 the other."""
+    st = up.st
+    out = []
+    for logical, i in ((0, st.active), (1, up.other)):
+        if i == NONE:
+            continue
+        inf = up.slots.info(i)
+        if inf is None:
+            continue
+        e = {"slot": logical, "version": image.version_str(inf.version), "hash": inf.hash}
+        if inf.bootable:
+            e["bootable"] = True
+        if logical == 0:
+            e["active"] = True
+            if not st.trial:
+                e["confirmed"] = True
+        else:
+            if st.pending == i:
+                e["pending"] = True
+                if st.permanent:
+                    e["permanent"] = True
+            if st.trial:
+                e["confirmed"] = True
+        out.append(e)
+    return out

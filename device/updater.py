@@ -116,67 +116,9 @@ class Updater:
             self._record(RES_OK, reason, st.active, 1 - st.active)
             st.save()
 
-    def test(self, slot, permanent):
-        st = self.st
-        if slot == st.active:
-            if permanent:
-                self.confirm()
-                return
-            raise Refused("test-active")
-        if st.trial:
-            raise Refused("pending")  # the other slot is the fallback
-        if not self._bootable(slot):
-            raise Refused("not-bootable")
-        self.trust(slot)
-        st.pending = slot
-        st.permanent = permanent
-        st.save()
-
     def slot_in_use(self, i):
         """True when slot i must not be overwritten: it runs, or it is the fallback."""
         return i == self.st.active or (self.st.trial and i == 1 - self.st.active)
-
-    def erase(self, i):
-        if self.slot_in_use(i):
-            raise Refused("in-use")
-        if self.session.state != upload.IDLE and self.session.slot.index == i:
-            self.session.cancel(False)
-        if self.st.pending == i:
-            self.st.pending = NONE
-            self.st.permanent = False
-            self.st.save()
-        self.slots[i].erase(0)
-        self.slots.busy = -1
-        self.slots.invalidate(i)
-
-    # -- reporting ----------------------------------------------------------
-    def state_images(self):
-        """The SMP state-read list: slot 0 is the running image, slot 1 the other."""
-        st = self.st
-        out = []
-        for logical, i in ((0, st.active), (1, self.other)):
-            if i == NONE:
-                continue
-            inf = self.slots.info(i)
-            if inf is None:
-                continue
-            e = {"slot": logical, "version": image.version_str(inf.version), "hash": inf.hash}
-            if inf.bootable:
-                e["bootable"] = True
-            if logical == 0:
-                e["active"] = True
-                if not st.trial:
-                    e["confirmed"] = True
-            else:
-                if st.pending == i:
-                    e["pending"] = True
-                    if st.permanent:
-                        e["permanent"] = True
-                if st.trial:
-                    e["confirmed"] = True
-            out.append(e)
-        return out
-
 
 def app_selftest(app):
     """Run the application's selftest(), if it has one; None when it passed,

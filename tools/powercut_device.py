@@ -70,7 +70,9 @@ def do_test(up, h):
 def report(up, booted):
     out = {"boot": booted, "active": up.st.active, "pending": up.st.pending, "trial": up.st.trial,
            "images": [], "files": 0}
-    for e in up.state_images():
+    import imgstate
+
+    for e in imgstate.slots_images(up):
         out["images"].append({"slot": e["slot"], "hash": binascii.hexlify(e["hash"]).decode(),
                               "pending": e.get("pending", False), "confirmed": e.get("confirmed", False)})
     out["phys"] = [up.active, up.other]
