@@ -108,6 +108,8 @@ class Firmware:
         self.args = (ctx, disp, running, nxt)
         self.cache = ([False, False], [False, False])  # fw_image.FwTable's info and desc
         self.g = None  # fw_image.FirmwareImages while loaded
+        self.trial_at_boot = None  # whether the firmware runs on trial, found by boot_check()
+        self.loads = 0  # times fw_image was loaded (each load costs the import)
 
     def _load(self):
         g = self.g
@@ -115,6 +117,7 @@ class Firmware:
             import fw_image
 
             g = self.g = fw_image.FirmwareImages(*self.args, cache=self.cache)
+            self.loads += 1
         return g
 
     def _call(self, name, *args):
@@ -165,7 +168,14 @@ class Firmware:
 
     # What the board uses.
     def boot_check(self):
-        return self._call("boot_check")
+        """fw_image's once-per-boot check, and whether the firmware now runs on trial, in
+        one load: board.ready() then needs no load of its own once the receiver is whole."""
+        try:
+            g = self._load()
+            g.boot_check()
+            self.trial_at_boot = g.trial()
+        finally:
+            self._release()
 
     def trial(self):
         return self._call("trial")
@@ -278,7 +288,9 @@ class Board:
     # -- lifecycle -----------------------------------------------------------
     def ready(self, ctx):
         fw = self.fw
-        fw_trial = fw is not None and fw.trial()
+        fw_trial = False
+        if fw is not None:
+            fw_trial = fw.trial() if fw.trial_at_boot is None else fw.trial_at_boot
         if fw_trial and ctx.recovery:
             # The new firmware cannot run the application: go back to the old one.
             fw.fail("firmware trial: the application did not start")
