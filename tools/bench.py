@@ -509,8 +509,9 @@ def _entry(link: Link, tool: str, data: bytes, sec: float | None, runs: int, set
 
 def heap_probe(template: Path, work: Path, n: int, mode: str, data: bytes,
                board: dict[str, Any] | None = None) -> bool:
-    """Whether a device with -X heapsize=NwK boots and does `mode`; `board`: SimDevice arguments
-    of a simulated board (board=, link=, speed=), the unix board when None."""
+    """Whether a device with -X heapsize=NwK boots and does `mode` (between two state reads, as in
+    an upgrade); `board`: SimDevice arguments of a simulated board (board=, link=, speed=), the
+    unix board when None."""
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(template, work)
     dev = SimDevice(work, device_id="bench-heap", heap=f"{n}wK", **(board or {}))
@@ -525,10 +526,14 @@ def heap_probe(template: Path, work: Path, n: int, mode: str, data: bytes,
             c.connect(negotiate=mode != "console")
             c.stats()
             if mode != "boot":
+                # An upgrade's requests around the upload: the state reads load their code
+                # (on the ESP32, the native firmware's state) beside the resident receiver.
+                c.image_state()
                 c.image_erase(1)
                 st = c.upload(data, compress=mode == "deflate", max_stalls=2)
                 if st.match is not True:
                     return False
+                c.image_state()
                 c.stats()
         return dev.restarts == 0
     except Exception:

@@ -376,14 +376,15 @@ d.erase(2, tag='erase_running')
 
 def test_the_firmware_code_is_loaded_only_for_firmware_requests(tmp_path: Path, images: Images) -> None:
     """fw_image.py and firmware_ab.py (9.5 KiB of a 32-bit heap with their data) are not
-    resident while a bundle is uploaded: a state read loads them and lets them go, a
+    resident while a bundle is uploaded: a state read loads fw_state.py alone and lets it go, a
     firmware upload keeps them until its session ends, and the images they verified
     outlive the load (the state reads agree)."""
     r = Run(tmp_path, images)
     r.run(f"""
 import sys, hashlib
 def loaded(tag):
-    fwdrv.out(tag, mods=sorted(m for m in ("fw_image", "firmware_ab") if m in sys.modules))
+    fwdrv.out(tag, mods=sorted(m for m in ("fw_image", "fw_state", "firmware_ab") if m in sys.modules),
+              loads=d.ctx.board.fw.loads)
 loaded('booted')
 fwdrv.out('boot_loads', n=d.ctx.board.fw.loads)
 d.state('s1')
@@ -402,9 +403,12 @@ d.state('s3')
     # One load at boot, for the boot check and the trial flag: board.ready(), when the whole
     # receiver is resident, loads nothing more (on a tight heap that load failed the boot).
     assert r.get("boot_loads")["n"] == 1
+    # A state read needs fw_state.py alone (the partitions' cached images and flags).
+    assert r.get("after_state")["loads"] == 1
     assert r.body("first") == {"off": 512}
-    assert r.get("uploading")["mods"] == ["firmware_ab", "fw_image"]
-    assert r.get("state_while_uploading")["mods"] == ["firmware_ab", "fw_image"]
+    assert r.get("uploading")["mods"] == ["firmware_ab", "fw_image", "fw_state"]
+    assert r.get("uploading")["loads"] == 2
+    assert r.get("state_while_uploading")["mods"] == ["firmware_ab", "fw_image", "fw_state"]
     assert r.body("cancel") == {}
     assert r.get("cancelled")["mods"] == []
     assert r.state("s1") == r.state("s3") and (1, 0) in r.state("s1")
