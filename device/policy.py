@@ -1,7 +1,8 @@
-# What the device accepts: images signed with its provisioned key (Ed25519 as
-# `imgtool sign` makes it: over the 32-byte image hash), never older than the
-# confirmed image (version, and the MCUboot security counter) unless the
-# configuration allows downgrades.
+# What the device accepts of a whole image: signed with its provisioned key
+# (Ed25519 as `imgtool sign` makes it: over the 32-byte image hash), and a
+# security counter not below the confirmed image's unless the configuration
+# allows downgrades (the version rule comes earlier, at the first chunk:
+# imgcheck.check_version). Loaded for each check (updater.Updater.check_image).
 import gc
 import hashlib
 import struct
