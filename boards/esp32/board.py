@@ -95,13 +95,15 @@ class _Idle:
 
 class Firmware:
     """Image 1 of the image group (the native firmware), with its code loaded only
-    while a request needs it: fw_state.py alone for a state read (and the trial
-    flag), fw_image.py and firmware_ab.py for a test, confirm, erase, the board's
-    boot check or a firmware upload, during which they stay loaded (its session
-    lives in RAM). Their code is 9.5 KiB (32-bit) of heap that a bundle's upload,
-    the common case, no longer carries. What must outlive a load stays here: the
-    verified images of both partitions (hashing an OTA partition again on every
-    state read would take seconds)."""
+    while a request needs it: fw_image.py and firmware_ab.py for a test, confirm,
+    erase, the board's boot check or a firmware upload, during which they stay
+    loaded (its session lives in RAM). Their code is 9.5 KiB (32-bit) of heap that
+    a bundle's upload, the common case, no longer carries. What must outlive a load
+    stays here: the verified images of both partitions (hashing an OTA partition
+    again on every state read would take seconds) and image 1's state (its state
+    read entries and trial flag): only a firmware request changes it, so a state
+    read, several per upgrade, loads nothing once it is known (fw_state.py
+    computes it when it is not)."""
 
     IDLE = _Idle()
 
@@ -110,6 +112,7 @@ class Firmware:
         self.cache = ([False, False], [False, False])  # fw_image.FwTable's info and desc
         self.g = None  # fw_image.FirmwareImages while loaded
         self.trial_at_boot = None  # whether the firmware runs on trial, found by boot_check()
+        self.known = None  # (state read entries, trial) while no firmware request changed them
         self.loads = 0  # times fw_image was loaded (each load costs the import)
 
     def _load(self):
@@ -122,6 +125,7 @@ class Firmware:
         return g
 
     def _call(self, name, *args):
+        self.known = None  # what fw_image does may change image 1's state
         try:
             return getattr(self._load(), name)(*args)
         finally:
@@ -135,16 +139,20 @@ class Firmware:
             for m in ("fw_image", "fw_state", "firmware_ab"):
                 sys.modules.pop(m, None)
 
-    def _state(self, name, *args):
-        """A state query: the loaded group's, or fw_state.FwTable's alone (a third of the
-        code; a state read comes several times per upgrade, with the receiver resident)."""
+    def _state(self):
+        """(state read entries, trial) of image 1: kept, or found by the loaded group's
+        table, or by fw_state.FwTable alone (a third of the code)."""
+        if self.known is not None:
+            return self.known
         if self.g is not None:
-            return getattr(self.g.table, name)(*args)
+            t = self.g.table
+            return t.state_images(), t.trial()  # an upload is open: not kept, it changes
         try:
             import fw_state
 
             t = fw_state.FwTable(self.args[2], self.args[3], self.cache)
-            return getattr(t, name)(*args)
+            k = self.known = (t.state_images(), t.trial())
+            return k
         finally:
             self._release()
 
@@ -164,16 +172,19 @@ class Firmware:
         return self._call("_claim", same_image)
 
     def state_images(self):
-        return self._state("state_images")
+        return list(self._state()[0])
 
     def find_hash(self, h):
-        return self._state("find_hash", h)
+        for e in self._state()[0]:
+            if e["hash"] == h:
+                return e["slot"]
+        return -1
 
     def test(self, i, permanent):
         return self._call("test", i, permanent)
 
     def on_trial(self):
-        return self._state("trial")
+        return self._state()[1]
 
     def confirm_running(self):
         return self._call("confirm_running")
@@ -188,12 +199,14 @@ class Firmware:
         try:
             g = self._load()
             g.boot_check()
-            self.trial_at_boot = g.trial()
+            t = g.table
+            self.known = (t.state_images(), t.trial())
+            self.trial_at_boot = self.known[1]
         finally:
             self._release()
 
     def trial(self):
-        return self._state("trial")
+        return self._state()[1]
 
     def fail(self, reason):
         return self._call("fail", reason)
