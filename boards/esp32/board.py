@@ -187,7 +187,10 @@ class Firmware:
         return self._state()[1]
 
     def confirm_running(self):
-        return self._call("confirm_running")
+        # A state write `confirm` goes to every image kind: a bundle's confirm must not load
+        # the firmware code when the firmware is not on trial (FirmwareImages does nothing then).
+        if self._state()[1]:
+            self._call("confirm_running")
 
     def erase_slot(self, logical):
         return self._call("erase_slot", logical)

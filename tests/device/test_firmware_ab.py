@@ -398,6 +398,8 @@ loaded('state_while_uploading')
 d.erase(3, tag='cancel')
 loaded('cancelled')
 d.state('s3')
+d.state_write({{"confirm": True}}, tag='confirm_bundle')
+loaded('confirmed')
 """)
     assert r.get("booted")["mods"] == [] and r.get("after_state")["mods"] == []
     # One load at boot, for the boot check and the trial flag: board.ready(), when the whole
@@ -412,6 +414,8 @@ d.state('s3')
     assert r.body("cancel") == {}
     assert r.get("cancelled")["mods"] == []
     assert r.state("s1") == r.state("s3") and (1, 0) in r.state("s1")
+    # A confirm goes to every image kind; the firmware, not on trial, loads nothing for it.
+    assert "images" in r.body("confirm_bundle") and r.get("confirmed")["loads"] == r.get("cancelled")["loads"]
 
 
 def test_no_bundle_trial_during_a_firmware_trial(tmp_path: Path, images: Images) -> None:
