@@ -105,17 +105,21 @@ def _upgrade(dev: SimDevice, data_path: Path, db: Path) -> dict[str, Any]:
             "error": (p.stderr.strip().splitlines() or [""])[-1] if p.returncode else ""}
 
 
+def realistic_app(app: Path) -> Path:
+    """An application of realistic size in `app`: the first 12 meterota host modules' source
+    as data files (.txt, stored as they are). Not as .py: the bundle compiles .py with mpy-cross,
+    which refuses CPython syntax MicroPython lacks (cli.py's `{..., **info}`)."""
+    shutil.rmtree(app, ignore_errors=True)
+    app.mkdir(parents=True)
+    for p in sorted((REPO / "host" / "meterota").glob("*.py"))[:12]:
+        (app / (p.stem + ".txt")).write_bytes(p.read_bytes())
+    return app
+
+
 def measure(work: Path, quick: bool, log: Any = print, only: list[str] | None = None,
             speed: float = 1.0) -> list[dict[str, Any]]:
     rows = []
-    app = None
-    if not quick:
-        app = work / "boards-app"
-        shutil.rmtree(app, ignore_errors=True)
-        app.mkdir(parents=True)
-        # An application of realistic size: bytecode-compiled meterota host modules as data.
-        for p in sorted((REPO / "host" / "meterota").glob("*.py"))[:12]:
-            (app / p.name).write_bytes(p.read_bytes())
+    app = None if quick else realistic_app(work / "boards-app")
     for board, link in COMBOS:
         if only and f"{board}/{link}" not in only and board not in only:
             continue
