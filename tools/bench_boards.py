@@ -2,7 +2,8 @@
 (meterota.lab: each board's own code, heap, CPU speed, flash timing and USB CDC / UART rules)
 and the unix simulator, one device per board and link:
 
-  * boot to ready: SimDevice.start() until the receiver prints ready (flash provisioned);
+  * boot to ready: SimDevice.start() until the receiver prints ready (flash provisioned), and
+    the flash chip's read calls meanwhile (SimDevice.flash_reads: littlefs's work);
   * the compression choice (meterota.rates) with the link rate the host measured, the
     board's inflate rate (the device's own counters after a compressed upload);
   * upload kB/s with the chosen compression, raw, and deflate, binary framing; and
@@ -135,6 +136,7 @@ def measure(work: Path, quick: bool, log: Any = print, only: list[str] | None = 
             log(f"  {board}/{link}: {row['error']}")
             continue
         row["boot_s"] = round(time.monotonic() - t0, 2)
+        row["boot_flash_reads"] = dev.flash_reads if board != "unix" else None
         try:
             data = _image(board, "1.1.0", app)
             path = base / "app.bin"
@@ -223,10 +225,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     def g(r: dict[str, Any], k: str, f: str) -> Any:
         return r.get(k, {}).get(f) if isinstance(r.get(k), dict) else None
 
-    out = ["| board / link | boot to ready s | link measured | inflate rate | choice | upload kB/s (chosen / raw / "
+    out = ["| board / link | boot to ready s | flash reads to ready | link measured | inflate rate | choice | upload kB/s (chosen / raw / "
            "deflate / console) | upgrade s | heap after boot (32-bit KiB) | heap high-water raw / deflate / console "
            "(32-bit KiB) | stand-ins' Python (32-bit KiB) | deflate high-water net of the stand-ins | budget (32-bit KiB) |",
-           "|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|"]
+           "|---|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r and "raw" not in r:
             out.append(f"| {r['board']} / {r['link']} | {r.get('boot_s', '-')} | {r['error']} |")
@@ -236,7 +238,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         infl = r.get("inflate_Bps")
         up = r.get("upgrade", {})
         out.append(
-            f"| {r['board']} / {r['link']} | {r.get('boot_s')} | {link_s} | "
+            f"| {r['board']} / {r['link']} | {r.get('boot_s')} | {r.get('boot_flash_reads') or '-'} | {link_s} | "
             f"{f'{infl / 1e6:.2f} MB/s' if infl else '-'} | {'deflate' if g(r, 'chosen', 'compressed') else 'raw'} | "
             f"{g(r, 'chosen', 'kBps') or '-'} / {g(r, 'raw', 'kBps') or '-'} / {g(r, 'deflate', 'kBps') or '-'} / "
             f"{g(r, 'console', 'kBps') or '-'} | "

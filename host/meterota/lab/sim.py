@@ -843,6 +843,12 @@ class SimDevice:
         # Heap bytes the port stand-ins' Python took at the last boot (C on a real board).
         self.standin_heap: int | None = None
         self.wdt_resets = 0
+        # The flash chip's read and program calls since this object was created, as the chip
+        # reports them (in batches of 64: up to 63 of each not told yet). A measure of littlefs's
+        # work: on the Pico in files mode each slot sector the boot stage moves to is a littlefs
+        # file opened by path, ~25 reads.
+        self.flash_reads = 0
+        self.flash_programs = 0
 
     # -- public properties ----------------------------------------------------------------------
 
@@ -1313,8 +1319,10 @@ class SimDevice:
             self.overruns += int(ln[1:])
             self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
         elif ln.startswith("C") and _is_counts(ln[1:]):  # the flash chip's calls: "C<reads>,<programs>"
+            reads, _, programs = ln[1:].partition(",")
+            self.flash_reads += int(reads)
+            self.flash_programs += int(programs)
             if self._throttle is not None:
-                reads, _, programs = ln[1:].partition(",")
                 r, p = self._standin_costs
                 self._throttle.refund(int(reads) * r + int(programs) * p)
         elif ln.startswith("H") and ln[1:].isdigit():
