@@ -844,7 +844,7 @@ class SimDevice:
         self.standin_heap: int | None = None
         self.wdt_resets = 0
         # The flash chip's read and program calls since this object was created, as the chip
-        # reports them (in batches of 64: up to 63 of each not told yet). A measure of littlefs's
+        # reports them (in batches of 64 on the side channel, so a batch or so behind). Littlefs's
         # work: on the Pico in files mode each slot sector the boot stage moves to is a littlefs
         # file opened by path, ~25 reads.
         self.flash_reads = 0
@@ -1319,12 +1319,12 @@ class SimDevice:
             self.overruns += int(ln[1:])
             self._log_note(f"--- UART overrun: {ln[1:]} bytes lost ---")
         elif ln.startswith("C") and _is_counts(ln[1:]):  # the flash chip's calls: "C<reads>,<programs>"
-            reads, _, programs = ln[1:].partition(",")
-            self.flash_reads += int(reads)
-            self.flash_programs += int(programs)
+            reads, programs = (int(n) for n in ln[1:].partition(",")[::2])
+            self.flash_reads += reads
+            self.flash_programs += programs
             if self._throttle is not None:
                 r, p = self._standin_costs
-                self._throttle.refund(int(reads) * r + int(programs) * p)
+                self._throttle.refund(reads * r + programs * p)
         elif ln.startswith("H") and ln[1:].isdigit():
             self.standin_heap = int(ln[1:])
         elif ln == "B":
