@@ -56,9 +56,11 @@ def layouts():
     }
 
 
-# The armed trial watchdog's feed, called for every flash sector loaded (FileSectors._load):
-# reading the bundle's modules and hashing a slot through littlefs files takes seconds on a
-# Pico, with no receiver loop to feed it. Flash work progressing is not a hang.
+# The armed trial watchdog's feed, called for every slot read, write and erase: reading the
+# bundle's modules and hashing a slot through littlefs files takes seconds on a Pico, with no
+# receiver loop to feed it, and a module imported from one sector reads it many times over
+# without moving to another (an upload's last request took 10 s on the simulated Pico, past
+# the RP2040's 8.3 s). Flash work progressing is not a hang.
 _feed = None
 
 
@@ -152,8 +154,6 @@ class FileSectors:
         C = FileSectors
         if C.owner is self and C.cached == n:
             return
-        if _feed is not None:
-            _feed()
         self._close()
         try:
             f = open(self._name(n), "rb")
@@ -214,6 +214,8 @@ class FileSectors:
 
     def readblocks(self, n, buf, off=0):
         self._chk(n, off, len(buf))
+        if _feed is not None:
+            _feed()
         mv = memoryview(buf)
         pos = 0
         while pos < len(mv):
