@@ -44,6 +44,7 @@ def info(c, req):
         "bootloader": BOOT_STAGE,
         "trial": st.trial,
         "boots": st.boots,
+        "ready_ms": c.ready_ms,  # this boot's time from the board's start to answering
         "revert_reason": st.revert_reason,
         "slots": slots,
         "framings": FRAMINGS,

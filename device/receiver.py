@@ -3,6 +3,7 @@
 # the device filesystem as the recovery receiver when no slot can boot.
 import gc
 import select
+import time
 import smp
 import updater
 import grp_image
@@ -34,6 +35,7 @@ class Context:
         self.role_engine = None  # the concentrator's job engine, when that is the role
         self.disp = None
         self.images = None  # the image group (grp_image.ImageGroup)
+        self.ready_ms = 0  # this boot's time to ready (main)
 
     def busy(self):
         e = self.role_engine
@@ -221,6 +223,10 @@ def main(board, recovery=False):
             app = None
         self_test(ctx, app)
     board.ready(ctx)
+    # How long this boot took to answer (from the board's start, not counting the ROM and
+    # the firmware's own start): the host's reset wait follows it (meterota.upgrade.reset_wait).
+    t0 = getattr(board, "t0", None)
+    ctx.ready_ms = time.ticks_diff(time.ticks_ms(), t0) if t0 is not None else 0
     hooks = []
     if ctx.role_engine is not None:
         hooks.append(ctx.role_engine.poll)

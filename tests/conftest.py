@@ -282,7 +282,9 @@ class BoardDevice:
     def wait_ready(self, timeout: float | None = None, *, after: int | None = None) -> None:
         from meterota.upgrade import reset_wait, wait_back
 
-        wait_back(self._c, reset_wait(self._c, timeout), after if after is not None else self.ready_generation())
+        # The reset may be into a test image that reverts before it answers: two boots.
+        wait_back(self._c, reset_wait(self._c, timeout, boots=2),
+                  after if after is not None else self.ready_generation())
 
     def close(self) -> None:
         self._c.t.close()

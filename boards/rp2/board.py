@@ -296,6 +296,7 @@ class Board:
     name = "rp2"
 
     def __init__(self, config_path=CONFIG_PATH):
+        self.t0 = time.ticks_ms()  # the start of this boot as the device code sees it (receiver: ready_ms)
         with open(config_path) as f:
             self.config = json.load(f)
         self._wdt = None

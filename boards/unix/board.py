@@ -5,6 +5,7 @@
 import json
 import socket
 import sys
+import time
 import norflash
 
 EXIT_RESET = 3
@@ -14,6 +15,7 @@ class Board:
     name = "unix"
 
     def __init__(self, state_dir):
+        self.t0 = time.ticks_ms()  # the start of this boot as the device code sees it (receiver: ready_ms)
         self.state_dir = state_dir
         with open(state_dir + "/config.json") as f:
             self.config = json.load(f)

@@ -80,15 +80,27 @@ def _active(info: dict[str, Any]) -> dict[str, Any] | None:
 # device reports. A Pico after deploy needs ~25 s (issue 16), a stock ESP32 about as long.
 RESET_WAIT = {"unix": 30.0, "rp2": 120.0, "esp32": 120.0}
 RESET_WAIT_OTHER = 120.0
+# A device that says how long its last boot took to answer (`ready_ms`, group 64 info) gets this
+# much more per boot: twice its own figure (a bigger image, a loaded or colder board) plus what
+# its figure does not count (the ROM, the firmware's own start, a USB port coming back).
+BOOT_FACTOR = 2.0
+BOOT_EXTRA_S = 10.0
 
 
-def reset_wait(client: SMPClient, override: float | None = None) -> float:
-    """The reset wait: `override` (--reset-timeout) if given, else the device's board's, and never
-    less than a few reply waits of this link (--timeout, the measured round trip, the baud rate)."""
+def reset_wait(client: SMPClient, override: float | None = None, boots: int = 1) -> float:
+    """The reset wait: `override` (--reset-timeout) if given, else the device's board's, never
+    less than `boots` boots at the pace the device reported for its last one (a test image that
+    fails at import boots twice before anything answers: itself, then the image it reverts to),
+    nor a few reply waits of this link (--timeout, the measured round trip, the baud rate)."""
     if override is not None:
         return override
-    board = str((client.device_info or {}).get("board", ""))
-    return max(RESET_WAIT.get(board, RESET_WAIT_OTHER), 5 * client.reply_wait(64))
+    info = client.device_info or {}
+    board = str(info.get("board", ""))
+    measured = 0.0
+    ready_ms = info.get("ready_ms")
+    if isinstance(ready_ms, int) and ready_ms > 0:
+        measured = boots * (BOOT_FACTOR * ready_ms / 1000.0 + BOOT_EXTRA_S)
+    return max(RESET_WAIT.get(board, RESET_WAIT_OTHER), 5 * client.reply_wait(64), measured)
 
 
 def wait_back(client: SMPClient, timeout: float, boots_before: int, resend_reset_after: float | None = None
@@ -322,7 +334,8 @@ class Upgrader:
         boots = int(self.c.info().get("boots", 0))
         _send_reset(self.c)
         try:
-            return wait_back(self.c, reset_wait(self.c, self.reset_timeout), boots,
+            # A test image that fails at import reverts before it answers: two boots.
+            return wait_back(self.c, reset_wait(self.c, self.reset_timeout, boots=2), boots,
                              resend_reset_after=max(3.0, 2 * self.c.reply_wait(64)))
         except DeviceTimeout as e:
             # The device took the test image and went silent: from here only
