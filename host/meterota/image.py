@@ -115,10 +115,18 @@ def _format(files: dict[str, bytes], blocks: int) -> LittleFS | None:
     fs = LittleFS(block_size=BUNDLE_BLOCK, block_count=blocks, prog_size=64, read_size=64,
                   lookahead_size=32, disk_version=0x00020000)
     try:
-        for name, data in files.items():
+        # Every entry first, then the data: the directory's metadata pairs are allocated
+        # together ahead of the files' blocks. A Pico keeps its slots as littlefs files, one a
+        # 4 KiB sector, so each move of the bundle's reads to another sector opens a file; with
+        # each entry created as its data was written, the pairs sat among the data and a boot
+        # read flash 24,568 times instead of 15,672 (tests/system/test_hil_sim.py).
+        for name in files:
             parent = name.rpartition("/")[0]
             if parent:
                 fs.makedirs(parent, exist_ok=True)
+            with fs.open(name, "wb"):
+                pass
+        for name, data in files.items():
             with fs.open(name, "wb") as f:
                 f.write(data)
     except Exception as e:  # littlefs raises LittleFSError(NOSPC) when full
