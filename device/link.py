@@ -101,36 +101,3 @@ class DatagramLink:
 
     def dropped(self):
         return self._dropped
-
-
-def open_links(board, frame_max):
-    """The links an MCU board's configuration asks for: serial ("stdin" or a
-    UART spec, opened by board._serial with an rx buffer for buf_count
-    messages) and UDP (board._udp, None when Wi-Fi is off)."""
-    cfg = board.config
-    rx = int(cfg.get("buf_size", 2048)) * int(cfg.get("buf_count", 4))
-    out = []
-    ser = cfg.get("serial", "stdin")
-    if ser:
-        out.append(StreamLink(board._serial(ser, rx), frame_max, name="serial"))
-    sock = board._udp()
-    if sock is not None:
-        out.append(DatagramLink(sock, frame_max))
-    return out
-
-
-def stdin_stream():
-    """The console's stdin/stdout as the SMP serial link (USB CDC or UART0)."""
-    import micropython
-    from stdin_stream import StdinStream
-
-    micropython.kbd_intr(-1)  # 0x03 in a frame is data, not Ctrl-C
-    return StdinStream()
-
-
-def uart_spec(spec):
-    """'uart:ID:TX:RX[:BAUD]' -> (id, tx, rx, baud)."""
-    p = spec.split(":")
-    if p[0] != "uart" or len(p) < 4:
-        raise ValueError("serial: 'stdin' or 'uart:ID:TX:RX[:BAUD]'")
-    return int(p[1]), int(p[2]), int(p[3]), int(p[4]) if len(p) > 4 else 115200

@@ -23,31 +23,11 @@ import time
 
 try:
     import esp32
-except ImportError:  # CPython (tests import this module for stock_layout)
+except ImportError:  # CPython (tests type-check this module)
     esp32 = None  # type: ignore
 
 SECTOR = 4096
 CONFIG_PATH = "/config.json"
-
-# Mirrors layout.json "stock" (the host reads the JSON, the device this).
-STOCK = {"meta_size": 16384, "slot_size": 524288, "slot_min": 262144, "fs_min": 131072}
-
-
-def stock_layout(vfs_size, lay=None):
-    """The stock layout inside a `vfs` partition of vfs_size bytes, as
-    vfs-relative (offset, size) pairs: FAT at the front, then meta, A, B up to
-    the partition's end. Slots shrink (not below slot_min) so the FS keeps at
-    least fs_min; returns None when the partition is too small."""
-    lay = lay or STOCK
-    meta = lay["meta_size"]
-    room = (vfs_size - meta - lay["fs_min"]) // 2 // SECTOR * SECTOR
-    slot = min(lay["slot_size"], room)
-    if slot < lay["slot_min"]:
-        return None
-    b = vfs_size - slot
-    a = b - slot
-    m = a - meta
-    return {"fs": (0, m), "meta": (m, meta), "slot_a": (a, slot), "slot_b": (b, slot)}
 
 
 class Sub:
@@ -218,12 +198,6 @@ class Firmware:
         return self._call("self_test", feed)
 
 
-def _find(label):
-    P = esp32.Partition
-    found = P.find(P.TYPE_DATA, label=label)
-    return found[0] if found else None
-
-
 class Board:
     name = "esp32"
 
@@ -235,63 +209,24 @@ class Board:
         self.layout = "?"
         self.fw = None  # Firmware (image 1) when the table has OTA app slots
         self._fw_checked = False  # its boot check runs once per boot, not per receiver
-        self._setup_flash()
+        self.meta = self.slot_a = self.slot_b = None  # boardinit.setup: the partitions or windows
+        import boardinit  # the flash map is read once, at boot: its code does not stay in the heap
+
+        boardinit.setup(self)
+        sys.modules.pop("boardinit", None)
 
     # -- flash -------------------------------------------------------------
-    def _setup_flash(self):
-        lay = self.config.get("layout") or {}
-        meta = _find("mtr_meta")
-        a = _find("mtr_a")
-        b = _find("mtr_b")
-        if meta and a and b:
-            self.layout = "partitions"
-            self.meta, self.slot_a, self.slot_b = meta, a, b
-            return
-        vfs = _find("vfs")
-        if vfs is None:
-            raise OSError(2, "no mtr_* partitions and no vfs partition")
-        size = vfs.info()[3]
-        st = lay.get("stock") if isinstance(lay.get("stock"), dict) else None
-        carve = stock_layout(size, st)
-        if carve is None:
-            raise OSError(28, "vfs partition too small for the stock layout")
-        self.layout = "stock"
-        self.vfs = vfs
-        self.fs_window = carve["fs"]
-        self.meta = Sub(vfs, *carve["meta"])
-        self.slot_a = Sub(vfs, *carve["slot_a"])
-        self.slot_b = Sub(vfs, *carve["slot_b"])
-
     # -- links -------------------------------------------------------------
     def links(self, frame_max):
-        import link
+        import boardinit
+        import linkcfg
 
-        return link.open_links(self, frame_max)
+        try:
+            return linkcfg.open_links(self, frame_max, boardinit.serial, boardinit.udp)
+        finally:
+            for m in ("boardinit", "linkcfg"):
+                sys.modules.pop(m, None)  # boot-time code: not kept in the heap
 
-    def _serial(self, spec, rx):
-        import link
-
-        if spec == "stdin":
-            import os
-
-            try:
-                os.dupterm(None)  # detach a WebREPL/UART mirror from the console
-            except (AttributeError, OSError):
-                pass
-            return link.stdin_stream()
-        import machine
-
-        uid, tx, rx_pin, baud = link.uart_spec(spec)
-        self.uart_fifo = 128  # the UART's RX FIFO: all that a flash write's cache-off time keeps
-        return machine.UART(uid, baudrate=baud, tx=tx, rx=rx_pin,
-                            rxbuf=max(256, rx), txbuf=1024, timeout=0, timeout_char=0)
-
-    def _udp(self):
-        import wifi
-
-        s = wifi.udp_socket(self.config)
-        del sys.modules["wifi"]  # needed once, at boot: its code need not stay in the heap
-        return s
 
     # -- native firmware -------------------------------------------------------
     def register(self, disp, ctx, images):

@@ -28,11 +28,6 @@ import os
 import sys
 import time
 
-try:
-    import rp2
-except ImportError:  # CPython (tests import this module)
-    rp2 = None  # type: ignore
-
 SECTOR = 4096
 _FF = memoryview(b"\xff" * 256)  # an erased page, to fill what a sector file does not hold
 SHARD = 8  # sector files per subdirectory of a slot
@@ -40,35 +35,12 @@ RESERVE = 6  # 4 KiB blocks an upload leaves free: the meta files' rewrites, met
 CONFIG_PATH = "/config.json"
 FILES_DIR = "/mtr"
 
-def layouts():
-    """The layouts per variant, mirroring layout.json (offsets relative to the FS
-    region start). Built when asked (at boot), so its dicts do not stay in the heap."""
-    K = 1024
-    return {
-        "pico": {"fs_size": 1408 * K, "fs": [0, 368 * K], "meta": [368 * K, 16 * K],
-                 "slot_a": [384 * K, 512 * K], "slot_b": [896 * K, 512 * K]},
-        "pico_w": {"fs_size": 848 * K, "fs": [0, 192 * K], "meta": [192 * K, 16 * K],
-                   "slot_a": [208 * K, 320 * K], "slot_b": [528 * K, 320 * K]},
-        "pico2": {"fs_size": 3072 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
-                  "slot_a": [1024 * K, 1024 * K], "slot_b": [2048 * K, 1024 * K]},
-        "pico2_w": {"fs_size": 2560 * K, "fs": [0, 1008 * K], "meta": [1008 * K, 16 * K],
-                    "slot_a": [1024 * K, 768 * K], "slot_b": [1792 * K, 768 * K]},
-    }
-
-
 # The armed trial watchdog's feed, called for every slot read, write and erase: reading the
 # bundle's modules and hashing a slot through littlefs files takes seconds on a Pico, with no
 # receiver loop to feed it, and a module imported from one sector reads it many times over
 # without moving to another (an upload's last request took 10 s on the simulated Pico, past
 # the RP2040's 8.3 s). Flash work progressing is not a hang.
 _feed = None
-
-
-def variant_for(fs_size):
-    for name, lay in layouts().items():
-        if lay["fs_size"] == fs_size:
-            return name
-    return None
 
 
 class FileSectors:
@@ -96,29 +68,17 @@ class FileSectors:
         except OSError:
             pass
         if self.sharded:
-            self._unflatten()
+            had = "boardinit" in sys.modules  # Board.__init__ reading the flash map
+            import boardinit  # boot-time code: not kept in the heap
+
+            boardinit.unflatten(self, (2 * (-(-count // SHARD)) + RESERVE) * SECTOR)
+            if not had:
+                sys.modules.pop("boardinit", None)
 
     def _name(self, n):
         if self.sharded:
             return "%s/%d/%03d" % (self.path, n // SHARD, n)
         return "%s/%03d" % (self.path, n)
-
-    def _unflatten(self):
-        # A board deployed before the subdirectories kept DIR/NNN: move those files
-        # (each rename is atomic, so a power cut here leaves every sector in one place,
-        # and the next boot moves the rest). Without room for the subdirectories the
-        # slot stays flat: slower to write, but its image stays where it is.
-        flat = [e[0] for e in os.ilistdir(self.path)
-                if e[1] == 0x8000 and len(e[0]) == 3 and e[0].isdigit()]
-        if not flat:
-            return
-        if self._free() < (2 * (-(-self.count // SHARD)) + RESERVE) * SECTOR:
-            self.sharded = False
-            return
-        for name in flat:
-            n = int(name)
-            self._mkdir(n)
-            os.rename("%s/%s" % (self.path, name), self._name(n))
 
     def _mkdir(self, n):
         try:
@@ -300,62 +260,22 @@ class Board:
         with open(config_path) as f:
             self.config = json.load(f)
         self._wdt = None
-        self._setup_flash()
+        self.variant = None  # boardinit.setup: the board variant (layouts()) and flash mode
+        self.mode = "files"
+        import boardinit  # the flash map is read once, at boot: its code does not stay in the heap
 
-    def _setup_flash(self):
-        cfg = self.config
-        region = rp2.Flash()
-        fs_size = region.ioctl(4, 0) * SECTOR
-        self.variant = cfg.get("variant") or variant_for(fs_size)
-        lay = cfg.get("layout") or layouts().get(self.variant or "")
-        if not lay:
-            raise OSError(22, "no layout for an FS region of %d bytes" % fs_size)
-        mode = cfg.get("flash_mode", "auto")
-        if mode in ("auto", "raw"):
-            st = os.statvfs("/")
-            root = st[0] * st[2]  # block size * blocks of the mounted FS
-            if root <= lay["meta"][0]:
-                mode = "raw"
-            elif mode == "raw":
-                raise OSError(22, "raw layout, but the root FS covers the slots")
-            else:
-                mode = "files"
-        self.mode = mode
-        if mode == "raw":
-            self.meta = rp2.Flash(start=lay["meta"][0], len=lay["meta"][1])
-            self.slot_a = rp2.Flash(start=lay["slot_a"][0], len=lay["slot_a"][1])
-            self.slot_b = rp2.Flash(start=lay["slot_b"][0], len=lay["slot_b"][1])
-        else:
-            self.meta = FileSectors(FILES_DIR + "m", lay["meta"][1] // SECTOR)
-            self.slot_a = FileSectors(FILES_DIR + "a", lay["slot_a"][1] // SECTOR)
-            self.slot_b = FileSectors(FILES_DIR + "b", lay["slot_b"][1] // SECTOR)
+        boardinit.setup(self)
+        sys.modules.pop("boardinit", None)
 
     def links(self, frame_max):
-        import link
+        import boardinit
+        import linkcfg
 
-        return link.open_links(self, frame_max)
-
-    def _serial(self, spec, rx):
-        import link
-
-        if spec == "stdin":
-            return link.stdin_stream()
-        import machine
-
-        uid, tx, rx_pin, baud = link.uart_spec(spec)
-        # Flash erase/program stalls IRQs for tens of ms: only the PL011's 32-byte
-        # FIFO takes what arrives meanwhile. The host learns it (info uart_fifo) and
-        # keeps the line quiet while a request that fills a sector is handled.
-        self.uart_fifo = 32
-        return machine.UART(uid, baudrate=baud, tx=machine.Pin(tx), rx=machine.Pin(rx_pin),
-                            rxbuf=min(32766, max(256, rx)), txbuf=1024, timeout=0, timeout_char=0)
-
-    def _udp(self):
-        import wifi
-
-        s = wifi.udp_socket(self.config)
-        del sys.modules["wifi"]  # needed once, at boot: its code need not stay in the heap
-        return s
+        try:
+            return linkcfg.open_links(self, frame_max, boardinit.serial, boardinit.udp)
+        finally:
+            for m in ("boardinit", "linkcfg"):
+                sys.modules.pop(m, None)  # boot-time code: not kept in the heap
 
     def register(self, disp, ctx, images):
         """receiver.build's board hook, before the application is imported: a trial boot arms

@@ -220,7 +220,7 @@ def _has_custom_table(t: Any) -> bool:
 def prepare_esp32_stock(t: Any, progress: Callable[[str], None]) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_mtr_esp32_board", BOARDS_DIR / "esp32" / "board.py")
+    spec = importlib.util.spec_from_file_location("_mtr_esp32_boardinit", BOARDS_DIR / "esp32" / "boardinit.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

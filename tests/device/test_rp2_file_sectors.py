@@ -232,6 +232,7 @@ def test_an_upload_the_filesystem_has_no_room_for_is_refused_at_its_first_reques
 
     d = _state_dir(tmp_path)
     shutil.copy(REPO / "boards" / "rp2" / "board.py", tmp_path / "rp2board.py")
+    shutil.copy(REPO / "boards" / "rp2" / "boardinit.py", tmp_path / "boardinit.py")
     data = img.build_image(None, "1.1.0", slot_size=64 * 4096)
     assert len(data) < 100 * 1024
     first = {"off": 0, "data": data[:512], "image": 0, "sha": hashlib.sha256(data).digest()}

@@ -132,7 +132,7 @@ def test_csv_parser_rejects_bad_rows() -> None:
 
 
 def test_esp32_stock_layout(esp32_layout: dict) -> None:
-    board = load(BOARDS / "esp32" / "board.py", "esp32_board")
+    board = load(BOARDS / "esp32" / "boardinit.py", "esp32_boardinit")
     st = esp32_layout["stock"]
     for key in ("meta_size", "slot_size", "slot_min", "fs_min"):
         assert board.STOCK[key] == st[key], f"board.STOCK[{key}] differs from layout.json"
@@ -158,13 +158,13 @@ def test_esp32_stock_layout(esp32_layout: dict) -> None:
 
 def test_rp2_layouts() -> None:
     data = json.loads((BOARDS / "rp2" / "layout.json").read_text())
-    board = load(BOARDS / "rp2" / "board.py", "rp2_board")
+    board = load(BOARDS / "rp2" / "boardinit.py", "rp2_boardinit")
     assert set(data["boards"]) == set(RP2_FS) == set(board.layouts())
     for name, lay in data["boards"].items():
         fs_size = lay["fs_size"]
         assert fs_size == RP2_FS[name], name
         assert lay["fs_region"] == [lay["flash_size"] - fs_size, fs_size], "the FS region is the top of flash"
-        assert {k: lay[k] for k in board.layouts()[name]} == board.layouts()[name], f"{name}: board.py != layout.json"
+        assert {k: lay[k] for k in board.layouts()[name]} == board.layouts()[name], f"{name}: boardinit.py != layout.json"
         regions_ok({k: tuple(lay[k]) for k in ("fs", "meta", "slot_a", "slot_b")}, 0, fs_size)
         assert lay["fs"][0] == 0 and lay["slot_b"][0] + lay["slot_b"][1] == fs_size
         assert lay["fs"][1] >= FS_MIN, f"{name}: no room left for the device files"
@@ -410,7 +410,7 @@ def test_uart_spec_under_micropython(tmp_path: Path) -> None:
     run_mpy(f"""
 import sys
 sys.path.insert(0, {str(BOARDS.parent / 'device')!r})
-import link
+import linkcfg as link
 assert link.uart_spec("uart:1:4:5") == (1, 4, 5, 115200)
 assert link.uart_spec("uart:0:0:1:921600") == (0, 0, 1, 921600)
 for bad in ("uart:1:4", "usb:1:2:3"):

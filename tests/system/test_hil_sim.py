@@ -285,3 +285,41 @@ def test_a_picos_boot_reads_its_bundle_directory_from_few_sectors(tmp_path: Path
         assert 1000 < dev.flash_reads < 19_000, dev.flash_reads
     finally:
         dev.stop()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("board", ["rp2", "esp32"])
+def test_a_boards_deflate_upload_fits_the_heap_target_net_of_the_lab(tmp_path: Path, board: str) -> None:
+    """The receiver's heap target (48 KiB of 32-bit words during a deflate upload) on the
+    simulated boards with their own layers (board.py, USB CDC stdin, the Pico's open sector
+    file), net of the lab's stand-ins' Python (C or ROM on a board). Each board's boot-time
+    code (flash map, links) is imported for the boot and dropped (boardinit.py, linkcfg.py):
+    kept resident it put both boards at 48.4-48.8 KiB. Host speed: the heap, not the pace."""
+    from meterota import image as img
+    from meterota import protocol as P
+    from meterota.boards import slot_size
+    from meterota.client import SMPClient
+    from meterota.lab.sim import SimDevice
+    from meterota.transport import from_address
+
+    dev = SimDevice(tmp_path / board, device_id=f"{board}-heap", board=board, speed=None,
+                    extra={"grace_ms": 0, "allow_downgrade": True})
+    dev.start(timeout=120)
+    t = from_address(port=dev.address)
+    t.open()
+    try:
+        c = SMPClient(t, timeout=3.0)
+        c.connect()
+        data = img.build_image(None, "1.1.0", slot_size=slot_size(board), board=board, arch="host")
+        c.image_erase(1)
+        c.request(P.Op.READ, P.Group.METEROTA, 2, {"reset_peak": True})
+        st = c.upload(data, compress=True)
+        assert st.match is True and st.compressed, st
+        peak = int(c.stats()["heap_peak"])
+        assert dev.standin_heap is not None and dev.standin_heap > 0
+        word = 8  # this host's unix port: 32-bit-equivalent KiB are bytes / 2 / 1024
+        net_kib32 = (peak - dev.standin_heap) * 4 / word / 1024
+        assert net_kib32 <= 48.0, (peak, dev.standin_heap, round(net_kib32, 2))
+    finally:
+        t.close()
+        dev.stop()
