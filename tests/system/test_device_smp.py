@@ -162,6 +162,31 @@ def _upload_first(dev: SimDevice, body: dict[str, Any]) -> SMPError:
         c.t.close()
 
 
+def test_the_last_chunk_sent_again_after_its_reply_was_lost_completes(make_device: Callable[..., SimDevice],
+                                                                      images: Images) -> None:
+    """An upload's last request reads the image back and verifies it (10 s on the simulated Pico
+    at its speed): a host that gave up waiting sends that chunk again. The device answers that
+    the image is in, not off=0 ("no session: start over"), which made the host upload everything
+    again and report it as resumed from the end (the HIL resume test against the Pico)."""
+    dev = make_device("serial")
+    data = images.app("1.4.0").read_bytes()
+    c = client(dev)
+    try:
+        c.image_erase(1)
+        st = c.upload(data, window=1)
+        assert st.match is True
+        tail = len(data) - 100
+        r = c.request(P.Op.WRITE, P.Group.IMAGE, 1, {"off": tail, "data": data[tail:]})
+        assert r.get("off") == len(data) and r.get("match") is True, r
+        # Any other offset, or a chunk that is not the last, still finds no session to go on with.
+        r = c.request(P.Op.WRITE, P.Group.IMAGE, 1, {"off": tail - 100, "data": data[tail - 100:tail]})
+        assert r.get("off") == 0, r
+        assert state(dev)[1]["hash"] == parse(data).hash
+    finally:
+        c.t.close()
+
+
+
 def test_bad_images_are_refused_with_image_group_codes(make_device: Callable[..., SimDevice], images: Images,
                                                        tmp_path: Path) -> None:
     dev = make_device("udp")
