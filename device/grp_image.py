@@ -1,6 +1,8 @@
 # SMP image management group (1): state read/write, upload, erase, with the
 # standard IMG_MGMT_ERR codes so smpmgr/smpclient understand every refusal.
 from micropython import const
+import deflate
+import io  # an extensible built-in: an import inside a function searches sys.path each time
 import smp
 import image
 import upload
@@ -136,9 +138,6 @@ class ImageGroup:
         4 KiB sector, as the host cuts blocks; any other block (a first chunk
         over a session holding unflushed bytes, one that crosses a sector)
         inflates into a buffer that lives for this request only."""
-        import deflate
-        import io
-
         rlen = arg(req, "rlen", int)
         data = arg(req, "data", _BYTES)
         off = arg(req, "off", int)

@@ -6,6 +6,19 @@
 # the recovery receiver from the device filesystem, so a device never bricks.
 import sys
 
+# MicroPython keeps an extensible built-in (io, time, struct, hashlib...) out of sys.modules
+# and looks for it on sys.path at every import statement that names one: with /app first
+# there, on a Pico in files mode, three littlefs lookups through the slot's sector files and a
+# 1.2 KB open-file allocation each. Registered once here, they are found at once.
+for _n in ("array", "binascii", "errno", "hashlib", "io", "json", "machine", "os", "select",
+           "socket", "struct", "time"):
+    if _n not in sys.modules:
+        try:
+            sys.modules[_n] = __import__(_n)
+        except ImportError:
+            pass  # not in this firmware (socket without networking)
+del _n
+
 _KEEP = set(sys.modules)  # the board's modules stay; ours are reloaded from /app
 
 import gc
