@@ -147,6 +147,7 @@ def measure(work: Path, quick: bool, log: Any = print, only: list[str] | None = 
                 s0 = c.stats()
                 row["heap_after_boot"] = s0.get("heap_alloc")
                 row["standin_heap"] = dev.standin_heap
+                row["firmware_heap"] = dev.firmware_heap
                 row["heap_total"] = (s0.get("heap_alloc") or 0) + (s0.get("heap_free") or 0)
                 row["link_bps"] = c.link_rate()
             finally:
@@ -179,7 +180,8 @@ def measure(work: Path, quick: bool, log: Any = print, only: list[str] | None = 
 def smallest_heaps(work: Path, boards: list[str], speed: float = 16.0, log: Any = print) -> list[dict[str, Any]]:
     """The smallest -X heapsize=NwK with which each simulated board boots and completes a deflate
     upload of the runtime-only image, both slots holding images (tools/bench.py's bisection, with
-    3 sizes above it that must pass), and N less the heap the stand-ins took at boot. The heap does
+    3 sizes above it that must pass), and N less the heap in use when main.py started (a board's
+    free heap at boot is measured after its firmware's _boot.py: the stand-ins, the root mount). The heap does
     not depend on the board's speed: the boards run at `speed` x theirs to make it quick."""
     import bench
 
@@ -198,13 +200,15 @@ def smallest_heaps(work: Path, boards: list[str], speed: float = 16.0, log: Any 
             finally:
                 c.t.close()
             standin = dev.standin_heap
+            firmware = dev.firmware_heap
         finally:
             dev.stop()
         found, reliable = bench.smallest_heap(template, work / f"heap-{board}" / "probe", "deflate", data,
                                               lo=24, hi=160, window=3,
                                               board={"board": board, "link": "usb", "speed": speed})
         row = {"board": board, "bisection_wK": found, "smallest_wK": reliable, "standin_heap": standin,
-               "net_kib32": None if reliable is None else round(reliable - (_kib32(standin) or 0), 1),
+               "firmware_heap": firmware,
+               "net_kib32": None if reliable is None else round(reliable - (_kib32(firmware) or 0), 1),
                "seconds": round(time.monotonic() - t0)}
         log(f"  heap {board}: " + json.dumps(row))
         out.append(row)
@@ -212,13 +216,14 @@ def smallest_heaps(work: Path, boards: list[str], speed: float = 16.0, log: Any 
 
 
 def _net(r: dict[str, Any]) -> Any:
-    """The deflate upload's high-water less the heap the lab's port stand-ins took at boot: what
-    the board's firmware (its port modules in C) would leave to the device code."""
+    """The deflate upload's high-water less the heap in use when main.py started (the lab's port
+    stand-ins, C on a board, the root mount, the boot stage): a board's free heap at boot is
+    measured after its firmware's own, so this is what the device code takes of it."""
     d = r.get("deflate")
     peak = d.get("heap_peak") if isinstance(d, dict) else None
     if peak is None:
         return "-"
-    return _kib32(peak - (r.get("standin_heap") or 0))
+    return _kib32(peak - (r.get("firmware_heap") or 0))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -227,7 +232,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     out = ["| board / link | boot to ready s | flash reads to ready | link measured | inflate rate | choice | upload kB/s (chosen / raw / "
            "deflate / console) | upgrade s | heap after boot (32-bit KiB) | heap high-water raw / deflate / console "
-           "(32-bit KiB) | stand-ins' Python (32-bit KiB) | deflate high-water net of the stand-ins | budget (32-bit KiB) |",
+           "(32-bit KiB) | stand-ins' Python / all before main.py (32-bit KiB) | deflate high-water net of what "
+           "was there before main.py | budget (32-bit KiB) |",
            "|---|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r and "raw" not in r:
@@ -245,7 +251,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{up.get('seconds')}{'' if up.get('rc') == 0 else ' (' + str(up.get('error')) + ')'} | "
             f"{_kib32(r.get('heap_after_boot'))} | {g(r, 'raw', 'heap_peak_kib32')} / "
             f"{g(r, 'deflate', 'heap_peak_kib32')} / {g(r, 'console', 'heap_peak_kib32')} | "
-            f"{_kib32(r.get('standin_heap')) or '-'} | {_net(r)} | {_kib32(r.get('heap_total'))} |")
+            f"{_kib32(r.get('standin_heap')) or '-'} / {_kib32(r.get('firmware_heap')) or '-'} | {_net(r)} | "
+            f"{_kib32(r.get('heap_total'))} |")
     return "\n".join(out)
 
 

@@ -842,6 +842,10 @@ class SimDevice:
         self.overruns = 0  # UART bytes lost in the device's FIFO (reported by the stand-in)
         # Heap bytes the port stand-ins' Python took at the last boot (C on a real board).
         self.standin_heap: int | None = None
+        # Heap bytes in use when main.py started (the stand-ins, the root mount, the lab's boot
+        # stage): on a board, what its firmware holds before main.py, which its free heap at boot
+        # already excludes. The device code's heap figures are given net of it.
+        self.firmware_heap: int | None = None
         self.wdt_resets = 0
         # The flash chip's read and program calls since this object was created, as the chip
         # reports them (in batches of 64 on the side channel, so a batch or so behind). Littlefs's
@@ -1327,6 +1331,8 @@ class SimDevice:
                 self._throttle.refund(reads * r + programs * p)
         elif ln.startswith("H") and ln[1:].isdigit():
             self.standin_heap = int(ln[1:])
+        elif ln.startswith("M") and ln[1:].isdigit():
+            self.firmware_heap = int(ln[1:])
         elif ln == "B":
             if self._throttle is not None:
                 self._throttle.begin()

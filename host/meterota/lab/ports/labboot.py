@@ -5,7 +5,7 @@
 # esp32: the bootloader's OTA choice (esp32.boot), then littlefs over the vfs
 #        partition at /, as _boot.py / inisetup.py.
 # The heap the stand-ins' own Python takes (C on the boards) is reported as
-# "H<bytes>" so that figures can be given net of it.
+# "H<bytes>", the heap in use when main.py starts as "M<bytes>" (below).
 # Then the host's filesystem is gone: sys.path is the board's ('', '/lib'),
 # the stand-ins stay loaded (frozen in the real firmware), and main.py runs
 # from the device filesystem as pyexec_file("main.py") would.
@@ -45,6 +45,12 @@ vfs.mount(fs, "/")
 os.chdir("/")
 sys.path[:] = ["", "/lib"]
 del fs, p, _h0
+# What the firmware holds when main.py starts (the stand-ins, the root mount, the frozen
+# modules' entries, this boot stage's own state), reported as "M<bytes>": a board's free
+# heap at boot (the Pico's 209,936 bytes) is measured after its _boot.py, so figures of
+# the device code's heap are given net of it.
+gc.collect()
+_hw.note("M%d" % gc.mem_alloc())
 _g = {"__name__": "__main__"}
 with open("main.py") as _f:
     _src = _f.read()
